@@ -1,0 +1,192 @@
+"""Command line: ``sparsecircuits train | sample | eval-loss | info``.
+
+Heavy imports happen inside commands so ``--help`` is instant and the allocator tweak lands
+before torch allocates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from sparsecircuits._alloc import tune_allocator
+from sparsecircuits.errors import SparseCircuitsError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train, inspect and run weight-sparse transformers.",
+)
+
+Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1...")]
+ModelArg = Annotated[Path, typer.Argument(help="model directory (ours or official), or a run")]
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["model.n_layer=4", "optim.lr=0.01"]`` -> nested dict; values parsed as JSON if they can
+    be (numbers, booleans, null, lists), else kept as strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SparseCircuitsError(f"--set '{item}': expected KEY=VALUE, e.g. optim.lr=0.01")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _model_dir(path: Path) -> Path:
+    """Accept a run directory (use its final ``model/``) as well as a model directory."""
+    if (path / "model").is_dir() and not (path / "config.json").exists():
+        return path / "model"
+    return path
+
+
+@app.command()
+def train(
+    preset: Annotated[str, typer.Option(help="tiny | small | paper")] = "small",
+    out: Annotated[Path, typer.Option(help="run directory (checkpoints, metrics, model/)")] = Path(
+        "runs/small"
+    ),
+    config: Annotated[Path | None, typer.Option(help="a train_config.json to use")] = None,
+    steps: Annotated[int | None, typer.Option(help="override the number of steps")] = None,
+    corpus: Annotated[str | None, typer.Option(help="stdlib, a dir/glob of .py files")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="KEY=VALUE, e.g. optim.lr=0.01")] = [],  # noqa: B006
+    resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
+    device: Device = "auto",
+    cache_dir: Annotated[Path | None, typer.Option(help="tokenizer/token cache")] = None,
+) -> None:
+    """Train a weight-sparse GPT (works under torchrun for data parallelism)."""
+    from sparsecircuits.train.config import TrainConfig, _merge, preset_config
+    from sparsecircuits.train.trainer import Trainer, read_run_config
+
+    overrides = _parse_overrides(set_)
+    for key, value in (("steps", steps), ("corpus", corpus), ("seed", seed)):
+        if value is not None:
+            overrides[key] = value
+    if resume:
+        cfg = read_run_config(out)
+        if overrides:
+            raise SparseCircuitsError("--resume continues the saved config; drop other options")
+    elif config is not None:
+        base = TrainConfig.from_json_file(config).model_dump(mode="json")
+        cfg = TrainConfig.from_dict(_merge(base, overrides), source=str(config))
+    else:
+        cfg = preset_config(preset, **overrides)
+    trainer = Trainer(cfg, run_dir=out, device=device, cache_dir=cache_dir, resume=resume)
+    from sparsecircuits.console import train_progress
+
+    with train_progress(total=cfg.steps, enabled=trainer.dist.is_main) as on_record:
+        result = trainer.run(on_record=on_record)
+    if trainer.dist.is_main:
+        typer.echo(
+            f"trained {result.steps} steps ({result.tokens:,} tokens) in {result.seconds:.0f} s; "
+            f"validation loss {result.val_loss:.4f} nats/token; model saved to {result.model_dir}"
+        )
+
+
+@app.command()
+def info(model: ModelArg, json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Config, total parameters and exact nonzeros per sparse matrix."""
+    from sparsecircuits.console import print_summary
+    from sparsecircuits.model.io import load_model, read_sparsity
+    from sparsecircuits.model.summary import model_summary
+
+    mdir = _model_dir(model)
+    summary = model_summary(load_model(mdir), sparsity=read_sparsity(mdir))
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        print_summary(summary)
+
+
+@app.command()
+def sample(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "def ",
+    max_new_tokens: Annotated[int, typer.Option()] = 128,
+    temperature: Annotated[float, typer.Option()] = 0.8,
+    top_k: Annotated[int | None, typer.Option()] = 40,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Device = "auto",
+) -> None:
+    """Generate a continuation of --prompt."""
+    import torch
+
+    from sparsecircuits.data import Tokenizer
+    from sparsecircuits.model.io import load_model
+    from sparsecircuits.train.distributed import resolve_device
+
+    mdir = _model_dir(model)
+    dev = resolve_device(device)
+    m = load_model(mdir, device=dev)
+    tok = Tokenizer.load(mdir)
+    ids = tok.encode(prompt) or [tok.eot_id]
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    out = m.generate(
+        torch.tensor([ids], device=dev),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        generator=gen,
+    )
+    typer.echo(tok.decode(out[0].tolist()))
+
+
+@app.command("eval-loss")
+def eval_loss(
+    model: ModelArg,
+    corpus: Annotated[str, typer.Option(help="stdlib, a dir/glob of .py files")] = "stdlib",
+    windows: Annotated[int, typer.Option(help="validation windows (block_size tokens each)")] = 64,
+    val_fraction: Annotated[float, typer.Option()] = 0.02,
+    device: Device = "auto",
+    cache_dir: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Validation loss (nats/token) on the corpus's held-out files."""
+    from sparsecircuits.data import Tokenizer, build_token_cache, load_corpus
+    from sparsecircuits.model.io import load_model
+    from sparsecircuits.train.distributed import resolve_device
+    from sparsecircuits.train.metrics import evaluate
+    from sparsecircuits.train.trainer import default_cache_dir
+
+    mdir = _model_dir(model)
+    dev = resolve_device(device)
+    m = load_model(mdir, device=dev)
+    tok = Tokenizer.load(mdir)
+    c = load_corpus(corpus, val_fraction=val_fraction)
+    cache = (cache_dir or default_cache_dir()) / "tokens"
+    _, val = build_token_cache(c, tok, cache_dir=cache)
+    ev = evaluate(m, val, windows=windows, batch_size=8, device=dev)
+    typer.echo(
+        f"validation loss {ev['val_loss']:.4f} nats/token over {ev['val_tokens']:,} "
+        f"tokens of {len(c.val)} held-out files"
+    )
+
+
+def main() -> None:
+    """Console entry point: one-line errors for bad input, exit status 2."""
+    tune_allocator()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except SparseCircuitsError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Rich terminal output for the CLI: the training progress bar and the model summary table."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+@contextlib.contextmanager
+def train_progress(*, total: int, enabled: bool = True) -> Iterator[Callable[[dict], None]]:
+    """A progress bar fed by the trainer's metrics records (step, loss, L0, tokens/s, ETA)."""
+    if not enabled:
+        yield lambda rec: None
+        return
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "loss {task.fields[loss]}  val {task.fields[val]}  L0 {task.fields[l0]}  "
+            "{task.fields[tps]} tok/s"
+        ),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+    with progress:
+        task = progress.add_task("train", total=total, loss="-", val="-", l0="-", tps="-")
+
+        def update(rec: dict[str, Any]) -> None:
+            fields = {
+                "loss": f"{rec['train_loss']:.3f}",
+                "l0": f"{rec['l0_frac']:.4f}",
+                "tps": f"{rec['tokens_per_s']:,.0f}",
+            }
+            if "val_loss" in rec and not math.isnan(rec["val_loss"]):
+                fields["val"] = f"{rec['val_loss']:.3f}"
+            progress.update(task, completed=rec["step"], **fields)
+
+        yield update
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print a model summary (from ``model_summary``) as two tables."""
+    # Parameter names are long; when piped (no terminal width) do not squeeze them.
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    cfg = Table(title="config", show_header=False)
+    for k, v in summary["config"].items():
+        cfg.add_row(k, str(v))
+    console.print(cfg)
+    t = Table(title="parameters")
+    for col in ("name", "shape", "numel", "nonzero", "budget", "density", "min/row", "sparse"):
+        t.add_column(col, justify="left" if col == "name" else "right", no_wrap=col == "name")
+    for r in summary["parameters"]:
+        t.add_row(
+            r["name"],
+            "x".join(map(str, r["shape"])),
+            f"{r['numel']:,}",
+            f"{r['nonzero']:,}",
+            "-" if r["budget"] is None else f"{r['budget']:,}",
+            f"{r['density']:.4f}",
+            "-" if r["min_row_nonzero"] is None else str(r["min_row_nonzero"]),
+            "yes" if r["sparse"] else "",
+        )
+    console.print(t)
+    sp, nz = summary["sparse_params"], summary["sparse_nonzero"]
+    console.print(
+        f"total parameters {summary['total_params']:,}; nonzero {summary['nonzero_params']:,}; "
+        f"sparse matrices {nz:,}/{sp:,} nonzero ({nz / max(sp, 1):.4f}); "
+        f"buffers: {', '.join(f'{k} {v}' for k, v in summary['buffers'].items())}"
+    )

@@ -1,0 +1,262 @@
+"""The weight-sparse GPT of Gao et al. (2025), nanoGPT-shaped.
+
+Pre-norm blocks ``x += attn(norm(x)); x += mlp(norm(x))`` with AbsTopK at the node locations,
+an optional per-head attention sink and an optional bigram logit table. Parameter names match
+OpenAI's released checkpoints (``transformer.h.0.attn.c_attn.weight``, ...). Weight sparsity is
+not a model feature: the trainer projects weights (see ``model/sparsity.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsecircuits.errors import InputError
+from sparsecircuits.model.config import GPTConfig
+from sparsecircuits.model.hooks import NO_HOOKS, Hooks, Intervention, site_names
+from sparsecircuits.model.layers import ActSparsity, AttentionSink, make_norm
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.d_head = config.n_head, config.d_head
+        self.c_attn = nn.Linear(config.d_model, 3 * config.d_attn, bias=config.bias)
+        self.c_proj = nn.Linear(config.d_attn, config.d_model, bias=config.bias)
+        self.attn_imp = AttentionSink(config.n_head) if config.sink else None
+        self.sparsify = ActSparsity(config)
+
+    def forward(self, x: torch.Tensor, hk: Hooks) -> torch.Tensor:
+        B, T, _ = x.shape
+        sp = self.sparsify
+        x = hk("act_in", sp(x, "attn_in"))  # (B, T, d_model)
+        q, k, v = self.c_attn(x).split(self.n_head * self.d_head, dim=2)
+        q = hk("q", sp(q, "attn_q"))  # (B, T, n_head*d_head)
+        k = hk("k", sp(k, "attn_k"))
+        v = hk("v", sp(v, "attn_v"))
+        q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))
+        if self.attn_imp is not None:
+            y = self.attn_imp(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = hk("y", y.transpose(1, 2).reshape(B, T, self.n_head * self.d_head))
+        return sp(self.c_proj(y), "attn_out")  # (B, T, d_model)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, config.mlp_width, bias=config.bias)
+        self.act_fn = nn.GELU() if config.activation_type == "gelu" else nn.ReLU()
+        self.c_proj = nn.Linear(config.mlp_width, config.d_model, bias=config.bias)
+        self.sparsify = ActSparsity(config)
+
+    def forward(self, x: torch.Tensor, hk: Hooks) -> torch.Tensor:
+        sp = self.sparsify
+        x = hk("act_in", sp(x, "mlp_in"))  # (B, T, d_model)
+        x = hk("post_act", sp(self.act_fn(self.c_fc(x)), "mlp_neuron"))  # (B, T, d_mlp)
+        return sp(self.c_proj(x), "mlp_out")  # (B, T, d_model)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+        self.relu_resid = config.residual_activation_type == "relu"
+        self.sparsify = ActSparsity(config)
+
+    def _resid(self, x: torch.Tensor, loc: str) -> torch.Tensor:
+        return self.sparsify(torch.relu(x) if self.relu_resid else x, loc)
+
+    def forward_attn(self, x: torch.Tensor, hk: Hooks) -> torch.Tensor:
+        x = hk("resid_in", x)
+        x = x + hk("attn.resid_delta", self.attn(self.ln_1(x), hk.scoped("attn")))
+        return self._resid(x, "resid_post_attn")
+
+    def forward_mlp(self, x: torch.Tensor, hk: Hooks) -> torch.Tensor:
+        x = hk("resid_mid", x)
+        x = x + hk("mlp.resid_delta", self.mlp(self.ln_2(x), hk.scoped("mlp")))
+        return self._resid(x, "resid_post_mlp")
+
+    def forward(self, x: torch.Tensor, hk: Hooks) -> torch.Tensor:
+        return self.forward_mlp(self.forward_attn(x, hk), hk)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, V = config.d_model, config.vocab_size
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(V, d),
+                **({"wpe": nn.Embedding(config.block_size, d)} if config.learned_pos_emb else {}),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=make_norm(config),
+            )
+        )
+        self.lm_head = nn.Linear(d, V, bias=False)
+        if config.tied_unembed:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.register_buffer("final_logits_bias", torch.zeros(V))
+        if config.enable_bigram_table:
+            table = torch.zeros(V, V)
+            if config.learnable_bigram_table:
+                self.bigram_table = nn.Parameter(table)
+            else:
+                self.register_buffer("bigram_table", table)
+        else:
+            self.bigram_table = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02), residual projections N(0, 0.02/sqrt(2 n_layer)), zero biases."""
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                nn.init.ones_(p)
+            elif p.dim() == 2 and name != "bigram_table":  # Linear and Embedding weights
+                nn.init.normal_(p, std=0.02)
+            else:  # biases, LayerNorm biases, sink logits, a learnable bigram table
+                nn.init.zeros_(p)
+
+    # ----------------------------------------------------------------------------- forward
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token (+ position) embeddings. idx: (B, T) int64 -> (B, T, d_model)."""
+        if idx.dim() != 2:
+            raise InputError(f"token ids must have shape (batch, seq), got {tuple(idx.shape)}")
+        n_tok = idx.shape[1]
+        if n_tok > self.config.block_size:
+            raise InputError(
+                f"sequence of {n_tok} tokens is longer than the model's context "
+                f"(block_size {self.config.block_size})"
+            )
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+            raise InputError(f"token ids must be in [0, {self.config.vocab_size})")
+        x = self.transformer.wte(idx)
+        if self.config.learned_pos_emb:
+            x = x + self.transformer.wpe.weight[:n_tok]
+        return x
+
+    def unembed(self, x: torch.Tensor, idx: torch.Tensor, hk: Hooks = NO_HOOKS) -> torch.Tensor:
+        """Final norm and logits. x: (B, T, d_model), idx: (B, T) -> (B, T, vocab)."""
+        x = hk("final_resid", x)
+        logits = self.lm_head(self.transformer.ln_f(x)) + self.final_logits_bias
+        if self.bigram_table is not None:
+            logits = logits + F.embedding(idx, self.bigram_table)
+        return logits
+
+    def forward_from(
+        self, start: int | str, x: torch.Tensor, idx: torch.Tensor, *, hooks: Hooks | None = None
+    ) -> torch.Tensor:
+        """Run from a residual site to the logits.
+
+        ``start``: a layer index L (x is ``{L}.resid_in``; L = n_layer means ``final_resid``) or
+        a site name ``"{L}.resid_in"``, ``"{L}.resid_mid"`` or ``"final_resid"``.
+        ``idx`` (B, T) is still needed for the bigram table. Returns logits (B, T, vocab).
+        """
+        layer, mid = self._parse_start(start)
+        hk = hooks or NO_HOOKS
+        for i in range(layer, self.config.n_layer):
+            block, bhk = self.transformer.h[i], hk.scoped(str(i))
+            x = block.forward_mlp(x, bhk) if (mid and i == layer) else block(x, bhk)
+        return self.unembed(x, idx, hk)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, hooks: Hooks | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) -> (logits (B, T, vocab), mean next-token CE in nats or None)."""
+        logits = self.forward_from(0, self.embed(idx), idx, hooks=hooks)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def _parse_start(self, start: int | str) -> tuple[int, bool]:
+        n = self.config.n_layer
+        if isinstance(start, int):
+            if not 0 <= start <= n:
+                raise InputError(f"start layer {start} is outside [0, {n}]")
+            return start, False
+        if start == "final_resid":
+            return n, False
+        layer, _, site = start.partition(".")
+        if layer.isdigit() and int(layer) < n and site in ("resid_in", "resid_mid"):
+            return int(layer), site == "resid_mid"
+        raise InputError(f"cannot start a forward pass at '{start}' (a residual site is needed)")
+
+    # ------------------------------------------------------------------------------- hooks
+    def hook_names(self) -> list[str]:
+        """Every hook site, in forward order."""
+        return site_names(self.config.n_layer)
+
+    def run_with_cache(
+        self,
+        idx: torch.Tensor,
+        *,
+        names: Collection[str] | None = None,
+        interventions: Mapping[str, Intervention] | None = None,
+        detach: bool = True,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and record activations. ``names=None`` records every site.
+
+        Returns ``(logits (B, T, vocab), {name: activation})``. With ``detach=False`` the cached
+        tensors stay in the autograd graph (for gradients w.r.t. activations).
+        """
+        all_names = self.hook_names()
+        wanted = all_names if names is None else list(names)
+        unknown = sorted(set(wanted) - set(all_names))
+        if unknown:
+            raise InputError(f"unknown hook name(s): {', '.join(unknown)}")
+        self._check_interventions(interventions)
+        hooks = Hooks(cache_names=wanted, interventions=interventions, detach=detach)
+        logits, _ = self(idx, hooks=hooks)
+        return logits, hooks.cache
+
+    def run_with_hooks(
+        self, idx: torch.Tensor, *, interventions: Mapping[str, Intervention]
+    ) -> torch.Tensor:
+        """Forward with ``{name: fn(activation) -> activation}`` applied; returns logits."""
+        self._check_interventions(interventions)
+        logits, _ = self(idx, hooks=Hooks(interventions=interventions))
+        return logits
+
+    def _check_interventions(self, interventions: Mapping[str, Intervention] | None) -> None:
+        unknown = sorted(set(interventions or {}) - set(self.hook_names()))
+        if unknown:
+            raise InputError(f"unknown hook name(s) in interventions: {', '.join(unknown)}")
+
+    # ------------------------------------------------------------------------------- misc
+    def num_params(self) -> int:
+        """Total parameter count (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` continuations of idx (B, T); returns (B, T + new)."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size :])
+            logits = logits[:, -1, :].float() / max(temperature, 1e-6)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
+                logits[logits < v[:, [-1]]] = -torch.inf
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx

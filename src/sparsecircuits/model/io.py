@@ -1,0 +1,244 @@
+"""Save and load models: our format (``model.safetensors`` + ``config.json``) and OpenAI's
+official directories (``beeg_config.json`` + ``final_model.pt``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sparsecircuits.errors import CheckpointError, ConfigError
+from sparsecircuits.fileio import atomic_write, atomic_write_json
+from sparsecircuits.model.config import GPTConfig
+from sparsecircuits.model.gpt import GPT
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+SPARSITY_FILE = "sparsity.json"  # the weight-sparsity settings a model was trained with
+OFFICIAL_CONFIG_FILE = "beeg_config.json"
+OFFICIAL_WEIGHTS_FILE = "final_model.pt"
+FORMAT = "sparsecircuits.gpt"
+FORMAT_VERSION = 1
+
+# Fields of official configs that do not change inference here, with the values we accept.
+# `None` in the tuple means "any value".
+_OFFICIAL_IGNORED: dict[str, tuple[Any, ...] | None] = {
+    "bigram_table_rank": (None,),
+    "unembed_rank": (None,),
+    "use_tied_aux_matrix": (False, None),
+    "d_pos_emb": (None,),
+    "dropout_cat_pos_emb": (False,),
+    "sinusoidal_cat_pos_emb": (False,),
+    "mup": (False,),
+    "mup_width_multiplier": None,
+    "afrac_ste": None,  # training-time straight-through options
+    "afrac_ste_only_non_neurons": None,
+    "afrac_approx": (False,),
+    "rtopk": (False,),
+    "enable_fp8_linear": None,
+    "scale_invariance": (False,),
+    "pfrac": None,
+    "expansion_factor": None,
+    "expansion_factor_mlp": None,
+    "flash": None,
+    "grad_checkpointing": None,
+    "debug_nans": None,
+    "enable_sparse_kernels": None,
+    "tokenizer_name": None,
+    "dropout": (0, 0.0),  # inference only: dropout is off anyway
+    # Present in released configs but not in the official GPTConfig (training-side switches).
+    "debug_exact_topk": None,
+    "sparse_matmul_impl": None,
+}
+# The official GPTConfig defaults differ from ours; absent official fields take these values.
+_OFFICIAL_DEFAULTS: dict[str, Any] = {
+    "block_size": 1024,
+    "vocab_size": 50304,
+    "n_layer": 12,
+    "n_head": 12,
+    "d_model": 768,
+    "bias": True,
+    "ln_bias": True,
+    "rms_norm": False,
+    "afrac": None,
+    "afrac_loctypes": "attn_in,attn_out,mlp_in,mlp_out",
+    "tied_unembed": True,
+    "enable_bigram_table": False,
+    "learnable_bigram_table": False,
+    "sink": False,
+}
+
+
+def save_model(model: GPT, directory: str | Path) -> None:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (each atomically)."""
+    directory = Path(directory)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tied_unembed:
+        state.pop("lm_head.weight", None)  # stored once, as transformer.wte.weight
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, {"format": FORMAT}))
+    atomic_write_json(
+        directory / CONFIG_FILE,
+        {"format": FORMAT, "format_version": FORMAT_VERSION, **model.config.to_json_dict()},
+    )
+
+
+def read_sparsity(directory: str | Path) -> dict[str, Any] | None:
+    """The ``sparsity.json`` next to a model (None when the model has none)."""
+    path = Path(directory) / SPARSITY_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("target_l0"), int | float):
+        raise ConfigError(f"{path}: expected an object with a numeric 'target_l0'")
+    return data
+
+
+def read_config(directory: str | Path) -> GPTConfig:
+    """Validate ``config.json`` of a sparsecircuits model directory."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    fmt, version = data.pop("format", None), data.pop("format_version", None)
+    if fmt != FORMAT or version != FORMAT_VERSION:
+        raise ConfigError(
+            f"{path}: expected format '{FORMAT}' version {FORMAT_VERSION}, "
+            f"got {fmt!r} version {version!r}"
+        )
+    return GPTConfig.from_dict(data, source=str(path))
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> GPT:
+    """Load a model directory in our format or OpenAI's official format; returns it in eval mode.
+
+    Official directories need ``beeg_config.json`` and ``final_model.pt`` (legacy keys such as
+    ``n_mlp`` are understood); the result gives the logits of the official inference code.
+    """
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such model directory")
+    if (path / CONFIG_FILE).exists():
+        config = read_config(path)
+        state = _read_safetensors(path / WEIGHTS_FILE)
+    elif (path / OFFICIAL_CONFIG_FILE).exists():
+        config = official_config(path / OFFICIAL_CONFIG_FILE)
+        state = _read_official_state(path / OFFICIAL_WEIGHTS_FILE, config)
+    else:
+        raise CheckpointError(
+            f"{path}: expected {CONFIG_FILE} + {WEIGHTS_FILE} (sparsecircuits) or "
+            f"{OFFICIAL_CONFIG_FILE} + {OFFICIAL_WEIGHTS_FILE} (official circuit-sparsity)"
+        )
+    model = GPT(config)
+    load_state(model, state, source=str(path))
+    return model.to(device).eval()
+
+
+def load_state(model: GPT, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state`` into ``model``; any missing, unexpected or misshapen key is an error."""
+    tied = model.config.tied_unembed
+    if tied and "lm_head.weight" not in state and "transformer.wte.weight" in state:
+        state = {**state, "lm_head.weight": state["transformer.wte.weight"]}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+        if unexpected:
+            parts.append(
+                f"unexpected {', '.join(unexpected[:4])}" + (" ..." if len(unexpected) > 4 else "")
+            )
+        raise CheckpointError(f"{source}: weights do not match the config: {'; '.join(parts)}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(
+                f"{source}: '{k}' has shape {tuple(v.shape)}, the config "
+                f"implies {tuple(expected[k].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({err})") from None
+
+
+def official_config(path: Path) -> GPTConfig:
+    """Translate an official ``beeg_config.json`` into a :class:`GPTConfig`."""
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    data = {**_OFFICIAL_DEFAULTS, **raw}
+    if "n_mlp" in data:  # legacy name
+        data["d_mlp"] = data.pop("n_mlp")
+    if "n_embd" in data:  # nanoGPT's name for d_model, still written into released configs
+        n_embd = data.pop("n_embd")
+        if "d_model" not in raw:
+            data["d_model"] = n_embd
+        elif n_embd is not None and n_embd != raw["d_model"]:
+            raise ConfigError(
+                f"{path}: field 'n_embd' = {n_embd!r} contradicts 'd_model' = {raw['d_model']!r}"
+            )
+    for key, accepted in _OFFICIAL_IGNORED.items():
+        if key in data:
+            value = data.pop(key)
+            if accepted is not None and value not in accepted:
+                raise ConfigError(
+                    f"{path}: field '{key}' = {value!r} is not supported "
+                    f"(supported: {', '.join(map(repr, accepted))})"
+                )
+    if data.get("d_head") is None:
+        data["d_head"] = data["d_model"] // data["n_head"]
+    data["learned_pos_emb"] = True  # the official model always adds wpe
+    return GPTConfig.from_dict(data, source=str(path))
+
+
+def _read_official_state(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated/corrupt archives
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({type(err).__name__}: {err})"
+        ) from None
+    if isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], dict):
+        raw = raw["model"]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(raw).__name__}")
+    state = {}
+    for key, value in raw.items():
+        for prefix in ("_orig_mod.", "module."):
+            key = key.removeprefix(prefix)
+        if key.endswith(".attn.bias") and key.count(".") == 4:
+            continue  # causal-mask buffer of the official non-flash attention path
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry '{key}' is not a tensor")
+        state[key] = (value.to_dense() if value.is_sparse else value).float()
+    state.setdefault("final_logits_bias", torch.zeros(config.vocab_size))
+    return state

@@ -1,0 +1,72 @@
+"""Small building blocks: AbsTopK activation sparsity, norms and attention with a sink."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsecircuits.model.config import GPTConfig
+
+
+def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` entries of largest |x| along the last dim, zero the rest (same shape)."""
+    if k >= x.shape[-1]:
+        return x
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+
+
+class ActSparsity:
+    """AbsTopK at the configured node locations: ``k = int(afrac * width)`` per token."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        self.afrac = config.afrac
+        self.locs = frozenset(config.afrac_loctypes) if config.afrac is not None else frozenset()
+
+    def __call__(self, x: torch.Tensor, loc: str) -> torch.Tensor:
+        if loc not in self.locs:
+            return x
+        return abstopk(x, int(self.afrac * x.shape[-1]))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (eps 1e-5, as in the official code)."""
+
+    def __init__(self, ndim: int, *, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """RMSNorm (paper default, torch's default eps) or LayerNorm."""
+    if config.rms_norm:
+        return nn.RMSNorm(config.d_model)
+    return LayerNorm(config.d_model, bias=config.ln_bias)
+
+
+class AttentionSink(nn.Module):
+    """Per-head sink logit ``b_h``: an always-visible extra key with k = 0, v = 0.
+
+    Adds ``exp(b_h)`` to each softmax denominator, letting a head attend "nowhere". The module
+    exists (as ``attn.attn_imp``) so parameter names match the official checkpoints.
+    """
+
+    def __init__(self, n_head: int) -> None:
+        super().__init__()
+        self.sink_logit = nn.Parameter(torch.zeros(n_head))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention with the sink. q, k, v: (B, H, T, d_head) -> (B, H, T, d_head)."""
+        B, H, T, D = q.shape
+        zeros = q.new_zeros(B, H, 1, D)
+        k = torch.cat([zeros, k], dim=2)
+        v = torch.cat([zeros, v], dim=2)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = q.new_zeros(T, T + 1).masked_fill(~F.pad(causal, (1, 0), value=True), -torch.inf)
+        sink_col = F.pad(self.sink_logit.to(q.dtype).view(H, 1, 1), (0, T))  # (H, 1, T+1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask + sink_col)

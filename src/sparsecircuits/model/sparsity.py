@@ -1,0 +1,134 @@
+"""Weight sparsity: which parameters are sparse, their L0 budgets, and the top-k projection.
+
+After every optimizer step each sparse parameter keeps exactly ``budget`` entries (largest |w|),
+the same fraction for every matrix, and never fewer than ``min_per_neuron`` per output row
+(row = output neuron / attention channel of a Linear, token of an embedding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight")
+_UNEMBED = "lm_head.weight"
+_BLOCK_WEIGHTS = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)
+_BLOCK_BIASES = ("attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")
+
+
+def sparse_parameter_names(
+    model: nn.Module,
+    *,
+    dense_embeddings: bool = False,
+    dense_unembed: bool = False,
+    dense_biases: bool = False,
+) -> list[str]:
+    """Names of the parameters that get the top-k projection (official ``is_sparse_param``).
+
+    Block Linear weights are always sparse; embeddings, unembedding and block biases unless the
+    matching ``dense_*`` flag is set. Tied weights are listed once (as ``transformer.wte.weight``).
+    """
+
+    def is_sparse(name: str) -> bool:
+        if name in _EMBEDDINGS:
+            return not dense_embeddings
+        if name == _UNEMBED:
+            return not dense_unembed
+        if name.endswith(_BLOCK_BIASES):
+            return not dense_biases
+        return name.endswith(_BLOCK_WEIGHTS)
+
+    # named_parameters() skips tied duplicates, so a tied unembedding is listed as wte only.
+    return [name for name, _ in model.named_parameters() if is_sparse(name)]
+
+
+def l0_budget(shape: torch.Size | tuple[int, ...], frac: float, *, min_per_neuron: int) -> int:
+    """Entries kept in a parameter of ``shape`` at nonzero fraction ``frac``.
+
+    ``ceil(frac * numel)``, raised so every row of a matrix can keep ``min_per_neuron`` entries.
+    """
+    numel = math.prod(shape)
+    k = math.ceil(frac * numel - 1e-9)
+    if len(shape) == 2:
+        k = max(k, shape[0] * min(min_per_neuron, shape[1]))
+    return max(1, min(k, numel))
+
+
+@torch.no_grad()
+def project_topk_(w: torch.Tensor, k: int, *, min_per_neuron: int) -> None:
+    """Zero all but ``k`` entries of ``w`` in place: each row's top ``min_per_neuron`` by |w|
+    first, then the largest remaining |w| overall. Exactly ``k`` slots are kept (which of several
+    equal |w| is kept is up to ``torch.topk``), so ``(w != 0).sum() <= k`` with equality unless
+    kept entries were already zero."""
+    if k >= w.numel():
+        return
+    score = w.abs()
+    if w.dim() == 2 and min_per_neuron > 0:
+        j = min(min_per_neuron, w.shape[1])
+        protected = score.topk(j, dim=1, sorted=False).indices
+        score.scatter_(1, protected, torch.inf)
+    keep = score.view(-1).topk(k, sorted=False).indices
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+    mask[keep] = True
+    w.mul_(mask.view_as(w))
+
+
+@dataclass(frozen=True)
+class MatrixL0:
+    """Nonzero accounting for one sparse parameter."""
+
+    name: str
+    shape: tuple[int, ...]
+    budget: int
+    nonzero: int
+    min_row_nonzero: int | None  # None for 1-D parameters
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class WeightSparsity:
+    """Applies the projection to a model's sparse parameters and reports their nonzeros."""
+
+    def __init__(self, model: nn.Module, names: list[str], *, min_per_neuron: int = 4) -> None:
+        params = dict(model.named_parameters())
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise KeyError(f"model has no parameter(s) {missing}")
+        self.params = {n: params[n] for n in names}
+        self.min_per_neuron = min_per_neuron
+
+    def budgets(self, frac: float) -> dict[str, int]:
+        """``{name: budget}`` at nonzero fraction ``frac``."""
+        return {
+            n: l0_budget(p.shape, frac, min_per_neuron=self.min_per_neuron)
+            for n, p in self.params.items()
+        }
+
+    @torch.no_grad()
+    def project_(self, frac: float) -> None:
+        """Project every sparse parameter to its budget at ``frac`` (no-op when dense)."""
+        if frac >= 1.0:
+            return
+        for n, k in self.budgets(frac).items():
+            project_topk_(self.params[n].data, k, min_per_neuron=self.min_per_neuron)
+
+    @torch.no_grad()
+    def report(self, frac: float) -> list[MatrixL0]:
+        """Budget, exact nonzero count and smallest per-row count of each sparse parameter."""
+        out = []
+        for n, k in self.budgets(frac).items():
+            p = self.params[n]
+            nz = p != 0
+            row_min = int(nz.sum(dim=1).min()) if p.dim() == 2 else None
+            out.append(MatrixL0(n, tuple(p.shape), k, int(nz.sum()), row_min))
+        return out

@@ -1,0 +1,106 @@
+"""Training checkpoints: written to a temp directory, then renamed, so they are never partial.
+
+Layout: ``<run>/checkpoints/step_00000100/`` holding ``config.json`` + ``model.safetensors``
+(loadable by ``load_model``), ``tokenizer.json``, ``optimizer.pt`` (optimizer state and RNG) and
+``state.json`` (step, tokens seen). The data position is the step: batches are a pure function of
+(seed, step), so a resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparsecircuits.errors import CheckpointError
+from sparsecircuits.fileio import atomic_write_json
+from sparsecircuits.model.gpt import GPT
+from sparsecircuits.model.io import load_model, save_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass(frozen=True)
+class TrainState:
+    step: int  # optimizer steps completed
+    tokens: int  # training tokens seen (global)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    tokenizer_file: Path,
+    keep: int,
+) -> Path:
+    """Write a complete checkpoint for ``state.step`` and prune older ones beyond ``keep``."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{state.step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        save_model(model, tmp)
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+            tmp / OPTIMIZER_FILE,
+        )
+        atomic_write_json(tmp / STATE_FILE, {"step": state.step, "tokens": state.tokens})
+        if final.exists():  # re-saving the same step (e.g. the final one): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temp directories are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")]
+    return sorted(dirs, key=lambda p: p.name)
+
+
+def load_checkpoint(path: Path, *, model: GPT, optimizer: torch.optim.Optimizer) -> TrainState:
+    """Restore model weights, optimizer state and RNG from one checkpoint directory."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        step, tokens = int(state["step"]), int(state["tokens"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path / STATE_FILE}: unreadable checkpoint state ({err})") from None
+    loaded = load_model(path)
+    if loaded.config != model.config:
+        raise CheckpointError(f"{path}: model config differs from the run's config")
+    model.load_state_dict(loaded.state_dict())
+    try:
+        extra = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(extra["optimizer"])
+        torch.set_rng_state(extra["torch_rng"])
+    except Exception as err:  # truncated zip, wrong keys, mismatched param groups
+        raise CheckpointError(
+            f"{path / OPTIMIZER_FILE}: cannot restore optimizer ({err})"
+        ) from None
+    return TrainState(step=step, tokens=tokens)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None

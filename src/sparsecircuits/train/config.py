@@ -1,0 +1,139 @@
+"""Typed training configuration and the named presets (tiny / small / paper)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+
+from sparsecircuits.errors import ConfigError
+from sparsecircuits.model.config import GPTConfig, StrictModel
+
+
+class SparsityConfig(StrictModel):
+    """Weight sparsity: per-matrix top-k after every step, annealed from dense."""
+
+    target_l0: float = 1 / 32  # final fraction of nonzeros in every sparse matrix (1.0 = dense)
+    min_per_neuron: int = 4  # never leave an output row with fewer nonzeros
+    anneal_start: float = 0.01  # fraction of training at which the anneal starts
+    anneal_end: float = 0.5  # ... and reaches target_l0
+    anneal: Literal["linear", "exponential"] = "linear"
+    dense_embeddings: bool = False  # keep wte/wpe dense (official flag)
+    dense_unembed: bool = False  # keep lm_head dense
+    dense_biases: bool = False  # keep block biases dense
+
+    @model_validator(mode="after")
+    def _check(self) -> SparsityConfig:
+        if not 0.0 < self.target_l0 <= 1.0:
+            raise ValueError(f"target_l0 must be in (0, 1], got {self.target_l0}")
+        if not 0.0 <= self.anneal_start <= self.anneal_end <= 1.0:
+            raise ValueError("need 0 <= anneal_start <= anneal_end <= 1")
+        if self.min_per_neuron < 0:
+            raise ValueError("min_per_neuron must be >= 0")
+        return self
+
+
+class OptimConfig(StrictModel):
+    """AdamW with the paper's settings and the sharkfin learning-rate schedule."""
+
+    lr: float = 5e-3  # base learning rate (before warmup/decay and the sharkfin factor)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 0.1  # unusually large, as in the paper
+    weight_decay: float = 0.1  # decoupled, on >= 2-D parameters
+    # "normalize" rescales the gradient to RMS grad_rms every step (what the authors' code does
+    # and what trained well here, see FEASIBILITY.md); "clip" only scales it down when above.
+    grad_rms_mode: Literal["normalize", "clip", "none"] = "normalize"
+    grad_rms: float = 1.0
+    warmup_frac: float = 0.01  # linear warmup, then linear decay to 0
+    sharkfin: bool = True  # multiply the LR by 1/sqrt(current L0 fraction)
+
+
+class TrainConfig(StrictModel):
+    """Everything a training run needs; saved as ``train_config.json`` in the run directory."""
+
+    model: GPTConfig = GPTConfig()
+    sparsity: SparsityConfig = SparsityConfig()
+    optim: OptimConfig = OptimConfig()
+    corpus: str = "stdlib"  # "stdlib", a directory or glob of .py files, or "hf:<path>"
+    val_fraction: float = 0.02
+    tokenizer: str | None = None  # a tokenizer file/dir to use; None trains one on the corpus
+    tokenizer_vocab: int = 2048
+    bigram_init: Literal["empirical", "zeros"] = "empirical"  # fill a fixed bigram table
+    batch_size: int = 16  # global batch, in sequences of model.block_size tokens
+    steps: int = 1000
+    eval_every: int = 100
+    eval_windows: int = 64  # validation windows of block_size tokens per evaluation
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        for name in (
+            "batch_size",
+            "steps",
+            "eval_every",
+            "eval_windows",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.model.block_size
+
+
+_TINY = dict(
+    model=dict(n_layer=2, d_model=64, n_head=4, d_head=16, block_size=64),
+    sparsity=dict(target_l0=1 / 8),
+    optim=dict(lr=1e-2),
+    batch_size=8,
+    steps=60,
+    eval_every=20,
+    eval_windows=16,
+    log_every=5,
+    checkpoint_every=20,
+)
+_SMALL = dict(
+    model=dict(n_layer=2, d_model=256, n_head=16, d_head=16, block_size=256),
+    sparsity=dict(target_l0=1 / 32),
+    optim=dict(lr=5e-3),
+    batch_size=16,
+    steps=1200,
+    eval_every=100,
+    eval_windows=64,
+    checkpoint_every=100,
+)
+_PAPER = dict(
+    model=dict(n_layer=8, d_model=2048, n_head=128, d_head=16, block_size=256),
+    sparsity=dict(target_l0=1 / 1000),
+    optim=dict(lr=1.28e-2),
+    batch_size=64,
+    steps=100_000,
+    eval_every=1000,
+    eval_windows=256,
+    checkpoint_every=1000,
+)
+PRESETS: dict[str, dict] = {"tiny": _TINY, "small": _SMALL, "paper": _PAPER}
+Preset = Literal["tiny", "small", "paper"]
+
+
+def preset_config(name: str, **overrides) -> TrainConfig:
+    """The named preset with top-level ``overrides`` (nested dicts are merged)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
+    data = _merge(PRESETS[name], overrides)
+    return TrainConfig.from_dict(data, source=f"preset '{name}'")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for k, v in over.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out

@@ -1,0 +1,280 @@
+"""The training loop: AdamW + sharkfin LR + annealed top-k weight projection, with atomic
+checkpoints, exact resume, JSONL metrics and torchrun data parallelism."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparsecircuits.data import Tokenizer, TokenStore, build_token_cache, load_corpus
+from sparsecircuits.data import train_tokenizer as fit_tokenizer
+from sparsecircuits.errors import ConfigError
+from sparsecircuits.fileio import atomic_write_json
+from sparsecircuits.model.gpt import GPT
+from sparsecircuits.model.io import SPARSITY_FILE, save_model
+from sparsecircuits.model.sparsity import WeightSparsity, sparse_parameter_names
+from sparsecircuits.train import distributed as D
+from sparsecircuits.train.bigram import bigram_log_probs
+from sparsecircuits.train.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from sparsecircuits.train.config import TrainConfig
+from sparsecircuits.train.metrics import MetricsLog, evaluate
+from sparsecircuits.train.optim import build_optimizer, control_grad_rms_
+from sparsecircuits.train.schedule import l0_fraction, lr_at
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+TOKENIZER_FILE = "tokenizer.json"
+FINAL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    steps: int
+    tokens: int
+    val_loss: float
+    seconds: float
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("SPARSECIRCUITS_CACHE", Path.home() / ".cache" / "sparsecircuits"))
+
+
+class Trainer:
+    """Train ``cfg`` into ``run_dir``. ``resume=True`` continues from the newest checkpoint."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        run_dir: str | Path,
+        device: str = "auto",
+        cache_dir: str | Path | None = None,
+        resume: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.resume = resume
+        self.dist, self.device = D.init_distributed(D.resolve_device(device))
+        if cfg.batch_size % self.dist.world_size:
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} is not divisible by the "
+                f"{self.dist.world_size} processes"
+            )
+        self._check_run_dir()
+
+    # ------------------------------------------------------------------------------ set-up
+    def _check_run_dir(self) -> None:
+        saved = self.run_dir / CONFIG_FILE
+        if self.resume:
+            if not saved.exists():
+                raise ConfigError(f"{self.run_dir}: nothing to resume ({CONFIG_FILE} not found)")
+            if TrainConfig.from_json_file(saved) != self.cfg:
+                raise ConfigError(
+                    f"{saved}: the run was started with a different config; "
+                    "resume without changing options"
+                )
+        elif saved.exists() or (self.run_dir / FINAL_DIR).exists():
+            raise ConfigError(
+                f"{self.run_dir}: already holds a run; pass --resume to continue "
+                "it or choose another output directory"
+            )
+
+    def _prepare_data(self) -> tuple[Tokenizer, TokenStore, TokenStore]:
+        """Tokenizer and token caches; rank 0 builds them first so ranks never race."""
+        for turn in ("main", "others"):
+            if (turn == "main") == self.dist.is_main:
+                out = self._build_data()
+            D.barrier(self.dist)
+        return out
+
+    def _build_data(self) -> tuple[Tokenizer, TokenStore, TokenStore]:
+        corpus = load_corpus(self.cfg.corpus, val_fraction=self.cfg.val_fraction)
+        run_tok = self.run_dir / TOKENIZER_FILE
+        if self.resume and run_tok.exists():
+            tok = Tokenizer.load(run_tok)
+        elif self.cfg.tokenizer is not None:
+            tok = Tokenizer.load(self.cfg.tokenizer)
+        else:
+            key = f"{corpus.fingerprint()[:16]}-{self.cfg.tokenizer_vocab}"
+            cached = self.cache_dir / "tokenizers" / key / TOKENIZER_FILE
+            if cached.exists():
+                tok = Tokenizer.load(cached)
+            else:
+                log.info(
+                    "training a %d-token BPE on %d files",
+                    self.cfg.tokenizer_vocab,
+                    len(corpus.train),
+                )
+                tok = fit_tokenizer(corpus.iter_texts("train"), vocab_size=self.cfg.tokenizer_vocab)
+                tok.save(cached.parent)
+        train, val = build_token_cache(corpus, tok, cache_dir=self.cache_dir / "tokens")
+        return tok, train, val
+
+    def _build_model(self, tok: Tokenizer, train: TokenStore) -> GPT:
+        mcfg = self.cfg.model
+        if mcfg.vocab_size != tok.vocab_size:
+            mcfg = mcfg.replace(vocab_size=tok.vocab_size)
+        torch.manual_seed(self.cfg.seed)
+        model = GPT(mcfg)
+        fixed_table = mcfg.enable_bigram_table and not mcfg.learnable_bigram_table
+        if fixed_table and self.cfg.bigram_init == "empirical":
+            model.bigram_table.copy_(bigram_log_probs(train, vocab_size=mcfg.vocab_size))
+        return model.to(self.device)
+
+    # -------------------------------------------------------------------------------- loop
+    def run(self, *, on_record: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+        """Train to ``cfg.steps``; calls ``on_record`` with every metrics record."""
+        cfg, dev = self.cfg, self.device
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        tok, train, val = self._prepare_data()
+        if main and not (self.run_dir / TOKENIZER_FILE).exists():
+            tok.save(self.run_dir)
+        if main and not self.resume:
+            atomic_write_json(self.run_dir / CONFIG_FILE, cfg.model_dump(mode="json"))
+        model = self._build_model(tok, train)
+        sp = cfg.sparsity
+        names = sparse_parameter_names(
+            model,
+            dense_embeddings=sp.dense_embeddings,
+            dense_unembed=sp.dense_unembed,
+            dense_biases=sp.dense_biases,
+        )
+        sparsity = WeightSparsity(model, names, min_per_neuron=sp.min_per_neuron)
+        optimizer = build_optimizer(model, cfg.optim)
+        params = [p for p in model.parameters() if p.requires_grad]
+        metrics = MetricsLog(self.run_dir / METRICS_FILE, enabled=main)
+
+        state = TrainState(step=0, tokens=0)
+        ckpt = latest_checkpoint(self.run_dir) if self.resume else None
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model=model, optimizer=optimizer)
+            log.info("resumed from %s (step %d)", ckpt, state.step)
+        metrics.truncate_after(state.step)
+
+        local = cfg.batch_size // self.dist.world_size
+        lo = self.dist.rank * local
+        t_start, window_loss, window_steps, window_time = time.time(), 0.0, 0, 0.0
+        val_loss = math.nan
+        model.train()
+        for step in range(state.step, cfg.steps):
+            t0 = time.perf_counter()
+            frac = l0_fraction(step, cfg.steps, sp)
+            lr = lr_at(step, cfg.steps, cfg.optim, frac)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = self._batch(train, step, lo, local)
+            _, loss = model(x, y)
+            loss.backward()
+            D.average_gradients_(params, self.dist)
+            grad_rms = control_grad_rms_(params, cfg.optim)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sparsity.project_(frac)
+            loss_val = self._global_mean(float(loss.detach()))
+            state = TrainState(step=step + 1, tokens=state.tokens + cfg.tokens_per_step)
+            window_time += time.perf_counter() - t0
+            window_loss += loss_val
+            window_steps += 1
+
+            last = state.step == cfg.steps
+            do_eval = state.step % cfg.eval_every == 0 or last
+            if state.step % cfg.log_every == 0 or do_eval:
+                rec: dict[str, Any] = {
+                    "step": state.step,
+                    "tokens": state.tokens,
+                    "train_loss": window_loss / window_steps,
+                    "lr": lr,
+                    "l0_frac": frac,
+                    "grad_rms": grad_rms,
+                    "tokens_per_s": window_steps * cfg.tokens_per_step / max(window_time, 1e-9),
+                    "elapsed_s": time.time() - t_start,
+                }
+                window_loss, window_steps, window_time = 0.0, 0, 0.0
+                if do_eval:
+                    ev = evaluate(
+                        model, val, windows=cfg.eval_windows, batch_size=local, device=dev
+                    )
+                    val_loss = ev["val_loss"]
+                    rec.update(ev)
+                    rec["l0"] = {r.name: r.nonzero for r in sparsity.report(frac)}
+                metrics.write(rec)
+                if on_record is not None and main:
+                    on_record(rec)
+            if main and (state.step % cfg.checkpoint_every == 0 or last):
+                save_checkpoint(
+                    self.run_dir,
+                    model=model,
+                    optimizer=optimizer,
+                    state=state,
+                    tokenizer_file=self.run_dir / TOKENIZER_FILE,
+                    keep=cfg.keep_checkpoints,
+                )
+
+        final = self.run_dir / FINAL_DIR
+        if main:
+            save_model(model, final)
+            shutil.copyfile(self.run_dir / TOKENIZER_FILE, final / TOKENIZER_FILE)
+            atomic_write_json(final / SPARSITY_FILE, sp.model_dump(mode="json"))
+            if math.isnan(val_loss):  # resumed after the last step: report the saved result
+                val_loss = _last_val_loss(metrics)
+        D.barrier(self.dist)
+        return TrainResult(
+            self.run_dir, final, state.step, state.tokens, val_loss, time.time() - t_start
+        )
+
+    def _batch(
+        self, store: TokenStore, step: int, lo: int, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global batch of ``step`` is a pure function of (seed, step); take our slice."""
+        rng = np.random.default_rng([self.cfg.seed, step])
+        windows = store.sample_windows(rng, self.cfg.batch_size, self.cfg.model.block_size + 1)
+        xy = torch.from_numpy(windows[lo : lo + n]).to(self.device)
+        return xy[:, :-1], xy[:, 1:]
+
+    def _global_mean(self, value: float) -> float:
+        if not self.dist.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t) / self.dist.world_size
+
+
+def _last_val_loss(metrics: MetricsLog) -> float:
+    for rec in reversed(metrics.read()):
+        if "val_loss" in rec:
+            return float(rec["val_loss"])
+    return math.nan
+
+
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    """The ``train_config.json`` of an existing run."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(f"{run_dir}: no {CONFIG_FILE}; not a training run directory")
+    return TrainConfig.from_json_file(path)
+
+
+__all__ = ["TrainResult", "Trainer", "default_cache_dir", "read_run_config"]
