@@ -173,6 +173,12 @@ def load_state(model: GPT, state: dict[str, torch.Tensor], *, source: str) -> No
                 f"{source}: '{k}' has shape {tuple(v.shape)}, the config "
                 f"implies {tuple(expected[k].shape)}"
             )
+    # Both keys load into one shared tensor, so two different matrices would silently lose one.
+    if tied and not torch.equal(state["lm_head.weight"], state["transformer.wte.weight"]):
+        raise CheckpointError(
+            f"{source}: the config ties the unembedding to the embedding (tied_unembed), but "
+            "'lm_head.weight' differs from 'transformer.wte.weight'"
+        )
     model.load_state_dict(state, strict=True)
 
 

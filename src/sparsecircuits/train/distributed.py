@@ -27,6 +27,9 @@ class DistInfo:
         return self.world_size > 1
 
 
+SINGLE_PROCESS = DistInfo()
+
+
 def resolve_device(spec: str) -> torch.device:
     """``auto`` picks CUDA when present, else CPU; any torch device string is accepted."""
     if spec == "auto":
@@ -38,7 +41,7 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun; returns (info, this rank's device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo(), device
+        return SINGLE_PROCESS, device
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)

@@ -30,7 +30,7 @@ from sparsecircuits.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from sparsecircuits.train.config import TrainConfig
+from sparsecircuits.train.config import OptimConfig, TrainConfig
 from sparsecircuits.train.metrics import MetricsLog, evaluate
 from sparsecircuits.train.optim import build_optimizer, control_grad_rms_
 from sparsecircuits.train.schedule import l0_fraction, lr_at
@@ -164,7 +164,6 @@ class Trainer:
         )
         sparsity = WeightSparsity(model, names, min_per_neuron=sp.min_per_neuron)
         optimizer = build_optimizer(model, cfg.optim)
-        params = [p for p in model.parameters() if p.requires_grad]
         metrics = MetricsLog(self.run_dir / METRICS_FILE, enabled=main)
 
         state = TrainState(step=0, tokens=0)
@@ -183,17 +182,19 @@ class Trainer:
             t0 = time.perf_counter()
             frac = l0_fraction(step, cfg.steps, sp)
             lr = lr_at(step, cfg.steps, cfg.optim, frac)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             x, y = self._batch(train, step, lo, local)
-            _, loss = model(x, y)
-            loss.backward()
-            D.average_gradients_(params, self.dist)
-            grad_rms = control_grad_rms_(params, cfg.optim)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sparsity.project_(frac)
-            loss_val = self._global_mean(float(loss.detach()))
+            loss, grad_rms = train_step(
+                model,
+                optimizer,
+                sparsity,
+                x,
+                y,
+                lr=lr,
+                frac=frac,
+                optim=cfg.optim,
+                dist=self.dist,
+            )
+            loss_val = self._global_mean(loss)
             state = TrainState(step=step + 1, tokens=state.tokens + cfg.tokens_per_step)
             window_time += time.perf_counter() - t0
             window_loss += loss_val
@@ -262,6 +263,34 @@ class Trainer:
         return float(t) / self.dist.world_size
 
 
+def train_step(
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    sparsity: WeightSparsity,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float,
+    frac: float,
+    optim: OptimConfig,
+    dist: D.DistInfo = D.SINGLE_PROCESS,
+) -> tuple[float, float]:
+    """One optimizer step on (x, y) (B, T): forward/backward, gradient averaging over ranks,
+    RMS control, AdamW at ``lr``, then the top-k projection at L0 fraction ``frac``.
+    Returns (this rank's loss in nats/token, gradient RMS before rescaling)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    _, loss = model(x, y)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    D.average_gradients_(params, dist)
+    grad_rms = control_grad_rms_(params, optim)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sparsity.project_(frac)
+    return float(loss.detach()), grad_rms
+
+
 def _last_val_loss(metrics: MetricsLog) -> float:
     for rec in reversed(metrics.read()):
         if "val_loss" in rec:
@@ -277,4 +306,4 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     return TrainConfig.from_json_file(path)
 
 
-__all__ = ["TrainResult", "Trainer", "default_cache_dir", "read_run_config"]
+__all__ = ["TrainResult", "Trainer", "default_cache_dir", "read_run_config", "train_step"]
