@@ -40,3 +40,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json_object(path: str | os.PathLike, *, missing: type[Exception] | None = None) -> dict:
+    """Parse a JSON file that must hold an object.
+
+    Malformed JSON or a non-object raises ConfigError naming the file; a missing file raises
+    ``missing`` (default ConfigError) with the same one-line form.
+    """
+    from sparsecircuits.errors import ConfigError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise (missing or ConfigError)(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from sparsecircuits.errors import ConfigError
+from sparsecircuits.fileio import read_json_object
 
 # Node locations where AbsTopK activation sparsity may be applied (official `afrac_loctypes`).
 Loc = Literal[
@@ -60,14 +60,7 @@ class StrictModel(BaseModel):
     @classmethod
     def from_json_file(cls, path: str | Path):
         """Load and validate a JSON file; missing or malformed files raise ConfigError."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
 
     def replace(self, **changes: Any):
         """A validated copy with ``changes`` applied."""

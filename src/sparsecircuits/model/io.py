@@ -3,7 +3,6 @@ official directories (``beeg_config.json`` + ``final_model.pt``)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sparsecircuits.errors import CheckpointError, ConfigError
-from sparsecircuits.fileio import atomic_write, atomic_write_json
+from sparsecircuits.fileio import atomic_write, atomic_write_json, read_json_object
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.model.gpt import GPT
 
@@ -94,11 +93,8 @@ def read_sparsity(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / SPARSITY_FILE
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("target_l0"), int | float):
+    data = read_json_object(path)
+    if not isinstance(data.get("target_l0"), int | float):
         raise ConfigError(f"{path}: expected an object with a numeric 'target_l0'")
     return data
 
@@ -106,14 +102,7 @@ def read_sparsity(directory: str | Path) -> dict[str, Any] | None:
 def read_config(directory: str | Path) -> GPTConfig:
     """Validate ``config.json`` of a sparsecircuits model directory."""
     path = Path(directory) / CONFIG_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    data = read_json_object(path, missing=CheckpointError)
     fmt, version = data.pop("format", None), data.pop("format_version", None)
     if fmt != FORMAT or version != FORMAT_VERSION:
         raise ConfigError(
@@ -193,12 +182,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def official_config(path: Path) -> GPTConfig:
     """Translate an official ``beeg_config.json`` into a :class:`GPTConfig`."""
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    raw = read_json_object(path)
     data = {**_OFFICIAL_DEFAULTS, **raw}
     if "n_mlp" in data:  # legacy name
         data["d_mlp"] = data.pop("n_mlp")
