@@ -19,6 +19,10 @@ def train_progress(*, total: int, enabled: bool = True) -> Iterator[Callable[[di
     if not enabled:
         yield lambda rec: None
         return
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log file: one plain line per evaluation instead of a bar
+        yield lambda rec: _log_line(console, rec, total) if "val_loss" in rec else None
+        return
     progress = Progress(
         TextColumn("[bold]train"),
         BarColumn(),
@@ -44,6 +48,16 @@ def train_progress(*, total: int, enabled: bool = True) -> Iterator[Callable[[di
             progress.update(task, completed=rec["step"], **fields)
 
         yield update
+
+
+def _log_line(console: Console, rec: dict[str, Any], total: int) -> None:
+    console.print(
+        f"step {rec['step']}/{total}  tokens {rec['tokens']:,}  train {rec['train_loss']:.4f}  "
+        f"val {rec['val_loss']:.4f}  L0 {rec['l0_frac']:.4f}  {rec['tokens_per_s']:,.0f} tok/s  "
+        f"dead neurons {rec['dead_neurons']}  {rec['elapsed_s']:.0f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from sparsecircuits.errors import ConfigError
+from sparsecircuits.model import GPT
+from sparsecircuits.train.config import PRESETS, TrainConfig, preset_config
+from sparsecircuits.train.distributed import resolve_device
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_valid_configs(name):
+    cfg = preset_config(name)
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.model.n_head * cfg.model.d_head == cfg.model.d_model
+    assert cfg.model.afrac == 0.25 and len(cfg.model.afrac_loctypes) == 8
+
+
+def test_paper_preset_matches_the_paper_shape():
+    cfg = preset_config("paper")
+    m = cfg.model
+    assert (m.n_layer, m.d_model, m.block_size, m.d_head) == (8, 2048, 256, 16)
+    assert cfg.sparsity.target_l0 == 1 / 1000
+    with torch.device("meta"):  # no memory: just the parameter shapes
+        model = GPT(m)
+    per_block = 4 * 2048 * 2048 + 3 * 2048 + 2048 + 2 * (2048 * 8192) + 8192 + 2048
+    assert model.num_params() > 8 * per_block  # blocks dominate; embeddings come on top
+
+
+def test_overrides_merge_into_nested_sections_and_are_validated():
+    cfg = preset_config("tiny", optim={"lr": 0.02}, model={"n_layer": 3}, steps=7)
+    assert (cfg.optim.lr, cfg.model.n_layer, cfg.steps) == (0.02, 3, 7)
+    assert cfg.model.d_model == PRESETS["tiny"]["model"]["d_model"]  # siblings kept
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset_config("huge")
+    with pytest.raises(ConfigError, match="sparsity.anneal"):
+        preset_config("tiny", sparsity={"anneal": "exp"})  # a near-miss spelling is an error
+
+
+def test_device_auto_falls_back_to_cpu_without_cuda():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu").type == "cpu"
