@@ -32,7 +32,7 @@ def test_overrides_merge_into_nested_sections_and_are_validated():
     assert cfg.model.d_model == PRESETS["tiny"]["model"]["d_model"]  # siblings kept
     with pytest.raises(ConfigError, match="unknown preset"):
         preset_config("huge")
-    with pytest.raises(ConfigError, match="sparsity.anneal"):
+    with pytest.raises(ConfigError, match=r"sparsity\.anneal"):
         preset_config("tiny", sparsity={"anneal": "exp"})  # a near-miss spelling is an error
 
 
