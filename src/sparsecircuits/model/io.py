@@ -4,15 +4,17 @@ official directories (``beeg_config.json`` + ``final_model.pt``)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from sparsecircuits.errors import CheckpointError, ConfigError
 from sparsecircuits.fileio import atomic_write, atomic_write_json, read_json_object
+from sparsecircuits.model.compact import compact_state, expand_state
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.model.gpt import GPT
 
@@ -75,13 +77,25 @@ _OFFICIAL_DEFAULTS: dict[str, Any] = {
 }
 
 
-def save_model(model: GPT, directory: str | Path) -> None:
-    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (each atomically)."""
+def save_model(
+    model: GPT, directory: str | Path, *, compact: bool = False, fp16: Collection[str] = ()
+) -> None:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (each atomically).
+
+    ``compact`` stores mostly-zero tensors as indices + values (for shipping weight-sparse
+    models); ``fp16`` names tensors to store in half precision (only with ``compact``).
+    """
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tied_unembed:
         state.pop("lm_head.weight", None)  # stored once, as transformer.wte.weight
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, {"format": FORMAT}))
+    meta = {"format": FORMAT}
+    if compact:
+        state, extra = compact_state(state, fp16=fp16)
+        meta.update(extra)
+    elif fp16:
+        raise ValueError("fp16 storage is only available with compact=True")
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, meta))
     atomic_write_json(
         directory / CONFIG_FILE,
         {"format": FORMAT, "format_version": FORMAT_VERSION, **model.config.to_json_dict()},
@@ -175,9 +189,12 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise CheckpointError(f"{path}: file not found")
     try:
-        return load_file(path)
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({err})") from None
+    return expand_state(tensors, metadata, source=str(path))
 
 
 def official_config(path: Path) -> GPTConfig:
