@@ -34,6 +34,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 class TrainState:
     step: int  # optimizer steps completed
     tokens: int  # training tokens seen (global)
+    elapsed_s: float = 0.0  # wall-clock seconds of training so far, summed over resumes
 
 
 def save_checkpoint(
@@ -57,7 +58,10 @@ def save_checkpoint(
             {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
             tmp / OPTIMIZER_FILE,
         )
-        atomic_write_json(tmp / STATE_FILE, {"step": state.step, "tokens": state.tokens})
+        atomic_write_json(
+            tmp / STATE_FILE,
+            {"step": state.step, "tokens": state.tokens, "elapsed_s": state.elapsed_s},
+        )
         if final.exists():  # re-saving the same step (e.g. the final one): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -83,6 +87,7 @@ def load_checkpoint(path: Path, *, model: GPT, optimizer: torch.optim.Optimizer)
     try:
         state = json.loads((path / STATE_FILE).read_text())
         step, tokens = int(state["step"]), int(state["tokens"])
+        elapsed = float(state.get("elapsed_s", 0.0))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path / STATE_FILE}: unreadable checkpoint state ({err})") from None
     loaded = load_model(path)
@@ -97,7 +102,7 @@ def load_checkpoint(path: Path, *, model: GPT, optimizer: torch.optim.Optimizer)
         raise CheckpointError(
             f"{path / OPTIMIZER_FILE}: cannot restore optimizer ({err})"
         ) from None
-    return TrainState(step=step, tokens=tokens)
+    return TrainState(step=step, tokens=tokens, elapsed_s=elapsed)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -49,8 +49,9 @@ class TrainResult:
     model_dir: Path
     steps: int
     tokens: int
-    val_loss: float
-    seconds: float
+    val_loss: float  # nats/token on the validation windows of the last evaluation
+    seconds: float  # wall-clock of this invocation
+    total_seconds: float  # training wall-clock summed over every resume
 
 
 def default_cache_dir() -> Path:
@@ -176,6 +177,7 @@ class Trainer:
         local = cfg.batch_size // self.dist.world_size
         lo = self.dist.rank * local
         t_start, window_loss, window_steps, window_time = time.time(), 0.0, 0, 0.0
+        elapsed_before = state.elapsed_s
         val_loss = math.nan
         model.train()
         for step in range(state.step, cfg.steps):
@@ -195,7 +197,11 @@ class Trainer:
                 dist=self.dist,
             )
             loss_val = self._global_mean(loss)
-            state = TrainState(step=step + 1, tokens=state.tokens + cfg.tokens_per_step)
+            state = TrainState(
+                step=step + 1,
+                tokens=state.tokens + cfg.tokens_per_step,
+                elapsed_s=elapsed_before + time.time() - t_start,
+            )
             window_time += time.perf_counter() - t0
             window_loss += loss_val
             window_steps += 1
@@ -211,7 +217,7 @@ class Trainer:
                     "l0_frac": frac,
                     "grad_rms": grad_rms,
                     "tokens_per_s": window_steps * cfg.tokens_per_step / max(window_time, 1e-9),
-                    "elapsed_s": time.time() - t_start,
+                    "elapsed_s": state.elapsed_s,
                 }
                 window_loss, window_steps, window_time = 0.0, 0, 0.0
                 if do_eval:
@@ -243,7 +249,13 @@ class Trainer:
                 val_loss = _last_val_loss(metrics)
         D.barrier(self.dist)
         return TrainResult(
-            self.run_dir, final, state.step, state.tokens, val_loss, time.time() - t_start
+            self.run_dir,
+            final,
+            state.step,
+            state.tokens,
+            val_loss,
+            time.time() - t_start,
+            state.elapsed_s,
         )
 
     def _batch(
