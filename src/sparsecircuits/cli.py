@@ -25,7 +25,11 @@ app = typer.Typer(
 )
 
 Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1...")]
-ModelArg = Annotated[Path, typer.Argument(help="model directory (ours or official), or a run")]
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="model directory (ours or official), a training run, or a shipped name"),
+]
+DEFAULT_MODEL = "stdlib-sparse"  # shipped with the package
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -46,13 +50,6 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[leaf] = value
     return out
-
-
-def _model_dir(path: Path) -> Path:
-    """Accept a run directory (use its final ``model/``) as well as a model directory."""
-    if (path / "model").is_dir() and not (path / "config.json").exists():
-        return path / "model"
-    return path
 
 
 @app.command()
@@ -100,13 +97,16 @@ def train(
 
 
 @app.command()
-def info(model: ModelArg, json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+def info(
+    model: ModelArg = DEFAULT_MODEL,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
     """Config, total parameters and exact nonzeros per sparse matrix."""
     from sparsecircuits.console import print_summary
-    from sparsecircuits.model.io import load_model, read_sparsity
+    from sparsecircuits.model.io import load_model, read_sparsity, resolve_model_dir
     from sparsecircuits.model.summary import model_summary
 
-    mdir = _model_dir(model)
+    mdir = resolve_model_dir(model)
     summary = model_summary(load_model(mdir), sparsity=read_sparsity(mdir))
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
@@ -116,7 +116,7 @@ def info(model: ModelArg, json_out: Annotated[bool, typer.Option("--json")] = Fa
 
 @app.command()
 def sample(
-    model: ModelArg,
+    model: ModelArg = DEFAULT_MODEL,
     prompt: Annotated[str, typer.Option(help="text to continue")] = "def ",
     max_new_tokens: Annotated[int, typer.Option()] = 128,
     temperature: Annotated[float, typer.Option()] = 0.8,
@@ -128,10 +128,10 @@ def sample(
     import torch
 
     from sparsecircuits.data import Tokenizer
-    from sparsecircuits.model.io import load_model
+    from sparsecircuits.model.io import load_model, resolve_model_dir
     from sparsecircuits.train.distributed import resolve_device
 
-    mdir = _model_dir(model)
+    mdir = resolve_model_dir(model)
     dev = resolve_device(device)
     m = load_model(mdir, device=dev)
     tok = Tokenizer.load(mdir)
@@ -149,7 +149,7 @@ def sample(
 
 @app.command("eval-loss")
 def eval_loss(
-    model: ModelArg,
+    model: ModelArg = DEFAULT_MODEL,
     corpus: Annotated[str, typer.Option(help="stdlib, a dir/glob of .py files")] = "stdlib",
     windows: Annotated[int, typer.Option(help="validation windows (block_size tokens each)")] = 64,
     val_fraction: Annotated[float, typer.Option()] = 0.02,
@@ -158,12 +158,12 @@ def eval_loss(
 ) -> None:
     """Validation loss (nats/token) on the corpus's held-out files."""
     from sparsecircuits.data import Tokenizer, build_token_cache, load_corpus
-    from sparsecircuits.model.io import load_model
+    from sparsecircuits.model.io import load_model, resolve_model_dir
     from sparsecircuits.train.distributed import resolve_device
     from sparsecircuits.train.metrics import evaluate
     from sparsecircuits.train.trainer import default_cache_dir
 
-    mdir = _model_dir(model)
+    mdir = resolve_model_dir(model)
     dev = resolve_device(device)
     m = load_model(mdir, device=dev)
     tok = Tokenizer.load(mdir)

@@ -26,6 +26,7 @@ SPARSITY_FILE = "sparsity.json"  # the weight-sparsity settings a model was trai
 OFFICIAL_CONFIG_FILE = "beeg_config.json"
 OFFICIAL_WEIGHTS_FILE = "final_model.pt"
 FORMAT = "sparsecircuits.gpt"
+PRETRAINED_ROOT = Path(__file__).resolve().parents[1] / "pretrained"  # package data
 FORMAT_VERSION = 1
 
 # Fields of official configs that do not change inference here, with the values we accept.
@@ -126,17 +127,37 @@ def read_config(directory: str | Path) -> GPTConfig:
     return GPTConfig.from_dict(data, source=str(path))
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> GPT:
-    """Load a model directory in our format or OpenAI's official format; returns it in eval mode.
+def pretrained_names() -> list[str]:
+    """Names of the models shipped with the package (``sparsecircuits/pretrained/NAME``)."""
+    if not PRETRAINED_ROOT.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_ROOT.iterdir() if (p / CONFIG_FILE).exists())
 
-    Official directories need ``beeg_config.json`` and ``final_model.pt`` (legacy keys such as
-    ``n_mlp`` are understood); the result gives the logits of the official inference code.
-    """
-    path = Path(path)
+
+def resolve_model_dir(spec: str | Path) -> Path:
+    """A model directory from a path (model dir, a file in it, or a training run directory,
+    whose final ``model/`` is used) or the name of a shipped model such as ``stdlib-sparse``."""
+    path = Path(spec)
     if path.is_file():
         path = path.parent
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such model directory")
+    if path.is_dir():
+        if not (path / CONFIG_FILE).exists() and (path / "model" / CONFIG_FILE).exists():
+            return path / "model"  # a training run
+        return path
+    if isinstance(spec, str) and spec in pretrained_names():
+        return PRETRAINED_ROOT / spec
+    known = ", ".join(pretrained_names()) or "none installed"
+    raise CheckpointError(f"{spec}: no such model directory or shipped model (shipped: {known})")
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> GPT:
+    """Load a model in our format or OpenAI's official format; returns it in eval mode.
+
+    ``path``: anything :func:`resolve_model_dir` accepts (a directory, a run, a shipped model's
+    name). Official directories need ``beeg_config.json`` and ``final_model.pt`` (legacy keys such
+    as ``n_mlp`` are understood); the result gives the logits of the official inference code.
+    """
+    path = resolve_model_dir(path)
     if (path / CONFIG_FILE).exists():
         config = read_config(path)
         state = _read_safetensors(path / WEIGHTS_FILE)
