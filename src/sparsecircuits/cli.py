@@ -177,6 +177,59 @@ def eval_loss(
     )
 
 
+@app.command("eval")
+def eval_tasks(
+    model: Annotated[str, typer.Option("--model", help="model dir, run, or shipped name")] = (
+        DEFAULT_MODEL
+    ),
+    tasks: Annotated[list[str], typer.Option("--tasks", help="task names (default: all 20)")] = [],  # noqa: B006
+    n_pairs: Annotated[int, typer.Option(help="prompt pairs per task and split")] = 50,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    device: Device = "auto",
+) -> None:
+    """Per-task contrast loss (mean per prompt) and accuracy on train and test splits."""
+    from sparsecircuits.console import print_task_table
+    from sparsecircuits.data import Tokenizer
+    from sparsecircuits.model.io import load_model, resolve_model_dir
+    from sparsecircuits.tasks import evaluate_tasks
+    from sparsecircuits.train.distributed import resolve_device
+
+    mdir = resolve_model_dir(model)
+    m = load_model(mdir, device=resolve_device(device))
+    names = [n for item in tasks for n in item.split(",") if n] or None
+    table = evaluate_tasks(m, Tokenizer.load(mdir), names=names, n_pairs=n_pairs, seed=seed)
+    if json_out:
+        typer.echo(json.dumps({"model": str(model), "tasks": table}, indent=2))
+    else:
+        print_task_table(str(model), table)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="a finished training run directory")],
+    name: Annotated[str, typer.Option(help="shipped model name, e.g. stdlib-sparse")],
+    description: Annotated[str, typer.Option(help="one paragraph for the model card")] = "",
+    dest: Annotated[Path | None, typer.Option(help="default: the package's pretrained/NAME")] = (
+        None
+    ),
+    fp16: Annotated[list[str], typer.Option(help="tensor names stored in half precision")] = [],  # noqa: B006
+    cache_dir: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Write a compact shipped model + model card (validation loss, task table, nonzeros)."""
+    from sparsecircuits.cards import export_run
+    from sparsecircuits.model.io import PRETRAINED_ROOT
+
+    target = dest or PRETRAINED_ROOT / name
+    card = export_run(
+        run, target, name=name, description=description or name, fp16=fp16, cache_dir=cache_dir
+    )
+    typer.echo(
+        f"exported {name} to {target}: validation loss {card['val_loss']:.4f} nats/token, "
+        f"{card['storage']['bytes'] / 1e6:.1f} MB"
+    )
+
+
 def main() -> None:
     """Console entry point: one-line errors for bad input, exit status 2."""
     tune_allocator()

@@ -89,3 +89,28 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"sparse matrices {nz:,}/{sp:,} nonzero ({nz / max(sp, 1):.4f}); "
         f"buffers: {', '.join(f'{k} {v}' for k, v in summary['buffers'].items())}"
     )
+
+
+def print_task_table(model: str, table: dict[str, dict[str, dict[str, float]]]) -> None:
+    """Per-task loss (two-token contrast CE, mean per prompt) and accuracy, train and test."""
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    t = Table(
+        title=f"tasks: {model}  (loss = two-token contrast CE, mean per prompt; "
+        "the paper's stored numbers are 2x)"
+    )
+    for col in ("task", "train loss", "train acc", "test loss", "test acc"):
+        t.add_column(col, justify="left" if col == "task" else "right")
+    for name, r in table.items():
+        t.add_row(
+            name,
+            f"{r['train']['loss']:.3f}",
+            f"{r['train']['acc']:.2f}",
+            f"{r['test']['loss']:.3f}",
+            f"{r['test']['acc']:.2f}",
+        )
+    console.print(t)
+    accs = [r["test"]["acc"] for r in table.values()]
+    if accs:
+        console.print(
+            f"test accuracy >= 0.80 on {sum(a >= 0.8 for a in accs)} of {len(accs)} tasks"
+        )
