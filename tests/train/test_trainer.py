@@ -99,7 +99,11 @@ def test_in_process_resume_matches_uninterrupted(small_corpus, cache_dir, tmp_pa
     shutil.copyfile(run / "train_config.json", part / "train_config.json")
     shutil.copyfile(run / "tokenizer.json", part / "tokenizer.json")
     shutil.copytree(run / "checkpoints" / "step_00000016", part / "checkpoints" / "step_00000016")
+    stale = part / "checkpoints" / ".tmp-step_00000017-x"  # as a kill mid-checkpoint leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
     Trainer(cfg, run_dir=part, device="cpu", cache_dir=cache_dir, resume=True).run()
+    assert not stale.exists()
     a, b = load_model(run / "model").state_dict(), load_model(part / "model").state_dict()
     for name in a:
         assert torch.equal(a[name], b[name]), name

@@ -105,6 +105,15 @@ def load_checkpoint(path: Path, *, model: GPT, optimizer: torch.optim.Optimizer)
     return TrainState(step=step, tokens=tokens, elapsed_s=elapsed)
 
 
+def remove_stale_temps(run_dir: Path) -> int:
+    """Delete temp directories a killed run left behind mid-checkpoint; returns how many."""
+    root = Path(run_dir) / CHECKPOINTS
+    stale = [p for p in root.glob(".tmp-*") if p.is_dir()] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint, or None."""
     ckpts = list_checkpoints(run_dir)

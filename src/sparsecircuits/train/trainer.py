@@ -28,6 +28,7 @@ from sparsecircuits.train.checkpoint import (
     TrainState,
     latest_checkpoint,
     load_checkpoint,
+    remove_stale_temps,
     save_checkpoint,
 )
 from sparsecircuits.train.config import OptimConfig, TrainConfig
@@ -168,6 +169,8 @@ class Trainer:
         metrics = MetricsLog(self.run_dir / METRICS_FILE, enabled=main)
 
         state = TrainState(step=0, tokens=0)
+        if main and remove_stale_temps(self.run_dir):
+            log.info("removed an unfinished checkpoint left by an interrupted run")
         ckpt = latest_checkpoint(self.run_dir) if self.resume else None
         if ckpt is not None:
             state = load_checkpoint(ckpt, model=model, optimizer=optimizer)
