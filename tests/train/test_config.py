@@ -40,3 +40,13 @@ def test_device_auto_falls_back_to_cpu_without_cuda():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_shipped_model_recipes_are_valid_and_differ_only_in_sparsity():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    sparse = TrainConfig.from_json_file(root / "stdlib-sparse.json")
+    dense = TrainConfig.from_json_file(root / "stdlib-dense.json")
+    assert sparse.sparsity.target_l0 <= 1 / 32 and dense.sparsity.target_l0 == 1.0
+    assert sparse.model_dump(exclude={"sparsity"}) == dense.model_dump(exclude={"sparsity"})
