@@ -90,3 +90,53 @@ def test_empty_corpus_directory(tmp_path):
         )
     )
     assert str(empty) in line and ".py" in line
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny GPT saved with a small stdlib tokenizer (enough to build every task)."""
+    from sparsecircuits.data import stdlib_dir, train_tokenizer
+    from sparsecircuits.model import GPT, GPTConfig, save_model
+
+    files = sorted(p for p in stdlib_dir().glob("*.py") if not p.name.startswith("_"))[:40]
+    tok = train_tokenizer([p.read_text(encoding="utf-8") for p in files], vocab_size=1024)
+    out = tmp_path_factory.mktemp("model")
+    cfg = GPTConfig(
+        block_size=128, vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_head=16, d_model=32
+    )
+    save_model(GPT(cfg), out)
+    tok.save(out)
+    return out
+
+
+def test_eval_json_has_the_documented_shape(tiny_model_dir):
+    res = _cli(
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--tasks",
+        "single_double_quote,bracket_counting",
+        "--n-pairs",
+        "4",
+        "--json",
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["model"] == str(tiny_model_dir)
+    assert set(out["tasks"]) == {"single_double_quote", "bracket_counting"}
+    for splits in out["tasks"].values():
+        for split in ("train", "test"):
+            assert 0.0 <= splits[split]["acc"] <= 1.0 and splits[split]["loss"] > 0
+
+
+def test_tasks_list_and_show(tiny_model_dir):
+    res = _cli("tasks", "list")
+    assert res.returncode == 0
+    listed = [line.split()[0] for line in res.stdout.splitlines()]
+    assert len([n for n in listed if "__" not in n]) == 20
+    assert "single_double_quote__inverted" in listed
+    res = _cli("tasks", "show", "for_while", "--model", str(tiny_model_dir), "--n", "2")
+    assert res.returncode == 0, res.stderr
+    assert "resolved contrasts" in res.stdout and "[A]" in res.stdout and "[B]" in res.stdout
+    line = _one_line_error(_cli("tasks", "show", "for_whilst", "--model", str(tiny_model_dir)))
+    assert "for_whilst" in line

@@ -177,6 +177,61 @@ def eval_loss(
     )
 
 
+tasks_app = typer.Typer(no_args_is_help=True, help="The 20-task suite and its controls.")
+app.add_typer(tasks_app, name="tasks")
+
+
+@tasks_app.command("list")
+def tasks_list(
+    controls: Annotated[bool, typer.Option(help="also list the negative controls")] = True,
+) -> None:
+    """Every registered task with its one-line description."""
+    from sparsecircuits import tasks
+
+    for name in tasks.names(include_controls=controls):
+        task = tasks.get(name)
+        tag = "  [control]" if task.control else ""
+        typer.echo(f"{name:34s} {task.description}{tag}")
+
+
+@tasks_app.command("show")
+def tasks_show(
+    name: Annotated[str, typer.Argument(help="task name, e.g. bracket_counting")],
+    model: Annotated[str, typer.Option("--model", help="whose tokenizer resolves targets")] = (
+        DEFAULT_MODEL
+    ),
+    split: Annotated[str, typer.Option(help="train | test")] = "test",
+    n: Annotated[int, typer.Option(help="pairs to print")] = 3,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Sample pairs with their resolved target tokens under the model's tokenizer."""
+    from sparsecircuits import tasks
+    from sparsecircuits.data import Tokenizer
+    from sparsecircuits.model.io import read_config, resolve_model_dir
+
+    mdir = resolve_model_dir(model)
+    task = tasks.get(name)
+    if split not in tasks.SPLITS:
+        raise SparseCircuitsError(f"--split {split!r}: expected one of {', '.join(tasks.SPLITS)}")
+    batch = task.build(
+        Tokenizer.load(mdir),
+        split=split,
+        n=max(n, 50),
+        seed=seed,
+        max_len=read_config(mdir).block_size,
+    )
+    typer.echo(f"{task.name}: {task.description}{'  [control]' if task.control else ''}")
+    typer.echo(f"resolved contrasts over {batch.n} {split} pairs (tokenizer of {model}):")
+    for line in batch.describe():
+        typer.echo(f"  {line}")
+    for text, count in batch.moved_counts():
+        typer.echo(f"  shared first token {text!r} moved into both prompts in {count} pairs")
+    for i, raw in enumerate(batch.raw[:n]):
+        typer.echo(f"--- pair {i} (A -> {batch.tokens_a[i]!r}, B -> {batch.tokens_b[i]!r})")
+        typer.echo(f"[A] {raw.prompt_a}")
+        typer.echo(f"[B] {raw.prompt_b}")
+
+
 @app.command("eval")
 def eval_tasks(
     model: Annotated[str, typer.Option("--model", help="model dir, run, or shipped name")] = (
