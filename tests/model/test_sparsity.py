@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from sparsecircuits.model import GPT, WeightSparsity, l0_budget, sparse_parameter_names
-from sparsecircuits.model.sparsity import project_topk_
+from sparsecircuits.model.sparsity import project_topk_, row_floor
 
 from .helpers import tiny_config, tiny_model
 
 
 def brute_force_kept(w: torch.Tensor, k: int, min_per_neuron: int) -> list[float]:
     """Sorted |w| of the entries a correct projection keeps: each row's ``min_per_neuron``
-    largest, then the largest of the rest. Magnitudes, not positions, so ties cannot matter."""
+    largest (as many as fit in k), then the largest of the rest. Magnitudes, not positions,
+    so ties cannot matter."""
     rows = [sorted(r.abs().tolist(), reverse=True) for r in w]
-    j = min(min_per_neuron, w.shape[1])
+    j = min(min_per_neuron, w.shape[1], k // w.shape[0])
     protected = [v for r in rows for v in r[:j]]
     rest = sorted((v for r in rows for v in r[j:]), reverse=True)
     return sorted(protected + rest[: k - len(protected)])
@@ -25,15 +26,34 @@ def kept_magnitudes(w: torch.Tensor) -> list[float]:
     return sorted(w[w != 0].abs().tolist())
 
 
-def test_l0_budget() -> None:
-    assert l0_budget((10, 20), 0.3, min_per_neuron=4) == 60  # ceil(0.3 * 200)
-    assert l0_budget((10, 20), 0.01, min_per_neuron=4) == 40  # raised to 4 per row
-    assert l0_budget((10, 2), 0.01, min_per_neuron=4) == 20  # a row cannot keep more than it has
-    assert l0_budget((10, 20), 0.01, min_per_neuron=0) == 2
-    assert l0_budget((7,), 0.5, min_per_neuron=4) == 4  # ceil(3.5); no rows for 1-D
-    assert l0_budget((1000,), 1e-6, min_per_neuron=4) == 1  # never zero entries
-    assert l0_budget((10, 20), 1.0, min_per_neuron=4) == 200
-    assert l0_budget((3, 100), 0.07, min_per_neuron=0) == 21  # 0.07 * 300 is 21.000000000000004
+def test_l0_budget_is_the_same_fraction_for_every_shape() -> None:
+    assert l0_budget((10, 20), 0.3) == 60  # ceil(0.3 * 200)
+    assert l0_budget((10, 20), 0.01) == 2  # the floor never raises the budget
+    assert l0_budget((7,), 0.5) == 4  # ceil(3.5)
+    assert l0_budget((1000,), 1e-6) == 1  # never zero entries
+    assert l0_budget((10, 20), 1.0) == 200
+    assert l0_budget((3, 100), 0.07) == 21  # 0.07 * 300 is 21.000000000000004
+    # paper scale: exactly 1/1000 in every matrix, whatever its shape
+    for shape in [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (2048, 256)]:
+        assert l0_budget(shape, 1 / 1000) == -(-shape[0] * shape[1] // 1000)
+
+
+def test_row_floor_fits_inside_the_budget() -> None:
+    assert row_floor((10, 20), 60, min_per_neuron=4) == 4
+    assert row_floor((10, 20), 25, min_per_neuron=4) == 2  # only 2 per row fit in 25
+    assert row_floor((10, 2), 20, min_per_neuron=4) == 2  # a row cannot keep more than it has
+    assert row_floor((2048, 2048), l0_budget((2048, 2048), 1 / 1000), min_per_neuron=4) == 2
+    assert row_floor((7,), 4, min_per_neuron=4) == 0  # vectors have no rows
+
+
+def test_projection_floor_shrinks_when_the_budget_is_tight() -> None:
+    w = torch.randn(10, 20, generator=torch.Generator().manual_seed(3))
+    w[4] *= 1e-3  # a row that would lose everything without its floor
+    original = w.clone()
+    project_topk_(w, 25, min_per_neuron=4)
+    assert int((w != 0).sum()) == 25
+    assert int((w != 0).sum(dim=1).min()) == 2
+    assert kept_magnitudes(w) == brute_force_kept(original, 25, 4)
 
 
 @pytest.mark.parametrize("frac", [0.05, 0.3, 0.7])
@@ -43,10 +63,10 @@ def test_projection_keeps_exactly_k_with_rows_protected(frac: float) -> None:
     # A few rows with tiny weights: globally they would lose every entry without protection.
     w[[2, 7]] *= 1e-3
     original = w.clone()
-    k = l0_budget(w.shape, frac, min_per_neuron=4)
+    k = l0_budget(w.shape, frac)
     project_topk_(w, k, min_per_neuron=4)
     assert int((w != 0).sum()) == k
-    assert int((w != 0).sum(dim=1).min()) >= 4
+    assert int((w != 0).sum(dim=1).min()) >= row_floor(w.shape, k, min_per_neuron=4) >= 1
     assert torch.equal(w[w != 0], original[w != 0])  # kept entries are untouched
     assert kept_magnitudes(w) == brute_force_kept(original, k, 4)
 
@@ -63,7 +83,7 @@ def test_projection_with_ties(values: tuple[float, ...]) -> None:
     choice = torch.randint(0, len(values), (9, 16), generator=gen)
     w = torch.tensor(values)[choice]
     original = w.clone()
-    k = l0_budget(w.shape, 0.4, min_per_neuron=3)
+    k = l0_budget(w.shape, 0.4)
     project_topk_(w, k, min_per_neuron=3)
     assert int((w != 0).sum()) == k
     assert int((w != 0).sum(dim=1).min()) >= 3
@@ -131,10 +151,11 @@ def test_weight_sparsity_projects_and_reports() -> None:
     for name, p in ws.params.items():
         r = report[name]
         assert r.shape == tuple(p.shape) and r.numel == p.numel()
-        assert r.budget == l0_budget(p.shape, frac, min_per_neuron=4)
+        assert r.budget == l0_budget(p.shape, frac)
         assert r.nonzero == int((p != 0).sum()) == r.budget  # all entries random: none was 0
         if p.dim() == 2:
-            assert r.min_row_nonzero == int((p != 0).sum(1).min()) >= 4
+            assert r.min_row_nonzero == int((p != 0).sum(1).min()) >= r.row_floor
+            assert r.row_floor == min(4, r.budget // p.shape[0])
         else:
             assert r.min_row_nonzero is None
     # The tied unembedding is the projected embedding itself.

@@ -48,7 +48,7 @@ def test_every_sparse_matrix_has_exactly_its_budget(trained):
     params = dict(model.named_parameters())
     for name in sparse_parameter_names(model):
         p = params[name]
-        budget = l0_budget(p.shape, cfg.sparsity.target_l0, min_per_neuron=4)
+        budget = l0_budget(p.shape, cfg.sparsity.target_l0)
         nz = int((p != 0).sum())
         if name.endswith("bias"):
             assert nz <= budget  # zero-initialised biases may keep exact zeros

@@ -50,29 +50,35 @@ def sparse_parameter_names(
     return [name for name, _ in model.named_parameters() if is_sparse(name)]
 
 
-def l0_budget(shape: torch.Size | tuple[int, ...], frac: float, *, min_per_neuron: int) -> int:
-    """Entries kept in a parameter of ``shape`` at nonzero fraction ``frac``.
-
-    ``ceil(frac * numel)``, raised so every row of a matrix can keep ``min_per_neuron`` entries.
-    """
+def l0_budget(shape: torch.Size | tuple[int, ...], frac: float) -> int:
+    """Entries kept in a parameter of ``shape`` at nonzero fraction ``frac``: ``ceil(frac *
+    numel)`` (at least 1), the same fraction for every matrix."""
     numel = math.prod(shape)
-    k = math.ceil(frac * numel - 1e-9)
-    if len(shape) == 2:
-        k = max(k, shape[0] * min(min_per_neuron, shape[1]))
-    return max(1, min(k, numel))
+    return max(1, min(math.ceil(frac * numel - 1e-9), numel))
+
+
+def row_floor(shape: torch.Size | tuple[int, ...], k: int, *, min_per_neuron: int) -> int:
+    """Nonzeros guaranteed to every row of a matrix with budget ``k``: ``min_per_neuron``, but
+    never more than fits in the budget (``k // rows``) or in a row. 0 for 1-D parameters.
+
+    The budget wins over the floor so every matrix really has the target fraction: at d_model
+    2048 and L0 1/1000 a 4-per-row floor would otherwise double some matrices' density."""
+    if len(shape) != 2:
+        return 0
+    return min(min_per_neuron, shape[1], k // shape[0])
 
 
 @torch.no_grad()
 def project_topk_(w: torch.Tensor, k: int, *, min_per_neuron: int) -> None:
-    """Zero all but ``k`` entries of ``w`` in place: each row's top ``min_per_neuron`` by |w|
+    """Zero all but ``k`` entries of ``w`` in place: each row's top ``row_floor`` by |w|
     first, then the largest remaining |w| overall. Exactly ``k`` slots are kept (which of several
     equal |w| is kept is up to ``torch.topk``), so ``(w != 0).sum() <= k`` with equality unless
     kept entries were already zero."""
     if k >= w.numel():
         return
     score = w.abs()
-    if w.dim() == 2 and min_per_neuron > 0:
-        j = min(min_per_neuron, w.shape[1])
+    j = row_floor(w.shape, k, min_per_neuron=min_per_neuron)
+    if j > 0:
         protected = score.topk(j, dim=1, sorted=False).indices
         score.scatter_(1, protected, torch.inf)
     keep = score.view(-1).topk(k, sorted=False).indices
@@ -90,6 +96,7 @@ class MatrixL0:
     budget: int
     nonzero: int
     min_row_nonzero: int | None  # None for 1-D parameters
+    row_floor: int  # nonzeros the projection guarantees each row (0 for 1-D)
 
     @property
     def numel(self) -> int:
@@ -109,10 +116,7 @@ class WeightSparsity:
 
     def budgets(self, frac: float) -> dict[str, int]:
         """``{name: budget}`` at nonzero fraction ``frac``."""
-        return {
-            n: l0_budget(p.shape, frac, min_per_neuron=self.min_per_neuron)
-            for n, p in self.params.items()
-        }
+        return {n: l0_budget(p.shape, frac) for n, p in self.params.items()}
 
     @torch.no_grad()
     def project_(self, frac: float) -> None:
@@ -130,5 +134,6 @@ class WeightSparsity:
             p = self.params[n]
             nz = p != 0
             row_min = int(nz.sum(dim=1).min()) if p.dim() == 2 else None
-            out.append(MatrixL0(n, tuple(p.shape), k, int(nz.sum()), row_min))
+            floor = row_floor(p.shape, k, min_per_neuron=self.min_per_neuron)
+            out.append(MatrixL0(n, tuple(p.shape), k, int(nz.sum()), row_min, floor))
         return out

@@ -32,9 +32,7 @@ def model_summary(model: GPT, *, sparsity: dict[str, Any] | None = None) -> dict
         nz = p != 0
         budget = None
         if sparsity is not None and name in sparse:
-            budget = l0_budget(
-                p.shape, float(sp["target_l0"]), min_per_neuron=int(sp.get("min_per_neuron", 4))
-            )
+            budget = l0_budget(p.shape, float(sp["target_l0"]))
         rows.append(
             {
                 "name": name,
