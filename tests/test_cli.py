@@ -140,3 +140,19 @@ def test_tasks_list_and_show(tiny_model_dir):
     assert "resolved contrasts" in res.stdout and "[A]" in res.stdout and "[B]" in res.stdout
     line = _one_line_error(_cli("tasks", "show", "for_whilst", "--model", str(tiny_model_dir)))
     assert "for_whilst" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "optim.lr=-1"], "lr must be > 0"),
+        (["--set", "steps.x=1"], "'steps' is a value"),
+        (["--set", "model=3"], "'model' is a section"),
+        (["--device", "nonsense"], "--device 'nonsense'"),
+    ],
+)
+def test_bad_train_options_are_one_line_errors_and_write_nothing(tmp_path, args, expected):
+    out = tmp_path / "run"
+    line = _one_line_error(_cli("train", "--preset", "tiny", "--out", str(out), *args))
+    assert expected in line
+    assert not out.exists()

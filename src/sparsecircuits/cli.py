@@ -48,6 +48,8 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SparseCircuitsError(f"--set '{item}': '{p}' was already set to a value")
         node[leaf] = value
     return out
 
@@ -86,9 +88,13 @@ def train(
         cfg = preset_config(preset, **overrides)
     trainer = Trainer(cfg, run_dir=out, device=device, cache_dir=cache_dir, resume=resume)
     from sparsecircuits.console import train_progress
+    from sparsecircuits.train.distributed import shutdown
 
-    with train_progress(total=cfg.steps, enabled=trainer.dist.is_main) as on_record:
-        result = trainer.run(on_record=on_record)
+    try:
+        with train_progress(total=cfg.steps, enabled=trainer.dist.is_main) as on_record:
+            result = trainer.run(on_record=on_record)
+    finally:
+        shutdown(trainer.dist)
     if trainer.dist.is_main:
         typer.echo(
             f"trained {result.steps} steps ({result.tokens:,} tokens) in {result.seconds:.0f} s; "
@@ -120,7 +126,7 @@ def sample(
     prompt: Annotated[str, typer.Option(help="text to continue")] = "def ",
     max_new_tokens: Annotated[int, typer.Option()] = 128,
     temperature: Annotated[float, typer.Option()] = 0.8,
-    top_k: Annotated[int | None, typer.Option()] = 40,
+    top_k: Annotated[int | None, typer.Option(min=1)] = 40,
     seed: Annotated[int, typer.Option()] = 0,
     device: Device = "auto",
 ) -> None:
@@ -151,7 +157,9 @@ def sample(
 def eval_loss(
     model: ModelArg = DEFAULT_MODEL,
     corpus: Annotated[str, typer.Option(help="stdlib, a dir/glob of .py files")] = "stdlib",
-    windows: Annotated[int, typer.Option(help="validation windows (block_size tokens each)")] = 64,
+    windows: Annotated[
+        int, typer.Option(min=1, help="validation windows (block_size tokens each)")
+    ] = 64,
     val_fraction: Annotated[float, typer.Option()] = 0.02,
     device: Device = "auto",
     cache_dir: Annotated[Path | None, typer.Option()] = None,

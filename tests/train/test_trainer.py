@@ -123,3 +123,76 @@ def test_empty_corpus_is_a_clear_error(tmp_path, cache_dir):
 def test_batch_must_split_over_processes(small_corpus):
     with pytest.raises(ConfigError, match="batch_size"):
         tiny_config(small_corpus, batch_size=0)
+
+
+def test_fresh_run_refuses_leftovers_of_an_earlier_run(small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus)
+    for leftover in ("checkpoints", "tokenizer.json", "metrics.jsonl"):
+        run = tmp_path / leftover.replace(".", "_")
+        run.mkdir()
+        target = run / leftover
+        target.mkdir() if leftover == "checkpoints" else target.write_text("{}")
+        with pytest.raises(ConfigError, match=leftover):
+            Trainer(cfg, run_dir=run, device="cpu")
+
+
+def test_bad_values_fail_before_anything_is_written(small_corpus, tmp_path, cache_dir):
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        tiny_config(small_corpus, optim=dict(lr=-1.0))
+    with pytest.raises(ConfigError, match="multiple of log_every"):
+        tiny_config(small_corpus, log_every=3, checkpoint_every=8)
+    with pytest.raises(ConfigError, match=r"CUDA is not available|not a device"):
+        Trainer(tiny_config(small_corpus), run_dir=tmp_path / "r", device="nonsense")
+    # a context longer than the validation split: refused before the run directory is made
+    long_ctx = tiny_config(
+        small_corpus, model=dict(n_layer=1, d_model=32, n_head=2, d_head=16, block_size=65536)
+    )
+    out = tmp_path / "long"
+    with pytest.raises(DataError, match="fewer than one window"):
+        Trainer(long_ctx, run_dir=out, device="cpu", cache_dir=cache_dir).run()
+    assert not out.exists()
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint(trained, cache_dir, tmp_path):
+    import shutil
+
+    cfg, run, _ = trained
+    part = tmp_path / "part"
+    shutil.copytree(run, part)
+    shutil.rmtree(part / "model")
+    newest = part / "checkpoints" / "step_00000024"
+    (newest / "optimizer.pt").write_bytes(b"")  # e.g. after an OS crash
+    Trainer(cfg, run_dir=part, device="cpu", cache_dir=cache_dir, resume=True).run()
+    a, b = load_model(run / "model").state_dict(), load_model(part / "model").state_dict()
+    for name in a:  # resumed from step 16 and retrained 17..24 identically
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_of_a_finished_run_without_checkpoints_refuses(trained, tmp_path):
+    import shutil
+
+    from sparsecircuits.errors import CheckpointError
+
+    cfg, run, _ = trained
+    part = tmp_path / "done"
+    shutil.copytree(run, part)
+    shutil.rmtree(part / "checkpoints")
+    before = (part / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        Trainer(cfg, run_dir=part, device="cpu", resume=True).run()
+    assert (part / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_resume_refuses_changed_data(trained, tmp_path):
+    import json as _json
+    import shutil
+
+    cfg, run, _ = trained
+    part = tmp_path / "changed"
+    shutil.copytree(run, part)
+    data = _json.loads((part / "data.json").read_text())
+    assert data["train_tokens"] > 0 and data["corpus"] == cfg.corpus
+    data["corpus_fingerprint"] = "0" * 64
+    (part / "data.json").write_text(_json.dumps(data))
+    with pytest.raises(DataError, match="changed since the run started"):
+        Trainer(cfg, run_dir=part, device="cpu", resume=True).run()

@@ -48,6 +48,7 @@ def prompt_loss(
             f"expected logits (N, V) and targets (N,), got {tuple(logits.shape)}, "
             f"{tuple(correct.shape)} and {tuple(other.shape)}"
         )
+    correct, other = correct.to(logits.device), other.to(logits.device)  # targets live on CPU
     z_c = logits.gather(1, correct[:, None]).squeeze(1).float()
     z_o = logits.gather(1, other[:, None]).squeeze(1).float()
     # -log(e^c / (e^c + e^o)) = log(1 + e^(o - c)) = softplus(o - c), stable for any gap.

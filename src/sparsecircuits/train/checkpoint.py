@@ -12,14 +12,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sparsecircuits.errors import CheckpointError
-from sparsecircuits.fileio import atomic_write_json
+from sparsecircuits.fileio import atomic_dir, atomic_write, atomic_write_json
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.io import load_model, save_model
 
@@ -47,29 +46,21 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write a complete checkpoint for ``state.step`` and prune older ones beyond ``keep``."""
-    root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
+    final = Path(run_dir) / CHECKPOINTS / f"step_{state.step:08d}"
+    with atomic_dir(final) as tmp:
         save_model(model, tmp)
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
-            tmp / OPTIMIZER_FILE,
-        )
+        extra = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+        atomic_write(tmp / OPTIMIZER_FILE, lambda p: torch.save(extra, p))
         atomic_write_json(
             tmp / STATE_FILE,
             {"step": state.step, "tokens": state.tokens, "elapsed_s": state.elapsed_s},
         )
-        if final.exists():  # re-saving the same step (e.g. the final one): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Rename first: a kill mid-delete must not leave a half-deleted "step_*" directory.
+        doomed = old.with_name(f".tmp-del-{old.name}")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
@@ -106,15 +97,27 @@ def load_checkpoint(path: Path, *, model: GPT, optimizer: torch.optim.Optimizer)
 
 
 def remove_stale_temps(run_dir: Path) -> int:
-    """Delete temp directories a killed run left behind mid-checkpoint; returns how many."""
-    root = Path(run_dir) / CHECKPOINTS
-    stale = [p for p in root.glob(".tmp-*") if p.is_dir()] if root.is_dir() else []
+    """Delete temp directories a killed run left behind (a checkpoint or the final model being
+    written, an old checkpoint being deleted); returns how many."""
+    roots = [Path(run_dir), Path(run_dir) / CHECKPOINTS]
+    stale = [p for r in roots if r.is_dir() for p in r.glob(".tmp-*") if p.is_dir()]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return len(stale)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+def restore_latest(
+    run_dir: Path, *, model: GPT, optimizer: torch.optim.Optimizer
+) -> tuple[Path, TrainState] | None:
+    """Restore the newest checkpoint that loads; an unreadable one (e.g. after an OS crash) is
+    skipped with a warning in favour of the one before. None when the run has none."""
+    errors = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            return ckpt, load_checkpoint(ckpt, model=model, optimizer=optimizer)
+        except CheckpointError as err:
+            log.warning("skipping unreadable checkpoint: %s", err)
+            errors.append(str(err))
+    if errors:
+        raise CheckpointError(f"{run_dir}: no readable checkpoint ({errors[0]})")
+    return None

@@ -48,6 +48,21 @@ class OptimConfig(StrictModel):
     warmup_frac: float = 0.01  # linear warmup, then linear decay to 0
     sharkfin: bool = True  # multiply the LR by 1/sqrt(current L0 fraction)
 
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.eps < 0 or self.weight_decay < 0:
+            raise ValueError("eps and weight_decay must be >= 0")
+        if not self.grad_rms > 0:
+            raise ValueError(f"grad_rms must be > 0, got {self.grad_rms}")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        return self
+
 
 class TrainConfig(StrictModel):
     """Everything a training run needs; saved as ``train_config.json`` in the run directory."""
@@ -82,6 +97,15 @@ class TrainConfig(StrictModel):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every % self.log_every:
+            # A resumed run restarts its log window at the checkpoint; aligned windows make its
+            # metrics identical to an uninterrupted run's.
+            raise ValueError(
+                f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every "
+                f"({self.log_every})"
+            )
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         return self
 
     @property
@@ -132,8 +156,18 @@ def preset_config(name: str, **overrides) -> TrainConfig:
     return TrainConfig.from_dict(data, source=f"preset '{name}'")
 
 
-def _merge(base: dict, over: dict) -> dict:
+def _merge(base: dict, over: dict, *, _path: str = "") -> dict:
+    """``over`` merged into ``base`` (nested dicts merge key by key)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     for k, v in over.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+        here = f"{_path}{k}"
+        if isinstance(v, dict):
+            sub = out.get(k, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"'{here}' is a value, not a section with fields")
+            out[k] = _merge(sub, v, _path=f"{here}.")
+        elif isinstance(out.get(k), dict):
+            raise ConfigError(f"'{here}' is a section; set its fields, e.g. {here}.FIELD=VALUE")
+        else:
+            out[k] = v
     return out

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sparsecircuits.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -31,10 +33,19 @@ SINGLE_PROCESS = DistInfo()
 
 
 def resolve_device(spec: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; any torch device string is accepted."""
+    """``auto`` picks CUDA when present, else CPU; ``cpu``, ``cuda``, ``cuda:N`` and other torch
+    device strings are accepted when that device exists here."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"--device '{spec}': not a device (use auto, cpu, cuda or cuda:N)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device '{spec}': CUDA is not available on this machine")
+    return device
 
 
 def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:

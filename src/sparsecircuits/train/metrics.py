@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from sparsecircuits.data import TokenStore
+from sparsecircuits.errors import DataError
 from sparsecircuits.fileio import atomic_write_bytes
 from sparsecircuits.model.gpt import GPT
 
@@ -49,6 +50,8 @@ def evaluate(
     if batch:
         flush()
     model.train(was_training)
+    if count == 0:
+        raise DataError(f"{store.directory}: no validation window of {T + 1} tokens to evaluate")
     return {
         "val_loss": total / max(count, 1),
         "val_tokens": count,

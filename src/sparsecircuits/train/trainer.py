@@ -17,8 +17,8 @@ import torch
 
 from sparsecircuits.data import Tokenizer, TokenStore, build_token_cache, load_corpus
 from sparsecircuits.data import train_tokenizer as fit_tokenizer
-from sparsecircuits.errors import ConfigError
-from sparsecircuits.fileio import atomic_write_json
+from sparsecircuits.errors import CheckpointError, ConfigError, DataError
+from sparsecircuits.fileio import atomic_dir, atomic_write_json, read_json_object
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.io import SPARSITY_FILE, save_model
 from sparsecircuits.model.sparsity import WeightSparsity, sparse_parameter_names
@@ -26,9 +26,8 @@ from sparsecircuits.train import distributed as D
 from sparsecircuits.train.bigram import bigram_log_probs
 from sparsecircuits.train.checkpoint import (
     TrainState,
-    latest_checkpoint,
-    load_checkpoint,
     remove_stale_temps,
+    restore_latest,
     save_checkpoint,
 )
 from sparsecircuits.train.config import OptimConfig, TrainConfig
@@ -42,6 +41,8 @@ CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 TOKENIZER_FILE = "tokenizer.json"
 FINAL_DIR = "model"
+DATA_FILE = "data.json"  # fingerprints of the corpus and tokenizer the run trains on
+RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE, DATA_FILE, FINAL_DIR, "checkpoints")
 
 
 @dataclass(frozen=True)
@@ -96,21 +97,51 @@ class Trainer:
                     f"{saved}: the run was started with a different config; "
                     "resume without changing options"
                 )
-        elif saved.exists() or (self.run_dir / FINAL_DIR).exists():
-            raise ConfigError(
-                f"{self.run_dir}: already holds a run; pass --resume to continue "
-                "it or choose another output directory"
-            )
+        else:
+            # Any artifact of an earlier run would be mixed into this one (old checkpoints
+            # outrank new ones on resume, an old tokenizer would be paired with new weights).
+            leftovers = [n for n in RUN_ARTIFACTS if (self.run_dir / n).exists()]
+            if leftovers:
+                raise ConfigError(
+                    f"{self.run_dir}: already holds a run ({', '.join(leftovers)}); pass "
+                    "--resume to continue it or choose another output directory"
+                )
 
-    def _prepare_data(self) -> tuple[Tokenizer, TokenStore, TokenStore]:
-        """Tokenizer and token caches; rank 0 builds them first so ranks never race."""
+    def _prepare_data(self) -> tuple[Tokenizer, TokenStore, TokenStore, dict[str, Any]]:
+        """Tokenizer, token caches and data fingerprints; rank 0 builds them first so ranks
+        never race. Checks both splits hold a full window and, on resume, that the data is
+        the data the run started with."""
         for turn in ("main", "others"):
             if (turn == "main") == self.dist.is_main:
-                out = self._build_data()
+                tok, train, val, data = self._build_data()
             D.barrier(self.dist)
-        return out
+        window = self.cfg.model.block_size + 1
+        for store in (train, val):
+            if store.num_windows(window) < 1:
+                raise DataError(
+                    f"corpus '{self.cfg.corpus}': the {store.split} split has "
+                    f"{store.num_tokens} tokens, fewer than one window of {window}"
+                )
+        saved = self.run_dir / DATA_FILE
+        if self.resume and saved.exists():
+            before = read_json_object(saved)
+            if before.get("corpus_fingerprint") != data["corpus_fingerprint"]:
+                raise DataError(
+                    f"{saved}: corpus '{self.cfg.corpus}' changed since the run started "
+                    "(different files or contents); resume needs the same data"
+                )
+        return tok, train, val, data
 
-    def _build_data(self) -> tuple[Tokenizer, TokenStore, TokenStore]:
+    def _write_run_files(self, tok: Tokenizer, data: dict[str, Any]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.resume or not (self.run_dir / TOKENIZER_FILE).exists():
+            tok.save(self.run_dir)
+        if not self.resume:
+            atomic_write_json(self.run_dir / CONFIG_FILE, self.cfg.model_dump(mode="json"))
+        if not (self.run_dir / DATA_FILE).exists():
+            atomic_write_json(self.run_dir / DATA_FILE, data)
+
+    def _build_data(self) -> tuple[Tokenizer, TokenStore, TokenStore, dict[str, Any]]:
         corpus = load_corpus(self.cfg.corpus, val_fraction=self.cfg.val_fraction)
         run_tok = self.run_dir / TOKENIZER_FILE
         if self.resume and run_tok.exists():
@@ -131,7 +162,16 @@ class Trainer:
                 tok = fit_tokenizer(corpus.iter_texts("train"), vocab_size=self.cfg.tokenizer_vocab)
                 tok.save(cached.parent)
         train, val = build_token_cache(corpus, tok, cache_dir=self.cache_dir / "tokens")
-        return tok, train, val
+        data = {
+            "corpus": self.cfg.corpus,
+            "corpus_fingerprint": corpus.fingerprint(),
+            "tokenizer_fingerprint": tok.fingerprint(),
+            "train_files": len(corpus.train),
+            "val_files": len(corpus.val),
+            "train_tokens": train.num_tokens,
+            "val_tokens": val.num_tokens,
+        }
+        return tok, train, val, data
 
     def _build_model(self, tok: Tokenizer, train: TokenStore) -> GPT:
         mcfg = self.cfg.model
@@ -149,13 +189,8 @@ class Trainer:
         """Train to ``cfg.steps``; calls ``on_record`` with every metrics record."""
         cfg, dev = self.cfg, self.device
         main = self.dist.is_main
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        tok, train, val = self._prepare_data()
-        if main and not (self.run_dir / TOKENIZER_FILE).exists():
-            tok.save(self.run_dir)
-        if main and not self.resume:
-            atomic_write_json(self.run_dir / CONFIG_FILE, cfg.model_dump(mode="json"))
+        # Everything that can fail on bad input runs before the run directory is written.
+        tok, train, val, data = self._prepare_data()
         model = self._build_model(tok, train)
         sp = cfg.sparsity
         names = sparse_parameter_names(
@@ -166,15 +201,26 @@ class Trainer:
         )
         sparsity = WeightSparsity(model, names, min_per_neuron=sp.min_per_neuron)
         optimizer = build_optimizer(model, cfg.optim)
+        if main:
+            self._write_run_files(tok, data)
         metrics = MetricsLog(self.run_dir / METRICS_FILE, enabled=main)
 
         state = TrainState(step=0, tokens=0)
         if main and remove_stale_temps(self.run_dir):
-            log.info("removed an unfinished checkpoint left by an interrupted run")
-        ckpt = latest_checkpoint(self.run_dir) if self.resume else None
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, model=model, optimizer=optimizer)
-            log.info("resumed from %s (step %d)", ckpt, state.step)
+            log.info("removed unfinished files left by an interrupted run")
+        restored = (
+            restore_latest(self.run_dir, model=model, optimizer=optimizer)
+            if (self.resume)
+            else None
+        )
+        if restored is not None:
+            state = restored[1]
+            log.info("resumed from %s (step %d)", restored[0], state.step)
+        elif self.resume and (self.run_dir / FINAL_DIR).exists():
+            raise CheckpointError(
+                f"{self.run_dir}: the run has a final model but no checkpoint to resume from; "
+                "it is finished (retraining would overwrite it)"
+            )
         metrics.truncate_after(state.step)
 
         local = cfg.batch_size // self.dist.world_size
@@ -245,9 +291,10 @@ class Trainer:
 
         final = self.run_dir / FINAL_DIR
         if main:
-            save_model(model, final)
-            shutil.copyfile(self.run_dir / TOKENIZER_FILE, final / TOKENIZER_FILE)
-            atomic_write_json(final / SPARSITY_FILE, sp.model_dump(mode="json"))
+            with atomic_dir(final) as tmp:
+                save_model(model, tmp)
+                shutil.copyfile(self.run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+                atomic_write_json(tmp / SPARSITY_FILE, sp.model_dump(mode="json"))
             if math.isnan(val_loss):  # resumed after the last step: report the saved result
                 val_loss = _last_val_loss(metrics)
         D.barrier(self.dist)
