@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import tempfile
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from sparsecircuits.data import Tokenizer, TokenStore, build_token_cache, load_corpus
-from sparsecircuits.fileio import atomic_write_bytes, atomic_write_json
+from sparsecircuits.fileio import atomic_dir, atomic_write_bytes, atomic_write_json
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.io import SPARSITY_FILE, load_model, read_sparsity, save_model
 from sparsecircuits.model.summary import model_summary
@@ -67,9 +66,7 @@ def export_run(
     tok = Tokenizer.load(run_dir / "model")
     sparsity = read_sparsity(run_dir / "model")
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         save_model(model, tmp, compact=True, fp16=fp16)
         tok.save(tmp)
         if (run_dir / "model" / SPARSITY_FILE).exists():
@@ -126,12 +123,6 @@ def export_run(
         }
         atomic_write_json(tmp / "card.json", card)
         atomic_write_bytes(tmp / "README.md", render_card(card).encode())
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return card
 
 
