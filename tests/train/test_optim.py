@@ -78,3 +78,31 @@ def test_metrics_truncation_drops_later_steps_and_partial_lines(tmp_path):
         f.write('{"step": 4, "train_lo')  # cut short by a kill
     log.truncate_after(2)
     assert [r["step"] for r in log.read()] == [1, 2]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_step_runs_in_each_precision(precision):
+    from sparsecircuits.model import GPT, GPTConfig, WeightSparsity, sparse_parameter_names
+    from sparsecircuits.train.trainer import train_step
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, d_model=32, n_head=2, d_head=16, block_size=16, vocab_size=64))
+    opt = build_optimizer(model, OptimConfig())
+    ws = WeightSparsity(model, sparse_parameter_names(model))
+    xy = torch.randint(0, 64, (4, 17))
+    before = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+    loss, rms = train_step(
+        model,
+        opt,
+        ws,
+        xy[:, :-1],
+        xy[:, 1:],
+        lr=1e-3,
+        frac=0.5,
+        optim=OptimConfig(),
+        precision=precision,
+    )
+    assert math.isfinite(loss) and rms > 0
+    w = model.transformer.h[0].mlp.c_fc.weight
+    assert w.dtype == torch.float32 and not torch.equal(w, before)
+    assert int((w != 0).sum()) == w.numel() // 2  # projected to half after the step

@@ -83,6 +83,10 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
+    # Matmul precision: "fp32" everywhere (CPU default; bit-reproducible); "tf32" lets CUDA
+    # matmuls use TF32; "bf16" autocasts the forward to bfloat16 (CUDA; slow on most CPUs).
+    # The loss is always computed in fp32.
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -138,6 +142,7 @@ _PAPER = dict(
     model=dict(n_layer=8, d_model=2048, n_head=128, d_head=16, block_size=256),
     sparsity=dict(target_l0=1 / 1000),
     optim=dict(lr=1.28e-2),
+    precision="bf16",
     batch_size=64,
     steps=100_000,
     eval_every=1000,

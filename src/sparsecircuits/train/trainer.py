@@ -3,6 +3,7 @@ checkpoints, exact resume, JSONL metrics and torchrun data parallelism."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -79,6 +80,9 @@ class Trainer:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.resume = resume
         self.dist, self.device = D.init_distributed(D.resolve_device(device))
+        if cfg.precision == "tf32" and self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         if cfg.batch_size % self.dist.world_size:
             raise ConfigError(
                 f"batch_size {cfg.batch_size} is not divisible by the "
@@ -244,6 +248,7 @@ class Trainer:
                 frac=frac,
                 optim=cfg.optim,
                 dist=self.dist,
+                precision=cfg.precision,
             )
             loss_val = self._global_mean(loss)
             state = TrainState(
@@ -336,13 +341,15 @@ def train_step(
     frac: float,
     optim: OptimConfig,
     dist: D.DistInfo = D.SINGLE_PROCESS,
+    precision: str = "fp32",
 ) -> tuple[float, float]:
     """One optimizer step on (x, y) (B, T): forward/backward, gradient averaging over ranks,
     RMS control, AdamW at ``lr``, then the top-k projection at L0 fraction ``frac``.
     Returns (this rank's loss in nats/token, gradient RMS before rescaling)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    _, loss = model(x, y)
+    with autocast_context(precision, x.device):
+        _, loss = model(x, y)  # the loss itself is computed in fp32 (see GPT.forward)
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     D.average_gradients_(params, dist)
@@ -351,6 +358,13 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     sparsity.project_(frac)
     return float(loss.detach()), grad_rms
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast for ``precision == "bf16"``; otherwise a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _last_val_loss(metrics: MetricsLog) -> float:
