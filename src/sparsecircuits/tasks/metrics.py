@@ -1,8 +1,9 @@
 """Task loss and accuracy: two-token softmax cross-entropy at each prompt's final position.
 
 Units: losses are in nats **per prompt**, averaged over both prompts of each pair and over pairs.
-The paper's stored task losses (and its 0.15 target) are the *sum* over the two prompts of a pair,
-i.e. **2x the numbers computed here**; its viz code says so ("off by a factor of 2").
+The losses stored in the paper's released viz data are the *sum* over the two prompts of a pair,
+i.e. **2x the numbers computed here** (its viz code says so: "off by a factor of 2"); the numbers
+the paper reports, including the 0.15 pruning target, are per-prompt means like ours.
 """
 
 from __future__ import annotations
