@@ -140,8 +140,10 @@ class GPT(nn.Module):
                 f"sequence of {n_tok} tokens is longer than the model's context "
                 f"(block_size {self.config.block_size})"
             )
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
-            raise InputError(f"token ids must be in [0, {self.config.vocab_size})")
+        if idx.numel():
+            lo, hi = torch.aminmax(idx)  # one device sync instead of two
+            if int(lo) < 0 or int(hi) >= self.config.vocab_size:
+                raise InputError(f"token ids must be in [0, {self.config.vocab_size})")
         x = self.transformer.wte(idx)
         if self.config.learned_pos_emb:
             x = x + self.transformer.wpe.weight[:n_tok]
