@@ -70,7 +70,7 @@ def train(
     cache_dir: Annotated[Path | None, typer.Option(help="tokenizer/token cache")] = None,
 ) -> None:
     """Train a weight-sparse GPT (works under torchrun for data parallelism)."""
-    from sparsecircuits.train.config import TrainConfig, _merge, preset_config
+    from sparsecircuits.train.config import TrainConfig, merge_overrides, preset_config
     from sparsecircuits.train.trainer import Trainer, read_run_config
 
     overrides = _parse_overrides(set_)
@@ -83,7 +83,7 @@ def train(
             raise SparseCircuitsError("--resume continues the saved config; drop other options")
     elif config is not None:
         base = TrainConfig.from_json_file(config).model_dump(mode="json")
-        cfg = TrainConfig.from_dict(_merge(base, overrides), source=str(config))
+        cfg = TrainConfig.from_dict(merge_overrides(base, overrides), source=str(config))
     else:
         cfg = preset_config(preset, **overrides)
     trainer = Trainer(cfg, run_dir=out, device=device, cache_dir=cache_dir, resume=resume)

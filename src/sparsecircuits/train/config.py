@@ -157,11 +157,11 @@ def preset_config(name: str, **overrides) -> TrainConfig:
     """The named preset with top-level ``overrides`` (nested dicts are merged)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
-    data = _merge(PRESETS[name], overrides)
+    data = merge_overrides(PRESETS[name], overrides)
     return TrainConfig.from_dict(data, source=f"preset '{name}'")
 
 
-def _merge(base: dict, over: dict, *, _path: str = "") -> dict:
+def merge_overrides(base: dict, over: dict, *, _path: str = "") -> dict:
     """``over`` merged into ``base`` (nested dicts merge key by key)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     for k, v in over.items():
@@ -170,7 +170,7 @@ def _merge(base: dict, over: dict, *, _path: str = "") -> dict:
             sub = out.get(k, {})
             if not isinstance(sub, dict):
                 raise ConfigError(f"'{here}' is a value, not a section with fields")
-            out[k] = _merge(sub, v, _path=f"{here}.")
+            out[k] = merge_overrides(sub, v, _path=f"{here}.")
         elif isinstance(out.get(k), dict):
             raise ConfigError(f"'{here}' is a section; set its fields, e.g. {here}.FIELD=VALUE")
         else:
