@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from sparsecircuits._alloc import tune_allocator
+from sparsecircuits.cli_circuits import register as _register_circuits
 from sparsecircuits.errors import SparseCircuitsError
 
 app = typer.Typer(
@@ -291,6 +292,9 @@ def export(
         f"exported {name} to {target}: validation loss {card['val_loss']:.4f} nats/token, "
         f"{card['storage']['bytes'] / 1e6:.1f} MB"
     )
+
+
+_register_circuits(app)
 
 
 def main() -> None:

@@ -50,6 +50,35 @@ def train_progress(*, total: int, enabled: bool = True) -> Iterator[Callable[[di
         yield update
 
 
+@contextlib.contextmanager
+def prune_progress(task: str, *, total: int) -> Iterator[Callable[[int, dict], None]]:
+    """A progress bar for mask training (task loss and active nodes); silent when piped."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda step, rec: None
+        return
+    progress = Progress(
+        TextColumn(f"[bold]prune {task}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("task loss {task.fields[loss]}  active nodes {task.fields[active]}"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    with progress:
+        bar = progress.add_task("prune", total=total, loss="-", active="-")
+
+        def update(step: int, rec: dict) -> None:
+            progress.update(
+                bar,
+                advance=1,
+                loss=f"{rec['task_loss']:.3f}",
+                active=f"{rec['n_active']:,.0f}",
+            )
+
+        yield update
+
+
 def _log_line(console: Console, rec: dict[str, Any], total: int) -> None:
     console.print(
         f"step {rec['step']}/{total}  tokens {rec['tokens']:,}  train {rec['train_loss']:.4f}  "

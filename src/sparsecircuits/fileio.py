@@ -12,6 +12,12 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_root() -> Path:
+    """Where derived data is cached (token shards, tokenizers, ablation means):
+    ``$SPARSECIRCUITS_CACHE`` or ``~/.cache/sparsecircuits``."""
+    return Path(os.environ.get("SPARSECIRCUITS_CACHE", Path.home() / ".cache" / "sparsecircuits"))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, fsync, then rename the temp file onto ``path`` (same dir)."""
     path = Path(path)

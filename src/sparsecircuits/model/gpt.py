@@ -173,6 +173,19 @@ class GPT(nn.Module):
             x = block.forward_mlp(x, bhk) if (mid and i == layer) else block(x, bhk)
         return self.unembed(x, idx, hk)
 
+    def forward_last(
+        self, idx: torch.Tensor, lengths: torch.Tensor, *, hooks: Hooks | None = None
+    ) -> torch.Tensor:
+        """Logits at each row's last real position only: idx (N, T) right-padded, lengths (N,)
+        -> (N, vocab). Skips the vocabulary projection of every other position (task prompts)."""
+        hk = hooks or NO_HOOKS
+        x = self.embed(idx)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, hk.scoped(str(i)))
+        rows = torch.arange(idx.shape[0], device=idx.device)
+        last = lengths.to(idx.device) - 1
+        return self.unembed(x[rows, last][:, None], idx[rows, last][:, None], hk)[:, 0]
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, hooks: Hooks | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

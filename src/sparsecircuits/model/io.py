@@ -3,6 +3,8 @@ official directories (``beeg_config.json`` + ``final_model.pt``)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Collection
 from pathlib import Path
@@ -101,6 +103,20 @@ def save_model(
         directory / CONFIG_FILE,
         {"format": FORMAT, "format_version": FORMAT_VERSION, **model.config.to_json_dict()},
     )
+
+
+def weights_hash(model: GPT) -> str:
+    """sha256 of the config and every tensor (name, dtype, shape, bytes), in name order.
+
+    Computed from the model in memory, so a compact (indices + values) and a dense copy of the
+    same weights hash alike. Circuits store it and refuse to load against different weights.
+    """
+    h = hashlib.sha256(json.dumps(model.config.to_json_dict(), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def read_sparsity(directory: str | Path) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ import torch
 from sparsecircuits.data import Tokenizer, TokenStore, build_token_cache, load_corpus
 from sparsecircuits.data import train_tokenizer as fit_tokenizer
 from sparsecircuits.errors import CheckpointError, ConfigError, DataError
-from sparsecircuits.fileio import atomic_dir, atomic_write_json, read_json_object
+from sparsecircuits.fileio import atomic_dir, atomic_write_json, cache_root, read_json_object
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.io import SPARSITY_FILE, save_model
 from sparsecircuits.model.sparsity import WeightSparsity, sparse_parameter_names
@@ -58,9 +58,7 @@ class TrainResult:
 
 
 def default_cache_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("SPARSECIRCUITS_CACHE", Path.home() / ".cache" / "sparsecircuits"))
+    return cache_root()
 
 
 class Trainer:

@@ -1,0 +1,140 @@
+"""Circuit commands: ``sparsecircuits prune | validate | compare`` (registered on the main app)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from sparsecircuits.errors import InputError
+
+Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda, ...")]
+DEFAULT_MODEL = "stdlib-sparse"
+
+
+def model_label(spec: str) -> str:
+    """A short directory-safe name for a model spec (shipped name, or the directory's name)."""
+    p = Path(spec)
+    name = p.parent.name if p.name == "model" else p.name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {item!r}: expected KEY=VALUE (a PruneConfig field)")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def prune_config(options: dict[str, Any], sets: list[str]) -> Any:
+    """A validated PruneConfig from CLI options (None = default) and ``--set`` overrides."""
+    from sparsecircuits.circuits.prune import PruneConfig
+
+    given = {k: v for k, v in options.items() if v is not None}
+    return PruneConfig.from_dict({**given, **_overrides(sets)}, source="prune options")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the circuit commands to ``app``."""
+
+    @app.command("prune")
+    def prune_cmd(
+        task: Annotated[list[str], typer.Option("--task", help="task name(s)")] = [],  # noqa: B006
+        all_tasks: Annotated[bool, typer.Option("--all-tasks", help="every task")] = False,
+        model: Annotated[str, typer.Option(help="model dir, run or shipped name")] = DEFAULT_MODEL,
+        out: Annotated[Path | None, typer.Option(help="output dir (one task only)")] = None,
+        runs_dir: Annotated[Path, typer.Option(help="root of default outputs")] = Path("runs"),
+        target: Annotated[float | None, typer.Option(help="target loss per prompt")] = None,
+        steps: Annotated[int | None, typer.Option(help="mask-training steps")] = None,
+        k_coef: Annotated[float | None, typer.Option(help="penalty per active node")] = None,
+        lr: Annotated[float | None, typer.Option()] = None,
+        ablation: Annotated[str | None, typer.Option(help="mean | zero | task_mean")] = None,
+        calibrate: Annotated[bool | None, typer.Option("--calibrate/--no-calibrate")] = None,
+        frozen_norms: Annotated[bool | None, typer.Option("--frozen-norms/--live-norms")] = None,
+        mask_embed: Annotated[bool | None, typer.Option("--mask-embed/--no-mask-embed")] = None,
+        seed: Annotated[int | None, typer.Option()] = None,
+        search: Annotated[int, typer.Option(help="random-search trials (1 = none)")] = 1,
+        budget: Annotated[float, typer.Option(help="search time budget, seconds")] = math.inf,
+        set_: Annotated[list[str], typer.Option("--set", help="KEY=VALUE PruneConfig field")] = [],  # noqa: B006
+        device: Device = "auto",
+    ) -> None:
+        """Find the smallest circuit for a task (writes circuit.json + masks.safetensors)."""
+        from sparsecircuits import tasks as task_registry
+        from sparsecircuits.circuits.pipeline import find_circuit, load_for_circuits
+        from sparsecircuits.circuits.report import save_prune_outputs
+        from sparsecircuits.console import prune_progress
+        from sparsecircuits.train.distributed import resolve_device
+
+        names = task_registry.names(include_controls=False) if all_tasks else list(task)
+        if not names:
+            raise InputError("give --task NAME (repeatable) or --all-tasks")
+        for n in names:
+            task_registry.get(n)  # unknown names fail before any work
+        if out is not None and len(names) > 1:
+            raise InputError("--out takes one task; with several, outputs go under --runs-dir")
+        cfg = prune_config(
+            dict(
+                target_loss=target,
+                steps=steps,
+                k_coef=k_coef,
+                lr=lr,
+                ablation=ablation,
+                calibrate=calibrate,
+                frozen_norms=frozen_norms,
+                mask_embed=mask_embed,
+                seed=seed,
+            ),
+            set_,
+        )
+        lm = load_for_circuits(model, device=resolve_device(device))
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        for name in names:
+            dest = out or runs_dir / model_label(model) / name / stamp
+            with prune_progress(name, total=cfg.steps * search) as on_step:
+                doc, result, trials = find_circuit(
+                    lm, name, cfg, trials=search, budget_s=budget, on_step=on_step
+                )
+            save_prune_outputs(dest, doc, result, trials)
+            verdict = "reached" if doc.reached else "MISSED"
+            typer.echo(
+                f"{name}: {doc.n_nodes} nodes, {doc.n_edges} edges ({doc.n_weight_edges} weights)"
+                f"; loss full {doc.loss.full:.3f} circuit {doc.loss.circuit:.3f} "
+                f"test {doc.loss.circuit_test:.3f} (target {doc.target_loss} {verdict}; per-prompt "
+                f"means) in {result.seconds:.1f} s -> {dest}"
+            )
+
+    @app.command("compare")
+    def compare_cmd(
+        sparse: Annotated[str, typer.Option(help="weight-sparse model")] = DEFAULT_MODEL,
+        dense: Annotated[str, typer.Option(help="dense baseline")] = "stdlib-dense",
+        task: Annotated[list[str], typer.Option("--task", help="tasks (default: all)")] = [],  # noqa: B006
+        target: Annotated[float | None, typer.Option(help="target loss per prompt")] = None,
+        steps: Annotated[int | None, typer.Option()] = None,
+        set_: Annotated[list[str], typer.Option("--set", help="KEY=VALUE PruneConfig field")] = [],  # noqa: B006
+        out: Annotated[Path | None, typer.Option(help="compare.json + circuits here")] = None,
+        json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+        device: Device = "auto",
+    ) -> None:
+        """Prune every task on both models at the same target; edges and geometric-mean ratio."""
+        from sparsecircuits import tasks as task_registry
+        from sparsecircuits.circuits.compare import compare_models, print_comparison
+        from sparsecircuits.train.distributed import resolve_device
+
+        names = list(task) or task_registry.names(include_controls=False)
+        cfg = prune_config(dict(target_loss=target, steps=steps), set_)
+        result = compare_models(sparse, dense, names, cfg, device=resolve_device(device), out=out)
+        if json_out:
+            typer.echo(json.dumps(result, indent=2))
+        else:
+            print_comparison(result)
