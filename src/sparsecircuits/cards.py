@@ -20,7 +20,13 @@ import torch
 from sparsecircuits.data import Tokenizer, TokenStore, build_token_cache, load_corpus
 from sparsecircuits.fileio import atomic_dir, atomic_write_bytes, atomic_write_json
 from sparsecircuits.model.gpt import GPT
-from sparsecircuits.model.io import SPARSITY_FILE, load_model, read_sparsity, save_model
+from sparsecircuits.model.io import (
+    SPARSITY_FILE,
+    load_model,
+    read_sparsity,
+    save_model,
+    weights_hash,
+)
 from sparsecircuits.model.summary import model_summary
 from sparsecircuits.train.metrics import MetricsLog, evaluate
 from sparsecircuits.train.trainer import (
@@ -58,6 +64,7 @@ def export_run(
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Write the shipped model ``dest`` from training run ``run_dir``; returns the card dict."""
+    from sparsecircuits.circuits.means import MEANS_FILE, load_or_compute_means, save_means
     from sparsecircuits.tasks import evaluate_tasks  # tasks sit above model/train
 
     run_dir, dest = Path(run_dir), Path(dest)
@@ -82,6 +89,10 @@ def export_run(
         ev = evaluate(shipped, val, windows=windows, batch_size=16, device=torch.device("cpu"))
         diff = _max_logit_diff(model, shipped, val)
         tasks = evaluate_tasks(shipped, tok, n_pairs=n_pairs, seed=0)
+        # Pretraining means for mean ablation ship with the model, so pruning starts at once.
+        h = weights_hash(shipped)
+        means = load_or_compute_means(shipped, tok, model_hash=h, corpus=cfg.corpus)
+        save_means(means, tmp / MEANS_FILE, model_hash=h)
         records = MetricsLog(run_dir / METRICS_FILE).read()
         last = records[-1] if records else {}
         card = {

@@ -114,6 +114,42 @@ def register(app: typer.Typer) -> None:
                 f"means) in {result.seconds:.1f} s -> {dest}"
             )
 
+    @app.command("validate")
+    def validate_cmd(
+        circuit: Annotated[Path, typer.Argument(help="circuit.json or the directory holding it")],
+        model: Annotated[str | None, typer.Option(help="default: the model in the file")] = None,
+        out: Annotated[Path | None, typer.Option(help="report dir (default: circuit's)")] = None,
+        seeds: Annotated[
+            int | None, typer.Option(help="pruning seeds incl. the circuit's (5; 2 with --quick)")
+        ] = None,
+        quick: Annotated[
+            bool, typer.Option("--quick", help="fewer random sets, seeds and steps (smoke test)")
+        ] = False,
+        check: Annotated[list[str], typer.Option("--check", help="run only these checks")] = [],  # noqa: B006
+        device: Device = "auto",
+    ) -> None:
+        """Faithfulness checks of a circuit (writes report.json + report.md; exits 0 even when
+        checks fail)."""
+        from sparsecircuits.circuits.verify import CHECKS, VerifyOptions
+        from sparsecircuits.circuits.verify_report import print_report, validate
+        from sparsecircuits.train.distributed import resolve_device
+
+        if quick:
+            options = VerifyOptions.quick_mode(seeds=seeds if seeds is not None else 2)
+        else:
+            options = VerifyOptions(seeds=seeds if seeds is not None else 5)
+        report = validate(
+            circuit,
+            model=model,
+            out=out,
+            options=options,
+            checks=list(check) or CHECKS,
+            device=resolve_device(device),
+        )
+        print_report(report)
+        dest = Path(out) if out is not None else Path(report["circuit"]).parent
+        typer.echo(f"report written to {dest / 'report.json'} and {dest / 'report.md'}")
+
     @app.command("compare")
     def compare_cmd(
         sparse: Annotated[str, typer.Option(help="weight-sparse model")] = DEFAULT_MODEL,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from sparsecircuits.circuits.masking import Ablation
 from sparsecircuits.circuits.nodes import SITE, Location, NodeSpace
@@ -105,9 +105,14 @@ def load_or_compute_means(
     for path in candidates:
         if path.exists():
             try:
-                values = load_file(str(path))
+                with safe_open(str(path), framework="pt") as f:
+                    made_for = (f.metadata() or {}).get("weights_hash")
+                    values = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
             except (SafetensorError, OSError) as err:
                 log.warning("ignoring unreadable means file %s (%s)", path, err)
+                continue
+            if made_for != model_hash:  # stale: written for other weights
+                log.warning("ignoring %s: computed for other weights", path)
                 continue
             try:
                 Ablation("mean", values).check(space)
@@ -118,9 +123,14 @@ def load_or_compute_means(
         tokenizer, corpus=corpus, n_windows=n_windows, length=model.config.block_size
     )
     values = activation_means(model, windows, space=space)
-    atomic_write(cache, lambda tmp: save_file(values, tmp))
+    save_means(values, cache, model_hash=model_hash)
     log.info("cached pretraining means at %s", cache)
     return values
+
+
+def save_means(values: dict[str, torch.Tensor], path: Path, *, model_hash: str) -> None:
+    """Write means with the weights hash they belong to (checked when read back)."""
+    atomic_write(path, lambda tmp: save_file(values, tmp, metadata={"weights_hash": model_hash}))
 
 
 def zero_values(space: NodeSpace) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sparsecircuits import tasks
-from sparsecircuits.circuits.edges import WEIGHT_KINDS, circuit_edges, count_by_kind
+from sparsecircuits.circuits.edges import WEIGHT_KINDS, edge_set
 from sparsecircuits.circuits.masking import Ablation
 from sparsecircuits.circuits.means import activation_means, load_or_compute_means, zero_values
 from sparsecircuits.circuits.nodes import LAYER_LOCATIONS, NodeSpace
@@ -26,6 +26,7 @@ from sparsecircuits.circuits.prune import (
     prune,
 )
 from sparsecircuits.circuits.schema import (
+    EDGES_FILE,
     CircuitDoc,
     LayerDelta,
     Losses,
@@ -43,7 +44,9 @@ from sparsecircuits.tasks.metrics import pad_prompts
 
 log = logging.getLogger(__name__)
 
+PROBE_PAIRS = 16  # pairs used for per-node / per-layer ablation deltas
 MAX_EXACT_DELTAS = 64  # larger circuits get linear (gradient) per-node deltas
+EDGES_INLINE = 50_000  # more edges (dense-model circuits) go to edges.safetensors
 
 
 @dataclass
@@ -86,6 +89,7 @@ class TaskData:
     train: PromptSet  # minibatches for mask training
     judge: PromptSet  # the same pairs packed by length, for bisection and reporting
     test: PromptSet  # held-out templates
+    probe: PromptSet  # the first PROBE_PAIRS train pairs: per-node and per-layer deltas
 
 
 def task_data(lm: LoadedModel, task: str, cfg: PruneConfig) -> TaskData:
@@ -99,6 +103,7 @@ def task_data(lm: LoadedModel, task: str, cfg: PruneConfig) -> TaskData:
         PromptSet(tb, chunk_size=2 * cfg.batch_pairs, shuffle_seed=cfg.seed, device=dev),
         PromptSet(tb, chunk_size=32, device=dev),
         PromptSet(hb, chunk_size=32, device=dev),
+        PromptSet(tb.head(PROBE_PAIRS), chunk_size=32, device=dev),
     )
 
 
@@ -146,10 +151,6 @@ def layer_deltas(
     return out
 
 
-def _accuracy(ev: CircuitEvaluator, prompts: PromptSet, gates: torch.Tensor) -> float:
-    return float((ev.diffs(prompts, gates) > 0).float().mean())
-
-
 def find_circuit(
     lm: LoadedModel,
     task: str,
@@ -188,20 +189,36 @@ def describe(
     data: TaskData,
     result: PruneResult,
 ) -> CircuitDoc:
-    """Measure a pruning result (test loss, deltas, edges) into a circuit document."""
+    """Measure a pruning result (test loss, deltas, edges) into a circuit document.
+
+    Circuit losses use the calibration found by pruning (if any); per-node and per-layer
+    deltas are measured on ``data.probe`` (a subset of the train pairs) to stay cheap."""
     space, model = ev.space, lm.model
     kept = result.kept
     gates, ones = gates_for(space, kept), torch.ones(space.total)
-    circuit_test = ev.loss(data.test, gates)[0]
-    full_test = ev.loss(data.test, ones)[0]
-    deltas, method = node_deltas(ev, data.judge, kept, result.loss_circuit)
+    a, b = result.calibration or (1.0, 0.0)
+
+    def stats(prompts: PromptSet, g: torch.Tensor, *, cal: bool) -> tuple[float, float]:
+        d = ev.diffs(prompts, g)
+        if cal:
+            d = a * d + b * prompts.signs.cpu()
+        return float(torch.nn.functional.softplus(-d).mean()), float((d > 0).float().mean())
+
+    full_train = stats(data.judge, ones, cal=False)
+    circ_train = stats(data.judge, gates, cal=True)
+    full_test = stats(data.test, ones, cal=False)
+    circ_test = stats(data.test, gates, cal=True)
+    probe_base = ev.loss(data.probe, gates)[0]
+    deltas, method = node_deltas(ev, data.probe, kept, probe_base)
     tau = result.tau
     nodes = [
         node_record(space.node(i), d_head=model.config.d_head, tau=float(tau[i]), delta=d)
         for i, d in zip(kept.tolist(), deltas, strict=True)
     ]
-    edges = circuit_edges(model, space, kept)
-    by_kind = count_by_kind(edges)
+    edges = edge_set(model, space, kept)
+    result.edges = edges  # a large set is written beside circuit.json (report.py)
+    inline = len(edges) <= EDGES_INLINE
+    by_kind = edges.count_by_kind()
     by_loc: dict[str, int] = {}
     for n in nodes:
         by_loc[n.loc.value] = by_loc.get(n.loc.value, 0) + 1
@@ -240,21 +257,22 @@ def describe(
         n_nodes_by_location=by_loc,
         n_edges_by_kind=by_kind,
         loss=Losses(
-            full=result.loss_full,
-            circuit=result.loss_circuit,
-            circuit_test=circuit_test,
-            full_test=full_test,
+            full=full_train[0],
+            circuit=circ_train[0],
+            circuit_test=circ_test[0],
+            full_test=full_test[0],
         ),
         accuracy={
-            "full": _accuracy(ev, data.judge, ones),
-            "circuit": _accuracy(ev, data.judge, gates),
-            "full_test": _accuracy(ev, data.test, ones),
-            "circuit_test": _accuracy(ev, data.test, gates),
+            "full": full_train[1],
+            "circuit": circ_train[1],
+            "full_test": full_test[1],
+            "circuit_test": circ_test[1],
         },
         delta_method=method,
         nodes=nodes,
-        edges=[edge_record(e) for e in edges],
-        layer_deltas=layer_deltas(ev, data.judge, kept, result.loss_circuit),
+        edges=[edge_record(e) for e in edges.edges(space)] if inline else [],
+        edges_file=None if inline else EDGES_FILE,
+        layer_deltas=layer_deltas(ev, data.probe, kept, probe_base),
         pruning_curve=result.curve,
         k_curve=[{"k": float(k), "loss": v} for k, v in result.k_curve],
         seconds=result.seconds,

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -80,6 +80,7 @@ class PruneResult:
     curve: list[dict[str, float]] = field(default_factory=list)  # per step
     k_curve: list[tuple[int, float]] = field(default_factory=list)  # (k, loss), sorted by k
     seconds: float = 0.0
+    edges: Any = None  # the EdgeSet, once described (pipeline.describe)
 
     @property
     def kept(self) -> torch.Tensor:

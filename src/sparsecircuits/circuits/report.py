@@ -38,4 +38,9 @@ def save_prune_outputs(
             ]
         },
     )
+    if doc.edges_file is not None and result.edges is not None:
+        e = result.edges
+        arrays = {"src": e.src, "dst": e.dst, "kind": e.kind, "weight": e.weight}
+        arrays = {k: v.contiguous() for k, v in arrays.items()}
+        atomic_write(directory / doc.edges_file, lambda tmp: save_file(arrays, tmp))
     return save_circuit(doc, directory)

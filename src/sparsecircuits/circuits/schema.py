@@ -25,6 +25,7 @@ from sparsecircuits.model.io import weights_hash
 SCHEMA = "sparsecircuits.circuit"
 VERSION = 1
 CIRCUIT_FILE = "circuit.json"
+EDGES_FILE = "edges.safetensors"  # src, dst (flat node indices), kind (index into KINDS), weight
 
 
 class _Doc(BaseModel):
@@ -100,7 +101,8 @@ class CircuitDoc(_Doc):
     accuracy: dict[str, float]
     delta_method: Literal["exact", "linear"]
     nodes: list[NodeRec]
-    edges: list[EdgeRec]
+    edges: list[EdgeRec]  # empty when edges_file is set (more than 50,000 edges)
+    edges_file: str | None = None  # edges.safetensors beside circuit.json (flat node ids)
     layer_deltas: list[LayerDelta]
     pruning_curve: list[dict[str, float]]
     k_curve: list[dict[str, float]]

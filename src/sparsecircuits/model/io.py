@@ -110,10 +110,14 @@ def weights_hash(model: GPT) -> str:
 
     Computed from the model in memory, so a compact (indices + values) and a dense copy of the
     same weights hash alike. Circuits store it and refuse to load against different weights.
+    Signed zeros are hashed as +0.0: masking weights by multiplication leaves -0.0 entries, which
+    the compact format (nonzeros only) restores as +0.0.
     """
     h = hashlib.sha256(json.dumps(model.config.to_json_dict(), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().to("cpu").contiguous()
+        if t.is_floating_point():
+            t = t + 0.0  # -0.0 + 0.0 == +0.0; every other value (NaN aside) is unchanged
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -61,6 +61,14 @@ class TaskBatch:
         """Number of pairs (the batch holds 2n prompts)."""
         return len(self.prompts_a)
 
+    def head(self, n: int) -> TaskBatch:
+        """The first ``n`` pairs (all of them if there are fewer)."""
+        fields = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            fields[name] = value[:n] if isinstance(value, list | torch.Tensor) else value
+        return replace(self, **fields)
+
     @property
     def max_prompt_len(self) -> int:
         """Longest prompt in tokens."""
