@@ -30,7 +30,8 @@ def compare_models(
     """Prune each task on both models with ``cfg``. ``ratio`` per task = dense weight edges /
     sparse weight edges; ``geomean_ratio`` is over tasks where both circuits reach the target
     (edges = nonzero weights between kept nodes, the paper's count; residual links are
-    reported separately in ``geomean_ratio_all_edges``)."""
+    reported separately in ``geomean_ratio_all_edges``). A count of 0 is taken as 1 so that
+    every ratio and its logarithm stay defined."""
     models = {"sparse": load_for_circuits(sparse, device=device)}
     models["dense"] = load_for_circuits(dense, device=device)
     rows: dict[str, dict[str, Any]] = {}
@@ -52,7 +53,7 @@ def compare_models(
             log.info("%s on %s: %d weight edges", task, kind, doc.n_weight_edges)
         both = row["sparse"]["reached"] and row["dense"]["reached"]
         row["ratio"] = (
-            row["dense"]["n_weight_edges"] / max(1, row["sparse"]["n_weight_edges"])
+            max(1, row["dense"]["n_weight_edges"]) / max(1, row["sparse"]["n_weight_edges"])
             if both
             else None
         )
@@ -69,7 +70,7 @@ def compare_models(
         "geomean_ratio_all_edges": (
             geometric_mean(
                 [
-                    rows[t]["dense"]["n_edges"] / max(1, rows[t]["sparse"]["n_edges"])
+                    max(1, rows[t]["dense"]["n_edges"]) / max(1, rows[t]["sparse"]["n_edges"])
                     for t in compared
                 ]
             )
