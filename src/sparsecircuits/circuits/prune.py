@@ -43,7 +43,11 @@ class PruneConfig(StrictModel):
     comment says otherwise (measured on stdlib-sparse to fit a 60 s CPU budget)."""
 
     target_loss: float = Field(0.15, gt=0)  # nats per prompt (the paper's 0.15)
-    k_coef: float = Field(1e-4, ge=0)  # penalty per active node
+    k_coef: float = Field(3e-3, ge=0)  # per active node (paper 1e-4 on ~100x larger models)
+    # Ramp the penalty up linearly over this fraction of the steps. Adam moves every tau by
+    # about lr per step, so with the full penalty from step 0 all unimportant nodes cross zero
+    # together and a strong penalty can collapse the circuit before importance shows.
+    penalty_warmup_frac: float = Field(0.0, ge=0, le=1)
     lr: float = Field(1e-2, gt=0)  # paper 3e-3 over far more steps; 1e-2 fits 200 steps
     weight_decay: float = Field(1e-3, ge=0)
     beta2: float = Field(0.95, gt=0, lt=1)
@@ -51,7 +55,7 @@ class PruneConfig(StrictModel):
     heaviside_temp: float = Field(1.0, gt=0)
     init_noise_bias: float = 0.1
     init_noise_scale: float = Field(0.01, ge=0)
-    steps: int = Field(200, ge=1)
+    steps: int = Field(80, ge=1)
     n_train_pairs: int = Field(64, ge=1)  # the fixed training set
     batch_pairs: int = Field(16, ge=1)  # pairs per optimiser step (paper 64; 16 fits 60 s)
     n_test_pairs: int = Field(64, ge=1)  # held-out templates for circuit_test
@@ -191,7 +195,8 @@ def train_masks(
             chunk = PromptSet.of(train.chunks[step % len(train.chunks)])
             task = chunk.loss(evaluator.logits_fn(gates, skip_full=False))
             n_active = gates.sum()
-            loss = task + cfg.k_coef * n_active
+            k_coef = cfg.k_coef * min(1.0, (step + 1) / max(1, cfg.penalty_warmup_frac * cfg.steps))
+            loss = task + k_coef * n_active
             opt.zero_grad(set_to_none=True)
             loss.backward()
             with torch.no_grad():
@@ -254,43 +259,46 @@ def prune(
     space = evaluator.space
     loss_full, _ = evaluator.loss(judge, torch.ones(space.total))
     tau, curve = train_masks(evaluator, train, cfg, on_step=on_step)
+    trained = time.perf_counter()
     # Stable descending order: ties (e.g. all clamped at -1) keep forward order.
     order = torch.sort(-tau, stable=True).indices
     n_on = int((tau >= 0).sum())
     calibrations: dict[int, tuple] = {}
+    seen: dict[int, float] = {}
 
     def loss_at(k: int) -> float:
-        loss, cal = evaluator.loss(judge, gates_for(space, order[:k]), calibration=cfg.calibrate)
-        calibrations[k] = cal
-        return loss
+        if k not in seen:
+            loss, calibrations[k] = evaluator.loss(
+                judge, gates_for(space, order[:k]), calibration=cfg.calibrate
+            )
+            seen[k] = loss
+        return seen[k]
 
-    # Search [1, n_on] first; if the mask's own node set misses the target, widen to all nodes.
-    k, reached, seen = bisect_k(
-        loss_at, lo=1, hi=max(1, n_on), target=cfg.target_loss, max_iters=cfg.max_bisect_iters
-    )
-    if not reached and n_on < space.total:
-        k, reached, more = bisect_k(
-            loss_at,
-            lo=max(1, n_on),
-            hi=space.total,
-            target=cfg.target_loss,
-            max_iters=cfg.max_bisect_iters,
-        )
-        seen |= more
-    # A coarse sweep for the loss-vs-k curve (geometric spacing up to 4k).
-    for kk in sorted({max(1, round(k * 2 ** (e / 2))) for e in range(-6, 5)}):
+    # Search [1, n_on] first. If the mask's own node set misses the target, double k until
+    # the target is met (or every node is kept), then bisect the last doubling.
+    target, iters = cfg.target_loss, cfg.max_bisect_iters
+    lo, hi = 1, max(1, n_on)
+    while loss_at(hi) > target and hi < space.total:
+        lo, hi = hi, min(space.total, 2 * hi)
+    k, reached, _ = bisect_k(loss_at, lo=lo, hi=hi, target=target, max_iters=iters)
+    # The bisection's points plus a few more give the loss-vs-k curve (k/4 ... 4k).
+    for kk in sorted({max(1, k // 4), max(1, k // 2), 2 * k, 4 * k}):
         if kk <= space.total and kk not in seen:
             seen[kk] = loss_at(kk)
     loss_circuit = seen[k]
     cal = calibrations.get(k) or None
     log.info(
-        "pruned to %d of %d nodes (loss %.4f, full model %.4f, target %.3f%s)",
+        "pruned to %d of %d nodes (loss %.4f, full model %.4f, target %.3f%s); mask training "
+        "%.1f s, bisection %.1f s (%d evaluations)",
         k,
         space.total,
         loss_circuit,
         loss_full,
         cfg.target_loss,
         "" if reached else ", NOT reached",
+        trained - start,
+        time.perf_counter() - trained,
+        len(seen),
     )
     return PruneResult(
         config=cfg,

@@ -30,21 +30,34 @@ class CausalSelfAttention(nn.Module):
         self.attn_imp = AttentionSink(config.n_head) if config.sink else None
         self.sparsify = ActSparsity(config)
 
-    def forward(self, x: torch.Tensor, hk: Hooks) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, hk: Hooks, query_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model); with ``query_pos`` (B,) only those positions
+        are queried (keys and values still cover every position): -> (B, 1, d_model)."""
         B, T, _ = x.shape
         sp = self.sparsify
         x = hk("act_in", sp(x, "attn_in"))  # (B, T, d_model)
         q, k, v = self.c_attn(x).split(self.n_head * self.d_head, dim=2)
-        q = hk("q", sp(q, "attn_q"))  # (B, T, n_head*d_head)
-        k = hk("k", sp(k, "attn_k"))
+        key_pos = torch.arange(T, device=x.device)
+        q_pos = key_pos[None] if query_pos is None else query_pos[:, None]  # (1 or B, Tq)
+        if query_pos is not None:
+            q = q[torch.arange(B, device=x.device), query_pos][:, None]  # (B, 1, d_attn)
+        q = hk("q", sp(q, "attn_q"))  # (B, Tq, n_head*d_head)
+        k = hk("k", sp(k, "attn_k"))  # (B, T, n_head*d_head)
         v = hk("v", sp(v, "attn_v"))
-        q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))
+        Tq = q.shape[1]
+        q = q.view(B, Tq, self.n_head, self.d_head).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (k, v))
+        visible = key_pos[None, None, :] <= q_pos[..., None]  # (1 or B, Tq, T) causal mask
         if self.attn_imp is not None:
-            y = self.attn_imp(q, k, v)
-        else:
+            y = self.attn_imp(q, k, v, visible)
+        elif query_pos is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = hk("y", y.transpose(1, 2).reshape(B, T, self.n_head * self.d_head))
-        return sp(self.c_proj(y), "attn_out")  # (B, T, d_model)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
+        y = hk("y", y.transpose(1, 2).reshape(B, Tq, self.n_head * self.d_head))
+        return sp(self.c_proj(y), "attn_out")  # (B, Tq, d_model)
 
 
 class MLP(nn.Module):
@@ -75,9 +88,14 @@ class Block(nn.Module):
     def _resid(self, x: torch.Tensor, loc: str) -> torch.Tensor:
         return self.sparsify(torch.relu(x) if self.relu_resid else x, loc)
 
-    def forward_attn(self, x: torch.Tensor, hk: Hooks) -> torch.Tensor:
+    def forward_attn(
+        self, x: torch.Tensor, hk: Hooks, query_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = hk("resid_in", x)
-        x = x + hk("attn.resid_delta", self.attn(self.ln_1(x), hk.scoped("attn")))
+        delta = self.attn(self.ln_1(x), hk.scoped("attn"), query_pos)
+        if query_pos is not None:  # keep only the queried positions from here on
+            x = x[torch.arange(x.shape[0], device=x.device), query_pos][:, None]
+        x = x + hk("attn.resid_delta", delta)
         return self._resid(x, "resid_post_attn")
 
     def forward_mlp(self, x: torch.Tensor, hk: Hooks) -> torch.Tensor:
@@ -85,8 +103,10 @@ class Block(nn.Module):
         x = x + hk("mlp.resid_delta", self.mlp(self.ln_2(x), hk.scoped("mlp")))
         return self._resid(x, "resid_post_mlp")
 
-    def forward(self, x: torch.Tensor, hk: Hooks) -> torch.Tensor:
-        return self.forward_mlp(self.forward_attn(x, hk), hk)
+    def forward(
+        self, x: torch.Tensor, hk: Hooks, query_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.forward_mlp(self.forward_attn(x, hk, query_pos), hk)
 
 
 class GPT(nn.Module):
@@ -177,14 +197,18 @@ class GPT(nn.Module):
         self, idx: torch.Tensor, lengths: torch.Tensor, *, hooks: Hooks | None = None
     ) -> torch.Tensor:
         """Logits at each row's last real position only: idx (N, T) right-padded, lengths (N,)
-        -> (N, vocab). Skips the vocabulary projection of every other position (task prompts)."""
+        -> (N, vocab). The last block queries only that position (its sites after k and v
+        hold one position per row) and the vocabulary projection runs once per row."""
         hk = hooks or NO_HOOKS
-        x = self.embed(idx)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, hk.scoped(str(i)))
-        rows = torch.arange(idx.shape[0], device=idx.device)
         last = lengths.to(idx.device) - 1
-        return self.unembed(x[rows, last][:, None], idx[rows, last][:, None], hk)[:, 0]
+        x = self.embed(idx)
+        n = self.config.n_layer
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, hk.scoped(str(i)), last if i == n - 1 else None)
+        rows = torch.arange(idx.shape[0], device=idx.device)
+        if n == 0:
+            x = x[rows, last][:, None]
+        return self.unembed(x, idx[rows, last][:, None], hk)[:, 0]
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, hooks: Hooks | None = None

@@ -60,13 +60,17 @@ class AttentionSink(nn.Module):
         super().__init__()
         self.sink_logit = nn.Parameter(torch.zeros(n_head))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention with the sink. q, k, v: (B, H, T, d_head) -> (B, H, T, d_head)."""
-        B, H, T, D = q.shape
-        zeros = q.new_zeros(B, H, 1, D)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention with the sink. q (B, H, Tq, d_head), k and v (B, H, T, d_head), visible
+        (B or 1, Tq, T) bool (which keys each query may see) -> (B, H, Tq, d_head)."""
+        B, H, Tq, D = q.shape
+        Bm = visible.shape[0]
+        zeros = k.new_zeros(B, H, 1, D)
         k = torch.cat([zeros, k], dim=2)
         v = torch.cat([zeros, v], dim=2)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        mask = q.new_zeros(T, T + 1).masked_fill(~F.pad(causal, (1, 0), value=True), -torch.inf)
-        sink_col = F.pad(self.sink_logit.to(q.dtype).view(H, 1, 1), (0, T))  # (H, 1, T+1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask + sink_col)
+        mask = q.new_zeros(visible.shape).masked_fill(~visible, -torch.inf)  # (Bm, Tq, T)
+        sink = self.sink_logit.to(q.dtype).view(1, H, 1, 1).expand(Bm, H, Tq, 1)
+        mask = torch.cat([sink, mask[:, None].expand(Bm, H, Tq, -1)], dim=3)  # (Bm, H, Tq, T+1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

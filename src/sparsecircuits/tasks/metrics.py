@@ -115,8 +115,12 @@ def final_logits(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         idx, lengths = pad_prompts([prompts[i] for i in chunk])
-        logits = model(idx.to(device))[0]  # (B, T, V)
-        last = logits[torch.arange(len(chunk), device=device), lengths.to(device) - 1]
+        idx, lengths = idx.to(device), lengths.to(device)
+        if hasattr(model, "forward_last"):  # skips the vocab projection of other positions
+            last = model.forward_last(idx, lengths)
+        else:
+            logits = model(idx)[0]  # (B, T, V)
+            last = logits[torch.arange(len(chunk), device=device), lengths - 1]
         if out is None:
             out = torch.empty(len(prompts), last.shape[-1], dtype=torch.float32)
         out[torch.tensor(chunk)] = last.float().cpu()
