@@ -40,7 +40,6 @@ class CausalSelfAttention(nn.Module):
         x = hk("act_in", sp(x, "attn_in"))  # (B, T, d_model)
         q, k, v = self.c_attn(x).split(self.n_head * self.d_head, dim=2)
         key_pos = torch.arange(T, device=x.device)
-        q_pos = key_pos[None] if query_pos is None else query_pos[:, None]  # (1 or B, Tq)
         if query_pos is not None:
             q = q[torch.arange(B, device=x.device), query_pos][:, None]  # (B, 1, d_attn)
         q = hk("q", sp(q, "attn_q"))  # (B, Tq, n_head*d_head)
@@ -49,13 +48,17 @@ class CausalSelfAttention(nn.Module):
         Tq = q.shape[1]
         q = q.view(B, Tq, self.n_head, self.d_head).transpose(1, 2)
         k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (k, v))
-        visible = key_pos[None, None, :] <= q_pos[..., None]  # (1 or B, Tq, T) causal mask
-        if self.attn_imp is not None:
-            y = self.attn_imp(q, k, v, visible)
-        elif query_pos is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if query_pos is None:  # plain causal attention
+            if self.attn_imp is not None:
+                y = self.attn_imp(q, k, v)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
+            visible = key_pos[None, None, :] <= query_pos[:, None, None]  # (B, 1, T)
+            if self.attn_imp is not None:
+                y = self.attn_imp(q, k, v, visible)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
         y = hk("y", y.transpose(1, 2).reshape(B, Tq, self.n_head * self.d_head))
         return sp(self.c_proj(y), "attn_out")  # (B, Tq, d_model)
 

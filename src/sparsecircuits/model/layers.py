@@ -61,10 +61,17 @@ class AttentionSink(nn.Module):
         self.sink_logit = nn.Parameter(torch.zeros(n_head))
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention with the sink. q (B, H, Tq, d_head), k and v (B, H, T, d_head), visible
-        (B or 1, Tq, T) bool (which keys each query may see) -> (B, H, Tq, d_head)."""
+        (B or 1, Tq, T) bool (which keys each query may see; None = causal with Tq = T)
+        -> (B, H, Tq, d_head)."""
+        if visible is None:
+            return self._causal(q, k, v)
         B, H, Tq, D = q.shape
         Bm = visible.shape[0]
         zeros = k.new_zeros(B, H, 1, D)
@@ -74,3 +81,20 @@ class AttentionSink(nn.Module):
         sink = self.sink_logit.to(q.dtype).view(1, H, 1, 1).expand(Bm, H, Tq, 1)
         mask = torch.cat([sink, mask[:, None].expand(Bm, H, Tq, -1)], dim=3)  # (Bm, H, Tq, T+1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention with the sink through the fused kernel (no T x T mask tensor).
+
+        The sink becomes key 0 and one extra channel carries its logit: queries get a 1 there,
+        the sink key ``b_h * sqrt(d_head)`` (with the softmax scale 1/sqrt(d_head), its score is
+        ``b_h``), token keys 0. A dummy query in front shifts the causal alignment so that
+        query t sees the sink and tokens 0..t.
+        """
+        B, H, _, D = q.shape
+        b = self.sink_logit.to(q.dtype).view(1, H, 1, 1) * D**0.5
+        q1 = F.pad(F.pad(q, (0, 1), value=1.0), (0, 0, 1, 0))  # (B, H, T+1, D+1)
+        sink_key = torch.cat([k.new_zeros(B, H, 1, D), b.expand(B, H, 1, 1)], dim=3)
+        k1 = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)  # (B, H, T+1, D+1)
+        v1 = F.pad(v, (0, 1, 1, 0))  # (B, H, T+1, D+1): the sink's value is 0
+        y = F.scaled_dot_product_attention(q1, k1, v1, is_causal=True, scale=D**-0.5)
+        return y[:, :, 1:, :D]
