@@ -236,3 +236,31 @@ def test_generate_appends_tokens_reproducibly_past_block_size() -> None:
     assert int(a.max()) < model.config.vocab_size
     greedy = model.generate(prompt[:, :5], max_new_tokens=1, top_k=1)
     assert torch.equal(greedy[:, 5], model(prompt[:, :5])[0][:, -1].argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"sink": False}, {"afrac": None}, {"rms_norm": False, "n_layer": 1}]
+)
+def test_forward_last_equals_the_full_forward_at_each_rows_last_position(overrides) -> None:
+    model = tiny_model(seed=6, **overrides)
+    idx = tokens(4, 11, seed=6)
+    lengths = torch.tensor([11, 3, 7, 1])
+    full, _ = model(idx)
+    last = model.forward_last(idx, lengths)
+    want = full[torch.arange(4), lengths - 1]
+    torch.testing.assert_close(last, want, rtol=0, atol=1e-5)
+
+
+def test_sink_gradient_matches_the_explicit_mask_path() -> None:
+    """The fused causal path and the masked path give the same outputs and sink gradients."""
+    model = tiny_model(seed=7)
+    attn = model.transformer.h[0].attn.attn_imp
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, model.config.n_head, 9, 8, generator=g) for _ in range(3))
+    visible = torch.ones(9, 9, dtype=torch.bool).tril()[None]
+    fused = attn(q, k, v)
+    (g_fused,) = torch.autograd.grad(fused.square().sum(), attn.sink_logit)
+    masked = attn(q, k, v, visible)
+    (g_masked,) = torch.autograd.grad(masked.square().sum(), attn.sink_logit)
+    torch.testing.assert_close(fused, masked, rtol=0, atol=1e-5)
+    torch.testing.assert_close(g_fused, g_masked, rtol=1e-4, atol=1e-6)
