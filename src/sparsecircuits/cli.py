@@ -16,6 +16,7 @@ import typer
 
 from sparsecircuits._alloc import tune_allocator
 from sparsecircuits.cli_circuits import register as _register_circuits
+from sparsecircuits.cli_viz import register as _register_viz
 from sparsecircuits.errors import SparseCircuitsError
 
 app = typer.Typer(
@@ -295,6 +296,7 @@ def export(
 
 
 _register_circuits(app)
+_register_viz(app)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Viewing circuits: cached analysis, graph figures, HTML export and the Streamlit app."""
