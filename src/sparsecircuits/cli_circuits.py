@@ -24,25 +24,13 @@ def model_label(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
 
 
-def _overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"--set {item!r}: expected KEY=VALUE (a PruneConfig field)")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def prune_config(options: dict[str, Any], sets: list[str]) -> Any:
     """A validated PruneConfig from CLI options (None = default) and ``--set`` overrides."""
     from sparsecircuits.circuits.prune import PruneConfig
+    from sparsecircuits.cli import _parse_overrides  # the train command's --set parser
 
     given = {k: v for k, v in options.items() if v is not None}
-    return PruneConfig.from_dict({**given, **_overrides(sets)}, source="prune options")
+    return PruneConfig.from_dict({**given, **_parse_overrides(sets)}, source="prune options")
 
 
 def register(app: typer.Typer) -> None:
