@@ -10,11 +10,12 @@ DEMO_RUN ?= runs/demo
 
 .PHONY: demo test lint venv bench clean
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt setup.py $(wildcard src/sparsecircuits/kernels/csrc/*)
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: pip takes the CPU wheel on disk and never resolves a newer torch
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	# builds the compiled CPU kernels too (optional: without a compiler the torch fallback runs)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 

@@ -18,15 +18,15 @@ from torch import nn
 from sparsecircuits.errors import InputError
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.model.hooks import NO_HOOKS, Hooks, Intervention, site_names
-from sparsecircuits.model.layers import ActSparsity, AttentionSink, make_norm
+from sparsecircuits.model.layers import ActSparsity, AttentionSink, Linear, make_norm
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head, self.d_head = config.n_head, config.d_head
-        self.c_attn = nn.Linear(config.d_model, 3 * config.d_attn, bias=config.bias)
-        self.c_proj = nn.Linear(config.d_attn, config.d_model, bias=config.bias)
+        self.c_attn = Linear(config.d_model, 3 * config.d_attn, bias=config.bias)
+        self.c_proj = Linear(config.d_attn, config.d_model, bias=config.bias)
         self.attn_imp = AttentionSink(config.n_head) if config.sink else None
         self.sparsify = ActSparsity(config)
 
@@ -66,9 +66,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.d_model, config.mlp_width, bias=config.bias)
+        self.c_fc = Linear(config.d_model, config.mlp_width, bias=config.bias)
         self.act_fn = nn.GELU() if config.activation_type == "gelu" else nn.ReLU()
-        self.c_proj = nn.Linear(config.mlp_width, config.d_model, bias=config.bias)
+        self.c_proj = Linear(config.mlp_width, config.d_model, bias=config.bias)
         self.sparsify = ActSparsity(config)
 
     def forward(self, x: torch.Tensor, hk: Hooks) -> torch.Tensor:
@@ -125,7 +125,7 @@ class GPT(nn.Module):
                 ln_f=make_norm(config),
             )
         )
-        self.lm_head = nn.Linear(d, V, bias=False)
+        self.lm_head = Linear(d, V, bias=False)
         if config.tied_unembed:
             self.lm_head.weight = self.transformer.wte.weight
         self.register_buffer("final_logits_bias", torch.zeros(V))

@@ -6,15 +6,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsecircuits.kernels import GradMode, LinearKernelState, abstopk, sparse_linear
 from sparsecircuits.model.config import GPTConfig
 
 
-def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` entries of largest |x| along the last dim, zero the rest (same shape)."""
-    if k >= x.shape[-1]:
-        return x
-    idx = x.abs().topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+class Linear(nn.Linear):
+    """``nn.Linear`` whose product costs what the weight's nonzeros cost: below the measured
+    density crossover it runs the CSR kernels (``kernels/linear.py``), else a dense matmul.
+    Same parameters and state dict as ``nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.kernel = LinearKernelState()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_linear(x, self.weight, self.bias, self.kernel)
+
+
+def set_weight_grad(model: nn.Module, mode: GradMode) -> None:
+    """Weight-gradient mode of every ``Linear`` in ``model``: ``"dense"`` (exact, the default)
+    or ``"support"`` (only at the current nonzeros; see ``kernels/linear.py``)."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.kernel.grad_mode = mode
 
 
 class ActSparsity:

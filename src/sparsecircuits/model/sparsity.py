@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparsecircuits import kernels
+
 _EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight")
 _UNEMBED = "lm_head.weight"
 _BLOCK_WEIGHTS = (
@@ -68,23 +70,13 @@ def row_floor(shape: torch.Size | tuple[int, ...], k: int, *, min_per_neuron: in
     return min(min_per_neuron, shape[1], k // shape[0])
 
 
-@torch.no_grad()
-def project_topk_(w: torch.Tensor, k: int, *, min_per_neuron: int) -> None:
+def project_topk_(w: torch.Tensor, k: int, *, min_per_neuron: int) -> torch.Tensor:
     """Zero all but ``k`` entries of ``w`` in place: each row's top ``row_floor`` by |w|
-    first, then the largest remaining |w| overall. Exactly ``k`` slots are kept (which of several
-    equal |w| is kept is up to ``torch.topk``), so ``(w != 0).sum() <= k`` with equality unless
-    kept entries were already zero."""
-    if k >= w.numel():
-        return
-    score = w.abs()
-    j = row_floor(w.shape, k, min_per_neuron=min_per_neuron)
-    if j > 0:
-        protected = score.topk(j, dim=1, sorted=False).indices
-        score.scatter_(1, protected, torch.inf)
-    keep = score.view(-1).topk(k, sorted=False).indices
-    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-    mask[keep] = True
-    w.mul_(mask.view_as(w))
+    first, then the largest remaining |w| overall. Exactly ``k`` slots are kept, ties to the
+    lowest index, so ``(w != 0).sum() <= k`` with equality unless kept entries were already
+    zero. Radix select, no sort (``kernels.project_topk_``). Returns the kept mask."""
+    floor = row_floor(w.shape, k, min_per_neuron=min_per_neuron)
+    return kernels.project_topk_(w, k, floor=floor)
 
 
 @dataclass(frozen=True)
@@ -113,6 +105,10 @@ class WeightSparsity:
             raise KeyError(f"model has no parameter(s) {missing}")
         self.params = {n: params[n] for n in names}
         self.min_per_neuron = min_per_neuron
+        self.masks: dict[str, torch.Tensor] = {}  # kept supports of the last projection
+        # Share of the squared gradient on those supports at the last regrowth step (the
+        # trainer's fast mode uses it to estimate the full gradient RMS between regrowths).
+        self.grad_mass = 1.0
 
     def budgets(self, frac: float) -> dict[str, int]:
         """``{name: budget}`` at nonzero fraction ``frac``."""
@@ -120,11 +116,23 @@ class WeightSparsity:
 
     @torch.no_grad()
     def project_(self, frac: float) -> None:
-        """Project every sparse parameter to its budget at ``frac`` (no-op when dense)."""
+        """Project every sparse parameter to its budget at ``frac`` (no-op when dense) and
+        remember the kept supports for ``keep_support_``."""
         if frac >= 1.0:
+            self.masks = {}
             return
-        for n, k in self.budgets(frac).items():
-            project_topk_(self.params[n].data, k, min_per_neuron=self.min_per_neuron)
+        self.masks = {
+            n: project_topk_(self.params[n].data, k, min_per_neuron=self.min_per_neuron)
+            for n, k in self.budgets(frac).items()
+        }
+
+    @torch.no_grad()
+    def keep_support_(self) -> None:
+        """Zero every entry outside the supports of the last ``project_`` (cheaper than a new
+        projection: the fast training mode's steps between regrowths, where AdamW momentum
+        would otherwise move weights off the support)."""
+        for n, mask in self.masks.items():
+            self.params[n].data.masked_fill_(~mask, 0.0)
 
     @torch.no_grad()
     def report(self, frac: float) -> list[MatrixL0]:

@@ -1,0 +1,28 @@
+"""Compute proportional to nonzeros: compiled CPU kernels with a pure-torch fallback.
+
+- ``abstopk`` / ``project_topk_``: exact top-k selection by radix select (no sort).
+- ``sparse_linear``: ``F.linear`` through CSR kernels below a measured density crossover,
+  with an exact (dense) or support-only weight gradient.
+- ``backend()``: ``"cpp"`` when the compiled library is in use, else ``"torch"``.
+
+The lowest layer of the package: it imports nothing from the rest of sparsecircuits except
+errors, so ``model/`` and ``train/`` can use it.
+"""
+
+from sparsecircuits.kernels._lib import backend, library_path
+from sparsecircuits.kernels.csr import CSRPattern, build_pattern
+from sparsecircuits.kernels.linear import GradMode, LinearKernelState, sparse_linear
+from sparsecircuits.kernels.select import abstopk, project_topk_, topk_mask
+
+__all__ = [
+    "CSRPattern",
+    "GradMode",
+    "LinearKernelState",
+    "abstopk",
+    "backend",
+    "build_pattern",
+    "library_path",
+    "project_topk_",
+    "sparse_linear",
+    "topk_mask",
+]

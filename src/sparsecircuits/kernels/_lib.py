@@ -1,0 +1,111 @@
+"""Loading the compiled CPU kernels (``csrc/``), or saying why the torch fallback is used.
+
+The library is a plain shared object built by the package install (``setup.py``, an optional
+extension: an install without a compiler still succeeds) and called through ctypes with tensor
+data pointers. ``SPARSECIRCUITS_KERNELS`` picks the backend: ``auto`` (default: compiled when
+it loads), ``torch`` (force the pure-torch fallback) or ``cpp`` (fail loudly if it cannot load).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from sparsecircuits.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV = "SPARSECIRCUITS_KERNELS"
+Backend = Literal["cpp", "torch"]
+_MODULE = "sparsecircuits.kernels._sckernels"
+
+_i64, _i32, _f32p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES: dict[str, list] = {
+    # x, ld, y, mask, rows, n, k, threads
+    "sc_abstopk": [_f32p, _i64, _f32p, _f32p, _i64, _i64, _i64, _i32],
+    # w, mask, rows, cols, k, floor, threads
+    "sc_project_topk": [_f32p, _f32p, _i64, _i64, _i64, _i64, _i32],
+    # N, in, out, crow, col, val, x, bias, y, threads
+    "sc_spmm": [_i64, _i64, _i64, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _i32],
+    # N, in, out, crow, col, dy, x, dval, threads
+    "sc_sddmm": [_i64, _i64, _i64, _f32p, _f32p, _f32p, _f32p, _f32p, _i32],
+    # w, rows, cols, crow, threads -> nnz
+    "sc_csr_count": [_f32p, _i64, _i64, _f32p, _i32],
+    # w, rows, cols, crow, col, val, flat, threads
+    "sc_csr_fill": [_f32p, _i64, _i64, _f32p, _f32p, _f32p, _f32p, _i32],
+    # rows, cols, crow, col, crow_t, col_t, perm
+    "sc_csr_transpose": [_i64, _i64, _f32p, _f32p, _f32p, _f32p, _f32p],
+}
+
+
+def library_path() -> Path | None:
+    """Where the install put the compiled library, or None when it was not built."""
+    spec = importlib.util.find_spec(_MODULE)
+    return Path(spec.origin) if spec is not None and spec.origin else None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(library, reason) — reason says why the library is None."""
+    path = library_path()
+    if path is None:
+        return None, "the compiled kernels were not built (no compiler at install time?)"
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"{path}: cannot load ({e})"
+    lib.sc_isa.restype = ctypes.c_char_p
+    isa = lib.sc_isa().decode()
+    if isa == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
+        return None, f"{path} needs AVX2+FMA, which this CPU lacks"
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = ctypes.c_int64 if name == "sc_csr_count" else None
+    return lib, ""
+
+
+def requested_backend() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", "cpp", "torch"):
+        raise ConfigError(f"{ENV}={value!r}: expected one of auto, cpp, torch")
+    return value
+
+
+def lib() -> ctypes.CDLL | None:
+    """The compiled library, or None when the torch fallback is in use."""
+    want = requested_backend()
+    if want == "torch":
+        return None
+    loaded, reason = _load()
+    if loaded is None and want == "cpp":
+        raise ConfigError(f"{ENV}=cpp but {reason}")
+    if loaded is None:
+        _warn_once(reason)
+    return loaded
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    log.info("sparse kernels: using the pure-torch fallback (%s)", reason)
+
+
+def backend() -> Backend:
+    """``"cpp"`` when the compiled kernels are in use, else ``"torch"``."""
+    return "cpp" if lib() is not None else "torch"

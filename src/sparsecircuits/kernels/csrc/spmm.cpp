@@ -1,0 +1,191 @@
+// Sparse-weight matrix products in the token-major layout the model uses (x is (N, in)).
+//
+// W is CSR over its output rows: crow (out+1, int64), col (nnz, int32), val (nnz, float32).
+//   sc_spmm:  y (N, out) = x (N, in) @ W^T (+ bias)      forward, and dx = dy @ W via W^T's CSR
+//   sc_sddmm: dval[j] = sum_n dy[n, row(j)] * x[n, col(j)] the weight gradient on W's support
+// Tokens are processed in tiles of 32: a tile of x is transposed into a (in, 32) buffer that
+// stays in cache, so each nonzero costs four 8-wide FMAs over contiguous memory (PERF.md §1).
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+constexpr int64_t TW = 32;  // tokens per tile
+constexpr int64_t BLK = 16;  // feature block of the tile transposes
+
+// Rows t0..t0+nt of a (N, d) matrix -> tile (d, TW), zero-padding tokens nt..TW.
+void load_tile(const float* a, int64_t d, int64_t t0, int64_t nt, float* tile) {
+  if (nt < TW) std::memset(tile, 0, sizeof(float) * d * TW);
+  for (int64_t i0 = 0; i0 < d; i0 += BLK) {
+    const int64_t i1 = std::min(d, i0 + BLK);
+    for (int64_t r = 0; r < nt; ++r) {
+      const float* ar = a + (t0 + r) * d;
+      for (int64_t i = i0; i < i1; ++i) tile[i * TW + r] = ar[i];
+    }
+  }
+}
+
+// tile (d, TW) -> rows t0..t0+nt of a (N, d) matrix.
+void store_tile(const float* tile, int64_t d, int64_t t0, int64_t nt, float* a) {
+  for (int64_t i0 = 0; i0 < d; i0 += BLK) {
+    const int64_t i1 = std::min(d, i0 + BLK);
+    for (int64_t r = 0; r < nt; ++r) {
+      float* ar = a + (t0 + r) * d;
+      for (int64_t i = i0; i < i1; ++i) ar[i] = tile[i * TW + r];
+    }
+  }
+}
+
+// Output rows o0..o1 of one tile: yt[o] = sum_j val[j] * xt[col[j]] (+ bias[o]).
+void spmm_rows(const int64_t* crow, const int32_t* col, const float* val, const float* bias,
+               const float* xt, float* yt, int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const float b = bias ? bias[o] : 0.0f;
+    v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    a0 += b;
+    a1 += b;
+    a2 += b;
+    a3 += b;
+    for (int64_t j = crow[o]; j < crow[o + 1]; ++j) {
+      const float v = val[j];
+      const float* xr = xt + static_cast<int64_t>(col[j]) * TW;
+      a0 += v * load8(xr);
+      a1 += v * load8(xr + 8);
+      a2 += v * load8(xr + 16);
+      a3 += v * load8(xr + 24);
+    }
+    float* yr = yt + o * TW;
+    store8(yr, a0);
+    store8(yr + 8, a1);
+    store8(yr + 16, a2);
+    store8(yr + 24, a3);
+  }
+}
+
+}  // namespace
+
+SC_EXPORT void sc_spmm(int64_t N, int64_t in, int64_t out, const int64_t* crow,
+                       const int32_t* col, const float* val, const float* x, const float* bias,
+                       float* y, int threads) {
+  const int64_t ntiles = (N + TW - 1) / TW;
+  if (ntiles >= threads || threads <= 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> xt(in * TW), yt(out * TW);
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t t0 = t * TW, nt = std::min(TW, N - t0);
+        load_tile(x, in, t0, nt, xt.data());
+        spmm_rows(crow, col, val, bias, xt.data(), yt.data(), 0, out);
+        store_tile(yt.data(), out, t0, nt, y);
+      }
+    }
+    return;
+  }
+  // Few tokens (decoding): one tile at a time, output rows split over the threads.
+  std::vector<float> xt(in * TW), yt(out * TW);
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const int64_t t0 = t * TW, nt = std::min(TW, N - t0);
+    load_tile(x, in, t0, nt, xt.data());
+#pragma omp parallel num_threads(threads)
+    {
+      const int nth = omp_get_num_threads_safe(), me = omp_get_thread_num_safe();
+      const int64_t per = (out + nth - 1) / nth;
+      spmm_rows(crow, col, val, bias, xt.data(), yt.data(), std::min(out, me * per),
+                std::min(out, (me + 1) * per));
+    }
+    store_tile(yt.data(), out, t0, nt, y);
+  }
+}
+
+SC_EXPORT void sc_sddmm(int64_t N, int64_t in, int64_t out, const int64_t* crow,
+                        const int32_t* col, const float* dy, const float* x, float* dval,
+                        int threads) {
+  const int64_t nnz = crow[out];
+  const int64_t ntiles = (N + TW - 1) / TW;
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, ntiles)));
+  // One accumulator per thread, summed in thread order afterwards: the result does not depend
+  // on which thread finishes first.
+  std::vector<float> acc(static_cast<size_t>(threads) * nnz, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    float* mine = acc.data() + static_cast<int64_t>(omp_get_thread_num_safe()) * nnz;
+    std::vector<float> xt(in * TW), dyt(out * TW);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t t0 = t * TW, nt = std::min(TW, N - t0);
+      load_tile(x, in, t0, nt, xt.data());
+      load_tile(dy, out, t0, nt, dyt.data());
+      for (int64_t o = 0; o < out; ++o) {
+        if (crow[o] == crow[o + 1]) continue;
+        const float* dr = dyt.data() + o * TW;
+        const v8f d0 = load8(dr), d1 = load8(dr + 8), d2 = load8(dr + 16), d3 = load8(dr + 24);
+        for (int64_t j = crow[o]; j < crow[o + 1]; ++j) {
+          const float* xr = xt.data() + static_cast<int64_t>(col[j]) * TW;
+          const v8f s = d0 * load8(xr) + d1 * load8(xr + 8) + d2 * load8(xr + 16) +
+                        d3 * load8(xr + 24);
+          mine[j] += hsum8(s);
+        }
+      }
+    }
+  }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t j = 0; j < nnz; ++j) {
+    float s = 0.0f;
+    for (int t = 0; t < threads; ++t) s += acc[static_cast<int64_t>(t) * nnz + j];
+    dval[j] = s;
+  }
+}
+
+// CSR of a dense (rows, cols) matrix's nonzeros, in two calls: count (fills crow, returns nnz),
+// then fill col, and optionally val and the flat index r * cols + c of each nonzero.
+SC_EXPORT int64_t sc_csr_count(const float* w, int64_t rows, int64_t cols, int64_t* crow,
+                               int threads) {
+  crow[0] = 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* wr = w + r * cols;
+    int64_t c = 0;
+    for (int64_t i = 0; i < cols; ++i) c += wr[i] != 0.0f;
+    crow[r + 1] = c;
+  }
+  for (int64_t r = 0; r < rows; ++r) crow[r + 1] += crow[r];
+  return crow[rows];
+}
+
+SC_EXPORT void sc_csr_fill(const float* w, int64_t rows, int64_t cols, const int64_t* crow,
+                           int32_t* col, float* val, int64_t* flat, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* wr = w + r * cols;
+    int64_t j = crow[r];
+    for (int64_t i = 0; i < cols; ++i) {
+      if (wr[i] == 0.0f) continue;
+      col[j] = static_cast<int32_t>(i);
+      if (val) val[j] = wr[i];
+      if (flat) flat[j] = r * cols + i;
+      ++j;
+    }
+  }
+}
+
+// CSR of W^T from W's CSR (a counting sort on the columns): crow_t (cols+1), col_t (nnz),
+// perm (nnz) with val_t = val[perm]. Within each row of W^T entries stay in W's row order.
+SC_EXPORT void sc_csr_transpose(int64_t rows, int64_t cols, const int64_t* crow,
+                                const int32_t* col, int64_t* crow_t, int32_t* col_t,
+                                int64_t* perm) {
+  const int64_t nnz = crow[rows];
+  std::vector<int64_t> next(cols + 1, 0);
+  for (int64_t j = 0; j < nnz; ++j) next[col[j] + 1]++;
+  for (int64_t c = 0; c < cols; ++c) next[c + 1] += next[c];
+  std::memcpy(crow_t, next.data(), sizeof(int64_t) * (cols + 1));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
+      const int64_t dst = next[col[j]]++;
+      col_t[dst] = static_cast<int32_t>(r);
+      perm[dst] = j;
+    }
+  }
+}

@@ -1,0 +1,108 @@
+"""Exact top-k selection without a sort: AbsTopK on activations, top-k projection of weights.
+
+Both keep the k entries of largest magnitude. Where several entries tie in |x| at the
+threshold, the lowest index wins (a stable top-k). The kept *values* are then always the ones
+``torch.topk`` + scatter would give, except when the tie is between +a and -a, where torch's
+choice is unspecified; zeros tied at the threshold give identical outputs either way.
+The compiled path (radix select on the float bits, ``csrc/select.cpp``) and the torch
+fallback implement the same rule, so they return identical tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsecircuits.kernels._lib import lib
+
+
+def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest ``score`` along the last dim, ties to the lowest index
+    (pure torch; the reference the compiled kernels match). score (..., n) -> (..., n)."""
+    n = score.shape[-1]
+    if k >= n:
+        return torch.ones_like(score, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    thr = score.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = score > thr
+    tie = score == thr
+    need = k - above.sum(dim=-1, keepdim=True)
+    return above | (tie & (tie.cumsum(dim=-1) <= need))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor | None:
+    """x as (rows, n) with unit column stride, without copying when possible."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
+        x2 = x2.contiguous()
+    return x2
+
+
+def _use_cpp(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and lib() is not None
+
+
+def abstopk_forward(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, mask): y keeps the k largest |x| of each last-dim row, zeros elsewhere."""
+    n = x.shape[-1]
+    if not _use_cpp(x) or x.numel() == 0:
+        mask = topk_mask(x.abs(), k)
+        return torch.where(mask, x, 0.0), mask
+    x2 = _rows(x)
+    y = torch.empty(x.shape, dtype=x.dtype)
+    mask = torch.empty(x.shape, dtype=torch.bool)
+    lib().sc_abstopk(
+        x2.data_ptr(),
+        x2.stride(0),
+        y.data_ptr(),
+        mask.data_ptr(),
+        x2.shape[0],
+        n,
+        max(0, min(k, n)),
+        torch.get_num_threads(),
+    )
+    return y, mask
+
+
+class _AbsTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: int) -> torch.Tensor:  # type: ignore[override]
+        y, mask = abstopk_forward(x, k)
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, gy, 0.0), None
+
+
+def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` entries of largest |x| along the last dim, zero the rest (same shape).
+    The gradient flows to exactly the kept entries."""
+    if k >= x.shape[-1]:
+        return x
+    return _AbsTopK.apply(x, k)
+
+
+@torch.no_grad()
+def project_topk_(w: torch.Tensor, k: int, *, floor: int) -> torch.Tensor:
+    """Zero all but ``k`` entries of the 2-D (or 1-D) ``w`` in place: each row's ``floor``
+    largest |w| first, then the largest remaining |w| overall; returns the kept mask."""
+    if k >= w.numel():
+        return torch.ones_like(w, dtype=torch.bool)
+    w2 = w if w.dim() == 2 else w.view(1, -1)
+    floor = floor if w.dim() == 2 else 0
+    if _use_cpp(w) and w.is_contiguous():
+        mask = torch.empty_like(w, dtype=torch.bool)
+        lib().sc_project_topk(
+            w.data_ptr(), mask.data_ptr(), w2.shape[0], w2.shape[1], k, floor,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return mask
+    score = w2.abs()
+    if floor > 0:
+        score[topk_mask(score, floor)] = torch.inf
+    mask = topk_mask(score.view(1, -1), k).view_as(w)
+    w.masked_fill_(~mask, 0.0)
+    return mask

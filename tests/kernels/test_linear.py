@@ -1,0 +1,134 @@
+"""CSR products and the sparse linear layer against dense torch, on both backends."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsecircuits.kernels import LinearKernelState, build_pattern, sparse_linear
+from sparsecircuits.kernels._lib import ENV, library_path
+from sparsecircuits.kernels.crossover import ENV as BELOW
+from sparsecircuits.kernels.linear import sddmm, spmm
+
+BACKENDS = ["torch"] + (["cpp"] if library_path() is not None else [])
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(BELOW, "1.01")  # every weight takes the sparse path
+    yield
+
+
+def _weight(seed: int, out_f: int, in_f: int, density: float, kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * (torch.rand(out_f, in_f, generator=g) < density)
+    if kind == "empty_rows":
+        w[::3] = 0.0
+    elif kind == "empty_cols":
+        w[:, ::2] = 0.0
+    elif kind == "all_zero":
+        w.zero_()
+    return w
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n_tok=st.integers(1, 100),
+    in_f=st.integers(1, 70),
+    out_f=st.integers(1, 70),
+    density=st.sampled_from([0.0, 1 / 256, 1 / 64, 1 / 16, 1 / 4, 0.7, 1.0]),
+    kind=st.sampled_from(["plain", "empty_rows", "empty_cols", "all_zero"]),
+    bias=st.booleans(),
+    lead=st.sampled_from([(), (2,), (3, 1)]),
+)
+def test_sparse_linear_matches_dense_fwd_and_bwd(
+    seed, n_tok, in_f, out_f, density, kind, bias, lead
+) -> None:
+    w0 = _weight(seed, out_f, in_f, density, kind)
+    g = torch.Generator().manual_seed(seed + 7)
+    x0 = torch.randn(*lead, n_tok, in_f, generator=g)
+    b0 = torch.randn(out_f, generator=g) if bias else None
+    gy = torch.randn(*lead, n_tok, out_f, generator=g)
+    ref_in = [t.clone().requires_grad_(True) for t in (x0, w0, *([b0] if bias else []))]
+    y_ref = F.linear(ref_in[0], ref_in[1], ref_in[2] if bias else None)
+    y_ref.backward(gy)
+    for name in BACKENDS:
+        os.environ[ENV] = name
+        for mode in ("dense", "support"):
+            ins = [t.clone().requires_grad_(True) for t in (x0, w0, *([b0] if bias else []))]
+            state = LinearKernelState(grad_mode=mode)
+            y = sparse_linear(ins[0], ins[1], ins[2] if bias else None, state)
+            y.backward(gy)
+            assert state.pattern is not None and state.pattern.nnz == int((w0 != 0).sum())
+            torch.testing.assert_close(y, y_ref, **TOL)
+            torch.testing.assert_close(ins[0].grad, ref_in[0].grad, **TOL)
+            want_dw = ref_in[1].grad if mode == "dense" else ref_in[1].grad * (w0 != 0)
+            torch.testing.assert_close(ins[1].grad, want_dw, **TOL)
+            if bias:
+                torch.testing.assert_close(ins[2].grad, ref_in[2].grad, **TOL)
+    os.environ.pop(ENV, None)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_products_at_training_shapes(name: str, monkeypatch) -> None:
+    """Token counts that are and are not multiples of the kernels' 32-token tile."""
+    monkeypatch.setenv(ENV, name)
+    for n_tok in (1, 31, 32, 33, 300):
+        w = _weight(n_tok, 96, 64, 1 / 16, "plain")
+        p = build_pattern(w)
+        x = torch.randn(n_tok, 64)
+        dy = torch.randn(n_tok, 96)
+        val = w.reshape(-1)[p.flat]
+        torch.testing.assert_close(spmm(p.crow, p.col, val, x, None, 96), x @ w.t(), **TOL)
+        dx = spmm(p.crow_t, p.col_t, val[p.perm].contiguous(), dy, None, 64)
+        torch.testing.assert_close(dx, dy @ w, **TOL)
+        torch.testing.assert_close(sddmm(p, dy, x), (dy.t() @ x).reshape(-1)[p.flat], **TOL)
+
+
+def test_pattern_is_identical_on_both_backends_and_transposes(monkeypatch) -> None:
+    w = _weight(3, 37, 53, 0.1, "empty_rows")
+    pats = []
+    for name in BACKENDS:
+        monkeypatch.setenv(ENV, name)
+        pats.append(build_pattern(w))
+    for p in pats:
+        dense_t = torch.zeros(53, 37)
+        rows = torch.repeat_interleave(torch.arange(53), p.crow_t.diff())
+        dense_t[rows, p.col_t.long()] = w.reshape(-1)[p.flat][p.perm]
+        assert torch.equal(dense_t, w.t())
+        for f in ("crow", "col", "flat", "crow_t", "col_t", "perm"):
+            assert torch.equal(getattr(p, f), getattr(pats[0], f)), f
+
+
+def test_cached_pattern_follows_in_place_weight_changes() -> None:
+    w = _weight(0, 16, 16, 0.2, "plain")
+    state = LinearKernelState()
+    x = torch.randn(4, 16)
+    sparse_linear(x, w, None, state)
+    first = state.pattern
+    sparse_linear(x, w, None, state)
+    assert state.pattern is first  # unchanged weight: no rebuild
+    w[0, 0] = 5.0  # in-place edit bumps the version counter
+    torch.testing.assert_close(sparse_linear(x, w, None, state), x @ w.t(), **TOL)
+    assert state.pattern is not first
+
+
+def test_dense_weights_and_other_dtypes_take_the_dense_path(monkeypatch) -> None:
+    monkeypatch.setenv(BELOW, "0.5")
+    state = LinearKernelState()
+    w = torch.randn(8, 8)  # density 1 > 0.5: F.linear, no pattern cached
+    sparse_linear(torch.randn(2, 8), w, None, state)
+    assert state.pattern is None
+    w64 = torch.randn(8, 8, dtype=torch.float64) * (torch.rand(8, 8) < 0.1)
+    y = sparse_linear(torch.randn(2, 8, dtype=torch.float64), w64, None, state)
+    assert y.dtype == torch.float64 and state.pattern is None
+    monkeypatch.setenv(BELOW, "0")
+    sparse_linear(torch.randn(2, 8), w * 0, None, state)
+    assert state.pattern is None

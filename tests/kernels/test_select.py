@@ -1,0 +1,154 @@
+"""AbsTopK and the top-k projection against a sort-based reference, on both backends."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsecircuits.kernels import abstopk, backend, project_topk_, topk_mask
+from sparsecircuits.kernels._lib import ENV, library_path
+
+BACKENDS = ["torch"] + (["cpp"] if library_path() is not None else [])
+
+
+def reference_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Stable top-k by a full sort: largest first, ties to the lowest index."""
+    order = torch.sort(-score, dim=-1, stable=True).indices[..., :k]
+    return torch.zeros_like(score, dtype=torch.bool).scatter(-1, order, True)
+
+
+def _data(seed: int, shape: tuple[int, int], kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if kind == "ties":  # few distinct magnitudes, both signs: many exact ties
+        x = (x * 2).round() / 2
+    elif kind == "zero_rows":
+        x[::2] = 0.0
+    elif kind == "sparse":  # mostly zeros, like q/k/v of a weight-sparse model
+        x = x * (torch.rand(shape, generator=g) < 0.1)
+    elif kind == "scales":  # rows at wildly different scales
+        x = x * torch.logspace(-20, 20, shape[0])[:, None]
+    return x
+
+
+def _with_backend(name: str):
+    os.environ[ENV] = name
+
+
+@pytest.fixture(autouse=True)
+def _restore_env():
+    old = os.environ.get(ENV)
+    yield
+    if old is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = old
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.integers(1, 40),
+    n=st.integers(1, 300),
+    kfrac=st.floats(0.0, 1.0),
+    kind=st.sampled_from(["normal", "ties", "zero_rows", "sparse", "scales"]),
+)
+def test_abstopk_matches_the_stable_reference_fwd_and_bwd(seed, rows, n, kfrac, kind) -> None:
+    x = _data(seed, (rows, n), kind)
+    k = round(kfrac * n)
+    want_mask = reference_mask(x.abs(), k)
+    want = torch.where(want_mask, x, 0.0)
+    gy = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed + 1))
+    outs = []
+    for name in BACKENDS:
+        _with_backend(name)
+        xx = x.clone().requires_grad_(True)
+        y = abstopk(xx, k)
+        y.backward(gy)
+        assert torch.equal(y, want), name
+        assert torch.equal(xx.grad, torch.where(want_mask, gy, 0.0)), name
+        outs.append(y)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_abstopk_values_equal_torch_topk_scatter_without_sign_ties(name: str) -> None:
+    _with_backend(name)
+    x = torch.randn(64, 3, 96)
+    x[0, 0] = 0.0  # an all-zero row: every kept entry is a tied zero
+    idx = x.abs().topk(24, dim=-1).indices
+    want = torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+    assert torch.equal(abstopk(x, 24), want)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_abstopk_reads_strided_views_without_copying_wrongly(name: str) -> None:
+    _with_backend(name)
+    qkv = torch.randn(4, 10, 48)
+    q = qkv[..., 16:32]  # a split view: rows of 16 with row stride 48
+    assert torch.equal(abstopk(q, 4), abstopk(q.contiguous(), 4))
+    t = torch.randn(6, 20).t()  # a transposed view: column stride 20
+    assert torch.equal(abstopk(t, 3), torch.where(reference_mask(t.abs(), 3), t, 0.0))
+
+
+def test_abstopk_k_at_or_above_width_is_identity_and_float64_uses_torch() -> None:
+    x = torch.randn(3, 5)
+    assert abstopk(x, 5) is x
+    x64 = torch.randn(8, 12, dtype=torch.float64)
+    assert torch.equal(abstopk(x64, 3), torch.where(reference_mask(x64.abs(), 3), x64, 0.0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.integers(1, 30),
+    cols=st.integers(1, 200),
+    kfrac=st.floats(0.0, 1.0),
+    floor=st.integers(0, 6),
+    kind=st.sampled_from(["normal", "ties", "zero_rows", "sparse"]),
+)
+def test_projection_keeps_exactly_k_with_the_row_floor(seed, rows, cols, kfrac, floor, kind):
+    w0 = _data(seed, (rows, cols), kind)
+    k = max(1, round(kfrac * rows * cols))
+    floor = min(floor, cols, k // rows)
+    # Reference: protect each row's stable top-floor, then a stable global top-k.
+    score = w0.abs()
+    if floor:
+        score[reference_mask(score, floor)] = torch.inf
+    want_mask = reference_mask(score.view(1, -1), k).view_as(w0)
+    results = []
+    for name in BACKENDS:
+        _with_backend(name)
+        w = w0.clone()
+        mask = project_topk_(w, k, floor=floor)
+        assert torch.equal(mask, want_mask), name
+        assert torch.equal(w, torch.where(want_mask, w0, 0.0)), name
+        assert int(mask.sum()) == min(k, w.numel())
+        if floor:
+            assert int(mask.sum(dim=1).min()) >= floor
+        results.append(w)
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_projection_of_a_vector_has_no_floor() -> None:
+    b = torch.tensor([0.5, -3.0, 0.1, 2.0])
+    mask = project_topk_(b, 2, floor=4)
+    assert mask.tolist() == [False, True, False, True]
+    assert b.tolist() == [0.0, -3.0, 0.0, 2.0]
+
+
+def test_topk_mask_edge_cases() -> None:
+    s = torch.tensor([[1.0, 1.0, 1.0]])
+    assert topk_mask(s, 2).tolist() == [[True, True, False]]
+    assert topk_mask(s, 0).sum() == 0 and topk_mask(s, 9).all()
+
+
+def test_forcing_the_fallback_and_the_compiled_library(force_torch) -> None:
+    assert backend() == "torch"
+    os.environ[ENV] = "nonsense"
+    with pytest.raises(Exception, match="SPARSECIRCUITS_KERNELS"):
+        backend()
