@@ -21,6 +21,11 @@ class SparsityConfig(StrictModel):
     dense_embeddings: bool = False  # keep wte/wpe dense (official flag)
     dense_unembed: bool = False  # keep lm_head dense
     dense_biases: bool = False  # keep block biases dense
+    # Weight gradient: "exact" = dense dW and a top-k projection every step (the paper);
+    # "fast" = dW only on the current support, with a dense dW + projection (regrowth) every
+    # `regrow_every` steps and on every step whose L0 budget changes (the anneal).
+    weight_grad: Literal["exact", "fast"] = "exact"
+    regrow_every: int = 10
 
     @model_validator(mode="after")
     def _check(self) -> SparsityConfig:
@@ -30,6 +35,8 @@ class SparsityConfig(StrictModel):
             raise ValueError("need 0 <= anneal_start <= anneal_end <= 1")
         if self.min_per_neuron < 0:
             raise ValueError("min_per_neuron must be >= 0")
+        if self.regrow_every < 1:
+            raise ValueError("regrow_every must be >= 1")
         return self
 
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from sparsecircuits.errors import CheckpointError, ConfigError, DataError
 from sparsecircuits.fileio import atomic_dir, atomic_write_json, cache_root, read_json_object
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.io import SPARSITY_FILE, save_model
+from sparsecircuits.model.layers import set_weight_grad
 from sparsecircuits.model.sparsity import WeightSparsity, sparse_parameter_names
 from sparsecircuits.train import distributed as D
 from sparsecircuits.train.bigram import bigram_log_probs
@@ -33,10 +34,12 @@ from sparsecircuits.train.checkpoint import (
 )
 from sparsecircuits.train.config import OptimConfig, TrainConfig
 from sparsecircuits.train.metrics import MetricsLog, evaluate
-from sparsecircuits.train.optim import build_optimizer, control_grad_rms_
+from sparsecircuits.train.optim import build_optimizer, control_grad_rms_, support_mass_ratio
 from sparsecircuits.train.schedule import l0_fraction, lr_at
 
 log = logging.getLogger(__name__)
+
+StepMode = Literal["exact", "regrow", "support"]
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -231,10 +234,16 @@ class Trainer:
         elapsed_before = state.elapsed_s
         val_loss = math.nan
         model.train()
+        prev_frac = None  # L0 fraction of the previous step of this invocation
         for step in range(state.step, cfg.steps):
             t0 = time.perf_counter()
             frac = l0_fraction(step, cfg.steps, sp)
             lr = lr_at(step, cfg.steps, cfg.optim, frac)
+            mode: StepMode = "exact"
+            if sp.weight_grad == "fast":
+                changed = frac != prev_frac or step % sp.regrow_every == 0
+                mode = "regrow" if changed else "support"
+            prev_frac = frac
             x, y = self._batch(train, step, lo, local)
             loss, grad_rms = train_step(
                 model,
@@ -244,6 +253,7 @@ class Trainer:
                 y,
                 lr=lr,
                 frac=frac,
+                mode=mode,
                 optim=cfg.optim,
                 dist=self.dist,
                 precision=cfg.precision,
@@ -337,24 +347,37 @@ def train_step(
     *,
     lr: float,
     frac: float,
+    mode: StepMode = "exact",
     optim: OptimConfig,
     dist: D.DistInfo = D.SINGLE_PROCESS,
     precision: str = "fp32",
 ) -> tuple[float, float]:
     """One optimizer step on (x, y) (B, T): forward/backward, gradient averaging over ranks,
     RMS control, AdamW at ``lr``, then the top-k projection at L0 fraction ``frac``.
+
+    ``mode``: "exact" (the paper: dense weight gradients, projection every step); the fast
+    mode's "regrow" steps (the same, and they measure which share of the gradient lies on
+    the supports) and "support" steps (weight gradients only on the current supports, which
+    are kept instead of projected again; the gradient RMS is estimated with that share).
     Returns (this rank's loss in nats/token, gradient RMS before rescaling)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    support = mode == "support" and bool(sparsity.masks)
+    set_weight_grad(model, "support" if support else "dense")
     with autocast_context(precision, x.device):
         _, loss = model(x, y)  # the loss itself is computed in fp32 (see GPT.forward)
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     D.average_gradients_(params, dist)
-    grad_rms = control_grad_rms_(params, optim)
+    if mode == "regrow":
+        sparsity.grad_mass = support_mass_ratio(dict(model.named_parameters()), sparsity.masks)
+    grad_rms = control_grad_rms_(params, optim, mass_ratio=sparsity.grad_mass if support else 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    sparsity.project_(frac)
+    if support:
+        sparsity.keep_support_()
+    else:
+        sparsity.project_(frac)
     return float(loss.detach()), grad_rms
 
 
