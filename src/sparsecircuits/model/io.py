@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -16,9 +16,15 @@ from safetensors.torch import save_file
 
 from sparsecircuits.errors import CheckpointError, ConfigError
 from sparsecircuits.fileio import atomic_write, atomic_write_json, read_json_object
-from sparsecircuits.model.compact import compact_state, expand_state
+from sparsecircuits.model.compact import META_KEY, compact_state, expand_state
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.model.gpt import GPT
+from sparsecircuits.model.sparse_storage import (
+    CSRLinear,
+    csr_from_flat,
+    csr_module_names,
+    install_csr_,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +176,23 @@ def resolve_model_dir(spec: str | Path) -> Path:
     raise CheckpointError(f"{spec}: no such model directory or shipped model (shipped: {known})")
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> GPT:
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    storage: Literal["dense", "sparse"] = "dense",
+) -> GPT:
     """Load a model in our format or OpenAI's official format; returns it in eval mode.
 
     ``path``: anything :func:`resolve_model_dir` accepts (a directory, a run, a shipped model's
     name). Official directories need ``beeg_config.json`` and ``final_model.pt`` (legacy keys such
     as ``n_mlp`` are understood); the result gives the logits of the official inference code.
+    ``storage="sparse"`` (CPU inference) keeps weights stored as indices + values as CSR
+    nonzeros only, never allocating their dense matrices (``model/sparse_storage.py``).
     """
     path = resolve_model_dir(path)
+    if storage == "sparse" and (path / CONFIG_FILE).exists():
+        return _load_sparse(path).eval()
     if (path / CONFIG_FILE).exists():
         config = read_config(path)
         state = _read_safetensors(path / WEIGHTS_FILE)
@@ -189,13 +204,17 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> GPT:
             f"{path}: expected {CONFIG_FILE} + {WEIGHTS_FILE} (sparsecircuits) or "
             f"{OFFICIAL_CONFIG_FILE} + {OFFICIAL_WEIGHTS_FILE} (official circuit-sparsity)"
         )
-    model = GPT(config)
-    load_state(model, state, source=str(path))
+    with torch.device("meta"):  # no throw-away random init: the state's tensors are used
+        model = GPT(config)
+    load_state(model, state, source=str(path), assign=True)
     return model.to(device).eval()
 
 
-def load_state(model: GPT, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """Load ``state`` into ``model``; any missing, unexpected or misshapen key is an error."""
+def load_state(
+    model: GPT, state: dict[str, torch.Tensor], *, source: str, assign: bool = False
+) -> None:
+    """Load ``state`` into ``model``; any missing, unexpected or misshapen key is an error.
+    ``assign`` adopts the state's tensors instead of copying (for a model built on "meta")."""
     tied = model.config.tied_unembed
     if tied and "lm_head.weight" not in state and "transformer.wte.weight" in state:
         state = {**state, "lm_head.weight": state["transformer.wte.weight"]}
@@ -223,19 +242,66 @@ def load_state(model: GPT, state: dict[str, torch.Tensor], *, source: str) -> No
             f"{source}: the config ties the unembedding to the embedding (tied_unembed), but "
             "'lm_head.weight' differs from 'transformer.wte.weight'"
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
+    if tied:  # assignment gives the two names separate Parameters: share one again
+        model.lm_head.weight = model.transformer.wte.weight
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    return expand_state(*_read_raw(path), source=str(path))
+
+
+def _read_raw(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.exists():
         raise CheckpointError(f"{path}: file not found")
     try:
         with safe_open(path, framework="pt") as f:
-            metadata = f.metadata()
+            metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({err})") from None
-    return expand_state(tensors, metadata, source=str(path))
+    return tensors, metadata
+
+
+def _load_sparse(path: Path) -> GPT:
+    """Our format with sparse storage: compact weights become CSR modules directly."""
+    config = read_config(path)
+    tensors, metadata = _read_raw(path / WEIGHTS_FILE)
+    try:
+        index = json.loads(metadata.get(META_KEY, "{}"))
+    except ValueError as err:
+        raise CheckpointError(f"{path / WEIGHTS_FILE}: bad compact metadata ({err})") from None
+    with torch.device("meta"):
+        model = GPT(config)
+    csr: dict[str, tuple[tuple[int, int], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for name in csr_module_names(model):
+        key, lin = f"{name}.weight", model.get_submodule(name)
+        if index.get(key, {}).get("encoding") == "sparse":
+            shape = (lin.out_features, lin.in_features)
+            crow, col = csr_from_flat(*shape, tensors.pop(key + "::idx"))
+            csr[name] = (shape, crow, col, tensors.pop(key + "::val"))
+            index.pop(key)
+    rest = expand_state(tensors, {META_KEY: json.dumps(index)}, source=str(path))
+    for name, (shape, crow, col, values) in csr.items():
+        bias = rest.pop(f"{name}.bias", None)
+        install_csr_(model, name, CSRLinear(shape, crow, col, values, bias))
+    if config.tied_unembed and "transformer.wte.weight" in rest:
+        rest["lm_head.weight"] = rest["transformer.wte.weight"]
+    owned = {f"{n}.{leaf}" for n in csr for leaf in ("values", "bias")}
+    needed = set(model.state_dict()) - owned
+    missing, unexpected = sorted(needed - set(rest)), sorted(set(rest) - needed)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the config (missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]})"
+        )
+    model.load_state_dict(rest, strict=False, assign=True)  # adopt, never copy
+    if config.tied_unembed:  # assignment gives the two names separate Parameters: re-tie
+        model.lm_head.weight = model.transformer.wte.weight
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:  # every tensor must come from the file
+        raise CheckpointError(f"{path}: no weights for {', '.join(left[:4])}")
+    return model
 
 
 def official_config(path: Path) -> GPTConfig:
