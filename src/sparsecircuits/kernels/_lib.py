@@ -21,6 +21,7 @@ from sparsecircuits.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ENV = "SPARSECIRCUITS_KERNELS"
+LIB_ENV = "SPARSECIRCUITS_KERNELS_LIB"
 Backend = Literal["cpp", "torch"]
 _MODULE = "sparsecircuits.kernels._sckernels"
 
@@ -44,7 +45,10 @@ _SIGNATURES: dict[str, list] = {
 
 
 def library_path() -> Path | None:
-    """Where the install put the compiled library, or None when it was not built."""
+    """Where the install put the compiled library (or ``$SPARSECIRCUITS_KERNELS_LIB``, a
+    library built by hand), or None when it was not built."""
+    if os.environ.get(LIB_ENV):
+        return Path(os.environ[LIB_ENV])
     spec = importlib.util.find_spec(_MODULE)
     return Path(spec.origin) if spec is not None and spec.origin else None
 

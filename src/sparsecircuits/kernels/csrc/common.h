@@ -9,6 +9,13 @@
 // otherwise: GCC/Clang vector extensions keep the kernels portable without intrinsics.
 typedef float v8f __attribute__((vector_size(32)));
 
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+static inline bool any8(v8u m) {
+  const v8u a = m | __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3);
+  return (a[0] | a[1] | a[2] | a[3]) != 0;
+}
+
 static inline v8f load8(const float* p) {
   v8f r;
   std::memcpy(&r, p, sizeof(r));

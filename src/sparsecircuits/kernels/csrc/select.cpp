@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -50,30 +51,36 @@ inline int64_t boundary_bin(const uint32_t* hist, int64_t lo, int64_t hi, int64_
 Cut cut_in_bin(const uint32_t* keys, int64_t n, int64_t b, int64_t kk, int64_t in_bin,
                std::vector<uint32_t>& cand) {
   if (in_bin == kk) return Cut{(b << SHIFT) - 1, 0};  // the whole bin is kept
-  cand.resize(n + 1);
-  int64_t m = 0;
-  for (int64_t i = 0; i < n; ++i) {  // branchless gather of the bin's keys
+  cand.resize(n + 8);
+  int64_t m = 0, i = 0;
+  const uint32_t bin = static_cast<uint32_t>(b);
+  for (; i + 8 <= n; i += 8) {  // test 8 keys at once; most groups hold none of the bin
+    v8u kv;
+    std::memcpy(&kv, keys + i, sizeof(kv));
+    const v8u hit = (kv >> SHIFT) == bin;
+    if (!any8(hit)) continue;
+    for (int l = 0; l < 8; ++l) {
+      cand[m] = keys[i + l];
+      m += hit[l] != 0;
+    }
+  }
+  for (; i < n; ++i) {
     cand[m] = keys[i];
-    m += static_cast<int64_t>(keys[i] >> SHIFT) == b;
+    m += (keys[i] >> SHIFT) == bin;
   }
   std::nth_element(cand.begin(), cand.begin() + (kk - 1), cand.begin() + m,
                    std::greater<uint32_t>());
   const uint32_t T = cand[kk - 1];
   int64_t gt = 0;
-  for (int64_t i = 0; i < m; ++i) gt += cand[i] > T;
+  for (int64_t j = 0; j < m; ++j) gt += cand[j] > T;
   return Cut{static_cast<int64_t>(T), kk - gt};
 }
 
-// Cut for the k largest of keys[0..n), 0 < k < n; `hist` (BINS) is zero on entry and exit.
-Cut select_cut(const uint32_t* keys, int64_t n, int64_t k, uint32_t* hist,
-               std::vector<uint32_t>& cand) {
-  int64_t lo = BINS - 1, hi = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t b = keys[i] >> SHIFT;
-    hist[b]++;
-    lo = std::min(lo, b);
-    hi = std::max(hi, b);
-  }
+// Cut for the k largest of keys[0..n), 0 < k < n, whose bins (key >> SHIFT) lie in lo..hi;
+// `hist` (BINS) is zero on entry and exit.
+Cut select_cut(const uint32_t* keys, int64_t n, int64_t k, int64_t lo, int64_t hi,
+               uint32_t* hist, std::vector<uint32_t>& cand) {
+  for (int64_t i = 0; i < n; ++i) hist[keys[i] >> SHIFT]++;
   int64_t above;
   const int64_t b = boundary_bin(hist, lo, hi, k, &above);
   const int64_t in_bin = hist[b];
@@ -81,13 +88,43 @@ Cut select_cut(const uint32_t* keys, int64_t n, int64_t k, uint32_t* hist,
   return cut_in_bin(keys, n, b, k - above, in_bin, cand);
 }
 
+// keys[i] = |x[i]| as uint32; returns the (lowest, highest) bin.
+inline std::pair<int64_t, int64_t> make_keys(const float* x, int64_t n, uint32_t* keys) {
+  v8u vmin = {}, vmax = {};
+  vmin = ~vmin;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v8u kv;
+    std::memcpy(&kv, x + i, sizeof(kv));
+    kv &= 0x7fffffffu;
+    std::memcpy(keys + i, &kv, sizeof(kv));
+    vmin = kv < vmin ? kv : vmin;
+    vmax = kv > vmax ? kv : vmax;
+  }
+  uint32_t mn = 0xffffffffu, mx = 0;
+  for (int l = 0; l < 8; ++l) {
+    mn = std::min(mn, static_cast<uint32_t>(vmin[l]));
+    mx = std::max(mx, static_cast<uint32_t>(vmax[l]));
+  }
+  for (; i < n; ++i) {
+    keys[i] = abs_key(x[i]);
+    mn = std::min(mn, keys[i]);
+    mx = std::max(mx, keys[i]);
+  }
+  return {mn >> SHIFT, mx >> SHIFT};
+}
+
 // mask[i] = 1 for the kept entries of keys[0..n) under `cut` (ties: lowest index first).
 inline void apply_cut(const uint32_t* keys, int64_t n, Cut cut, uint8_t* mask) {
-  const int64_t T = cut.T;
-  for (int64_t i = 0; i < n; ++i) mask[i] = static_cast<int64_t>(keys[i]) > T;
+  if (cut.T < 0) {
+    std::memset(mask, 1, n);
+    return;
+  }
+  const uint32_t t = static_cast<uint32_t>(cut.T);
+  for (int64_t i = 0; i < n; ++i) mask[i] = keys[i] > t;
   int64_t need = cut.need;
   for (int64_t i = 0; i < n && need > 0; ++i) {
-    if (static_cast<int64_t>(keys[i]) == T) {
+    if (keys[i] == t) {
       mask[i] = 1;
       --need;
     }
@@ -114,8 +151,9 @@ SC_EXPORT void sc_abstopk(const float* x, int64_t ld, float* y, uint8_t* mask, i
       const float* xr = x + r * ld;
       float* yr = y + r * n;
       uint8_t* mr = mask + r * n;
-      for (int64_t i = 0; i < n; ++i) keys[i] = abs_key(xr[i]);
-      const Cut cut = k >= n ? Cut{-1, 0} : select_cut(keys.data(), n, k, hist.data(), cand);
+      const auto [lo, hi] = make_keys(xr, n, keys.data());
+      const Cut cut =
+          k >= n ? Cut{-1, 0} : select_cut(keys.data(), n, k, lo, hi, hist.data(), cand);
       apply_cut(keys.data(), n, cut, mr);
       for (int64_t i = 0; i < n; ++i) yr[i] = mr[i] ? xr[i] : 0.0f;
     }
@@ -140,11 +178,11 @@ SC_EXPORT void sc_project_topk(float* w, uint8_t* mask, int64_t rows, int64_t co
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       uint32_t* kr = keys.data() + r * cols;
-      for (int64_t c = 0; c < cols; ++c) kr[c] = abs_key(w[r * cols + c]);
+      const auto [lo, hi] = make_keys(w + r * cols, cols, kr);
       if (floor > 0) {
         // Protected entries get a key above every real |w| (real keys are < 2^31).
-        const Cut cut =
-            floor >= cols ? Cut{-1, 0} : select_cut(kr, cols, floor, rhist.data(), cand);
+        const Cut cut = floor >= cols ? Cut{-1, 0}
+                                      : select_cut(kr, cols, floor, lo, hi, rhist.data(), cand);
         apply_cut(kr, cols, cut, rmask.data());
         for (int64_t c = 0; c < cols; ++c)
           if (rmask[c]) kr[c] = 0xffffffffu;
