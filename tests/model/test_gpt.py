@@ -264,3 +264,32 @@ def test_sink_gradient_matches_the_explicit_mask_path() -> None:
     (g_masked,) = torch.autograd.grad(masked.square().sum(), attn.sink_logit)
     torch.testing.assert_close(fused, masked, rtol=0, atol=1e-5)
     torch.testing.assert_close(g_fused, g_masked, rtol=1e-4, atol=1e-6)
+
+
+def test_flash_sink_path_matches_the_padded_and_masked_paths_with_gradients() -> None:
+    """The CPU flash-kernel sink (log-sum-exp correction) equals the padded-channel path and
+    the explicit-mask path in outputs and in q, k, v and sink-logit gradients."""
+    model = tiny_model(seed=8)
+    attn = model.transformer.h[0].attn.attn_imp
+    with torch.no_grad():
+        attn.sink_logit.copy_(torch.linspace(-2.0, 3.0, attn.sink_logit.numel()))
+    g = torch.Generator().manual_seed(8)
+    H = model.config.n_head
+    base = [torch.randn(3, 13, H, 8, generator=g) for _ in range(3)]
+    visible = torch.ones(13, 13, dtype=torch.bool).tril()[None]
+    results = []
+    for path in ("flash", "padded", "masked"):
+        qkv = [t.clone().requires_grad_(True) for t in base]
+        q, k, v = (t.transpose(1, 2) for t in qkv)  # strided views, as in the model
+        if path == "flash":
+            y = attn._causal(q, k, v)
+        elif path == "padded":
+            y = attn._causal_padded(q, k, v)
+        else:
+            y = attn(q, k, v, visible)
+        grads = torch.autograd.grad(y.square().sum(), [*qkv, attn.sink_logit])
+        results.append((y, grads))
+    for y, grads in results[1:]:
+        torch.testing.assert_close(results[0][0], y, rtol=0, atol=1e-5)
+        for a, b in zip(results[0][1], grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
