@@ -134,6 +134,13 @@ def _node_label(node_id: str, delta: float | None) -> str:
 
 
 def layer_page(ctx: Ctx) -> None:
+    _layer_view(ctx)
+
+
+# Fragments: a click, the threshold slider or the node picker reruns only the view and its
+# inspector, not the whole app (sidebar, read-out, circuit loading): clicks stay under 1 s.
+@st.fragment
+def _layer_view(ctx: Ctx) -> None:
     doc = ctx.doc
     counts = [sum(n.layer == layer for n in doc.nodes) for layer in range(doc.model.n_layer)]
     layer = st.session_state.get(state.LAYER)
@@ -172,6 +179,11 @@ def graph_page(ctx: Ctx) -> None:
         "target logits last when analysis.json is present). Hover a node for its details, click "
         "it to inspect it."
     )
+    _graph_view(ctx)
+
+
+@st.fragment
+def _graph_view(ctx: Ctx) -> None:
     threshold = _threshold(ctx, "graph")
     fig = circuit_figure(
         ctx.doc, ctx.analysis, edge_threshold=threshold, selected=st.session_state.get(state.NODE)
