@@ -16,17 +16,17 @@
 #include <vector>
 
 #include "common.h"
+#include "simd.h"
 
 namespace {
 
+using sc_simd::gather_bin;
+using sc_simd::keep_above;
+using sc_simd::make_keys;
+
 constexpr int SHIFT = 20;
 constexpr int64_t BINS = int64_t{1} << (32 - SHIFT);
-
-inline uint32_t abs_key(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  return u & 0x7fffffffu;
-}
+constexpr int64_t REFINE_ABOVE = 48;  // candidates beyond which a second radix pass pays
 
 // Keep key > T, plus the first `need` keys equal to T (T == -1, need == 0: keep all).
 struct Cut {
@@ -47,85 +47,80 @@ inline int64_t boundary_bin(const uint32_t* hist, int64_t lo, int64_t hi, int64_
   return b;
 }
 
-// The cut for the kk-th largest key among the keys of bin b (kk <= keys in the bin).
-Cut cut_in_bin(const uint32_t* keys, int64_t n, int64_t b, int64_t kk, int64_t in_bin,
-               std::vector<uint32_t>& cand) {
-  if (in_bin == kk) return Cut{(b << SHIFT) - 1, 0};  // the whole bin is kept
-  cand.resize(n + 8);
-  int64_t m = 0, i = 0;
-  const uint32_t bin = static_cast<uint32_t>(b);
-  for (; i + 8 <= n; i += 8) {  // test 8 keys at once; most groups hold none of the bin
-    v8u kv;
-    std::memcpy(&kv, keys + i, sizeof(kv));
-    const v8u hit = (kv >> SHIFT) == bin;
-    if (!any8(hit)) continue;
-    for (int l = 0; l < 8; ++l) {
-      cand[m] = keys[i + l];
-      m += hit[l] != 0;
+// The kk-th largest of cand[0..m) (1 <= kk <= m), keys that share their top 12 bits.
+// Reorders cand; `tmp` holds m + 8 keys.
+uint32_t kth_largest(uint32_t* cand, int64_t m, int64_t kk, uint32_t* tmp) {
+  if (m > REFINE_ABOVE) {  // one more radix digit (bits 19..12) instead of a long nth_element
+    uint32_t h[256] = {0};
+    for (int64_t j = 0; j < m; ++j) h[(cand[j] >> 12) & 255u]++;
+    int64_t acc = 0, b = 255;
+    for (; b > 0; --b) {
+      if (acc + h[b] >= kk) break;
+      acc += h[b];
     }
+    kk -= acc;
+    const uint32_t top = (cand[0] >> SHIFT << 8) | static_cast<uint32_t>(b);
+    m = gather_bin(cand, m, 12, top, tmp);
+    cand = tmp;
   }
-  for (; i < n; ++i) {
-    cand[m] = keys[i];
-    m += (keys[i] >> SHIFT) == bin;
-  }
-  std::nth_element(cand.begin(), cand.begin() + (kk - 1), cand.begin() + m,
-                   std::greater<uint32_t>());
-  const uint32_t T = cand[kk - 1];
+  std::nth_element(cand, cand + (kk - 1), cand + m, std::greater<uint32_t>());
+  return cand[kk - 1];
+}
+
+// The cut for the kk-th largest key among the `in_bin` keys of bin b (kk <= in_bin).
+Cut cut_in_bin(const uint32_t* keys, int64_t n, int64_t b, int64_t kk, int64_t in_bin,
+               std::vector<uint32_t>& cand, std::vector<uint32_t>& tmp) {
+  if (in_bin == kk) return Cut{(b << SHIFT) - 1, 0};  // the whole bin is kept
+  cand.resize(in_bin + 8);
+  tmp.resize(in_bin + 8);
+  const int64_t m = gather_bin(keys, n, SHIFT, static_cast<uint32_t>(b), cand.data());
+  const uint32_t T = kth_largest(cand.data(), m, kk, tmp.data());
   int64_t gt = 0;
   for (int64_t j = 0; j < m; ++j) gt += cand[j] > T;
   return Cut{static_cast<int64_t>(T), kk - gt};
 }
 
-// Cut for the k largest of keys[0..n), 0 < k < n, whose bins (key >> SHIFT) lie in lo..hi;
-// `hist` (BINS) is zero on entry and exit.
-Cut select_cut(const uint32_t* keys, int64_t n, int64_t k, int64_t lo, int64_t hi,
-               uint32_t* hist, std::vector<uint32_t>& cand) {
-  for (int64_t i = 0; i < n; ++i) hist[keys[i] >> SHIFT]++;
-  int64_t above;
-  const int64_t b = boundary_bin(hist, lo, hi, k, &above);
-  const int64_t in_bin = hist[b];
-  std::memset(hist + lo, 0, sizeof(uint32_t) * (hi - lo + 1));
-  return cut_in_bin(keys, n, b, k - above, in_bin, cand);
-}
-
-// keys[i] = |x[i]| as uint32; returns the (lowest, highest) bin.
-inline std::pair<int64_t, int64_t> make_keys(const float* x, int64_t n, uint32_t* keys) {
-  v8u vmin = {}, vmax = {};
-  vmin = ~vmin;
+// Cut for the k largest of keys[0..n), 0 < k < n, with keys in [mn, mx];
+// `hist` (4 * BINS: four interleaved counters per bin, so that equal bins in nearby keys do
+// not serialise on one counter) is zero on entry and exit.
+Cut select_cut(const uint32_t* keys, int64_t n, int64_t k, uint32_t mn, uint32_t mx,
+               uint32_t* hist, std::vector<uint32_t>& cand, std::vector<uint32_t>& tmp) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    v8u kv;
-    std::memcpy(&kv, x + i, sizeof(kv));
-    kv &= 0x7fffffffu;
-    std::memcpy(keys + i, &kv, sizeof(kv));
-    vmin = kv < vmin ? kv : vmin;
-    vmax = kv > vmax ? kv : vmax;
+  for (; i + 4 <= n; i += 4) {
+    hist[(keys[i] >> SHIFT) * 4]++;
+    hist[(keys[i + 1] >> SHIFT) * 4 + 1]++;
+    hist[(keys[i + 2] >> SHIFT) * 4 + 2]++;
+    hist[(keys[i + 3] >> SHIFT) * 4 + 3]++;
   }
-  uint32_t mn = 0xffffffffu, mx = 0;
-  for (int l = 0; l < 8; ++l) {
-    mn = std::min(mn, static_cast<uint32_t>(vmin[l]));
-    mx = std::max(mx, static_cast<uint32_t>(vmax[l]));
+  for (; i < n; ++i) hist[(keys[i] >> SHIFT) * 4]++;
+  const int64_t lo = mn >> SHIFT, hi = mx >> SHIFT;
+  int64_t acc = 0, b = hi, in_bin = 0;
+  for (; b >= lo; --b) {
+    const uint32_t* h = hist + 4 * b;
+    in_bin = h[0] + h[1] + h[2] + h[3];
+    if (acc + in_bin >= k || b == lo) break;
+    acc += in_bin;
   }
-  for (; i < n; ++i) {
-    keys[i] = abs_key(x[i]);
-    mn = std::min(mn, keys[i]);
-    mx = std::max(mx, keys[i]);
-  }
-  return {mn >> SHIFT, mx >> SHIFT};
+  std::memset(hist + 4 * lo, 0, sizeof(uint32_t) * 4 * (hi - lo + 1));
+  return cut_in_bin(keys, n, b, k - acc, in_bin, cand, tmp);
 }
 
-// mask[i] = 1 for the kept entries of keys[0..n) under `cut` (ties: lowest index first).
-inline void apply_cut(const uint32_t* keys, int64_t n, Cut cut, uint8_t* mask) {
+// mask[i] = 1 for the kept entries under `cut` (ties: lowest index first), and
+// y[i] = x[i] there, 0 elsewhere (x and y may be null).
+inline void apply_cut(const float* x, const uint32_t* keys, int64_t n, Cut cut, uint8_t* mask,
+                      float* y) {
   if (cut.T < 0) {
     std::memset(mask, 1, n);
+    if (y) std::memcpy(y, x, sizeof(float) * n);
     return;
   }
   const uint32_t t = static_cast<uint32_t>(cut.T);
-  for (int64_t i = 0; i < n; ++i) mask[i] = keys[i] > t;
+  keep_above(x, keys, n, t, mask, y);
   int64_t need = cut.need;
   for (int64_t i = 0; i < n && need > 0; ++i) {
     if (keys[i] == t) {
       mask[i] = 1;
+      if (y) y[i] = x[i];
       --need;
     }
   }
@@ -145,17 +140,14 @@ SC_EXPORT void sc_abstopk(const float* x, int64_t ld, float* y, uint8_t* mask, i
   }
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<uint32_t> keys(n), hist(BINS, 0), cand;
+    std::vector<uint32_t> keys(n), hist(4 * BINS, 0), cand, tmp;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* xr = x + r * ld;
-      float* yr = y + r * n;
-      uint8_t* mr = mask + r * n;
-      const auto [lo, hi] = make_keys(xr, n, keys.data());
+      const auto [mn, mx] = make_keys(xr, n, keys.data());
       const Cut cut =
-          k >= n ? Cut{-1, 0} : select_cut(keys.data(), n, k, lo, hi, hist.data(), cand);
-      apply_cut(keys.data(), n, cut, mr);
-      for (int64_t i = 0; i < n; ++i) yr[i] = mr[i] ? xr[i] : 0.0f;
+          k >= n ? Cut{-1, 0} : select_cut(keys.data(), n, k, mn, mx, hist.data(), cand, tmp);
+      apply_cut(xr, keys.data(), n, cut, mask + r * n, y + r * n);
     }
   }
 }
@@ -173,17 +165,18 @@ SC_EXPORT void sc_project_topk(float* w, uint8_t* mask, int64_t rows, int64_t co
   std::vector<uint32_t> keys(n), hist(BINS, 0);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<uint32_t> rhist(BINS, 0), local(BINS, 0), cand;
+    std::vector<uint32_t> rhist(4 * BINS, 0), local(BINS, 0), cand, tmp;
     std::vector<uint8_t> rmask(floor > 0 ? cols : 0);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       uint32_t* kr = keys.data() + r * cols;
-      const auto [lo, hi] = make_keys(w + r * cols, cols, kr);
+      const auto [mn, mx] = make_keys(w + r * cols, cols, kr);
       if (floor > 0) {
         // Protected entries get a key above every real |w| (real keys are < 2^31).
-        const Cut cut = floor >= cols ? Cut{-1, 0}
-                                      : select_cut(kr, cols, floor, lo, hi, rhist.data(), cand);
-        apply_cut(kr, cols, cut, rmask.data());
+        const Cut cut = floor >= cols
+                            ? Cut{-1, 0}
+                            : select_cut(kr, cols, floor, mn, mx, rhist.data(), cand, tmp);
+        apply_cut(nullptr, kr, cols, cut, rmask.data(), nullptr);
         for (int64_t c = 0; c < cols; ++c)
           if (rmask[c]) kr[c] = 0xffffffffu;
       }
@@ -194,9 +187,9 @@ SC_EXPORT void sc_project_topk(float* w, uint8_t* mask, int64_t rows, int64_t co
   }
   int64_t above;
   const int64_t b = boundary_bin(hist.data(), 0, BINS - 1, k, &above);
-  std::vector<uint32_t> cand;
-  const Cut cut = cut_in_bin(keys.data(), n, b, k - above, hist[b], cand);
-  apply_cut(keys.data(), n, cut, mask);
+  std::vector<uint32_t> cand, tmp;
+  const Cut cut = cut_in_bin(keys.data(), n, b, k - above, hist[b], cand, tmp);
+  apply_cut(nullptr, keys.data(), n, cut, mask, nullptr);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < n; ++i)
     if (!mask[i]) w[i] = 0.0f;

@@ -1,0 +1,128 @@
+// Vector helpers of the selection kernels: an AVX2 path and a portable scalar one.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace sc_simd {
+
+inline uint32_t key_of(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return u & 0x7fffffffu;
+}
+
+#if defined(__AVX2__)
+// Shuffle indices that move the set lanes of an 8-bit mask to the front (stream compaction),
+// and byte masks that spread 8 bits over 8 bytes.
+struct Tables {
+  alignas(32) uint32_t perm[256][8];
+  uint64_t bytes[256];
+  Tables() {
+    for (int m = 0; m < 256; ++m) {
+      int j = 0;
+      uint64_t b = 0;
+      for (int l = 0; l < 8; ++l) {
+        perm[m][l] = 0;
+        if (m & (1 << l)) {
+          perm[m][j++] = static_cast<uint32_t>(l);
+          b |= uint64_t{1} << (8 * l);
+        }
+      }
+      bytes[m] = b;
+    }
+  }
+};
+inline const Tables& tables() {
+  static const Tables t;
+  return t;
+}
+#endif
+
+// keys[i] = |x[i]| as uint32 (ordered like |x|); returns (min key, max key).
+inline std::pair<uint32_t, uint32_t> make_keys(const float* x, int64_t n, uint32_t* keys) {
+  uint32_t mn = 0xffffffffu, mx = 0;
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+  __m256i vmin = _mm256_set1_epi32(-1), vmax = _mm256_setzero_si256();
+  for (; i + 8 <= n; i += 8) {
+    const __m256i k = _mm256_and_si256(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), absmask);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i), k);
+    vmin = _mm256_min_epu32(vmin, k);
+    vmax = _mm256_max_epu32(vmax, k);
+  }
+  alignas(32) uint32_t a[8], b[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(a), vmin);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(b), vmax);
+  for (int l = 0; l < 8; ++l) {
+    mn = a[l] < mn ? a[l] : mn;
+    mx = b[l] > mx ? b[l] : mx;
+  }
+#endif
+  for (; i < n; ++i) {
+    keys[i] = key_of(x[i]);
+    mn = keys[i] < mn ? keys[i] : mn;
+    mx = keys[i] > mx ? keys[i] : mx;
+  }
+  return {mn, mx};
+}
+
+// out[0..m) = the keys with (key >> shift) == value, in index order; returns m.
+// `out` must hold n + 8 entries.
+inline int64_t gather_bin(const uint32_t* keys, int64_t n, int shift, uint32_t value,
+                          uint32_t* out) {
+  int64_t m = 0, i = 0;
+#if defined(__AVX2__)
+  const Tables& t = tables();
+  const __m256i want = _mm256_set1_epi32(static_cast<int>(value));
+  const __m128i sh = _mm_cvtsi32_si128(shift);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i));
+    const __m256i eq = _mm256_cmpeq_epi32(_mm256_srl_epi32(k, sh), want);
+    const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(eq));
+    if (!bits) continue;
+    const __m256i p = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.perm[bits]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m), _mm256_permutevar8x32_epi32(k, p));
+    m += __builtin_popcount(static_cast<unsigned>(bits));
+  }
+#endif
+  for (; i < n; ++i) {
+    out[m] = keys[i];
+    m += (keys[i] >> shift) == value;
+  }
+  return m;
+}
+
+// mask[i] = keys[i] > t; y[i] = mask[i] ? x[i] : 0 (y may be null).
+inline void keep_above(const float* x, const uint32_t* keys, int64_t n, uint32_t t,
+                       uint8_t* mask, float* y) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const Tables& tb = tables();
+  const __m256i bias = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i tt = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(t)), bias);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i));
+    // unsigned k > t via signed compare of both with the sign bit flipped
+    const __m256i gt = _mm256_cmpgt_epi32(_mm256_xor_si256(k, bias), tt);
+    const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(gt));
+    std::memcpy(mask + i, &tb.bytes[bits], 8);
+    if (y) {
+      const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + i), _mm256_castsi256_ps(gt));
+      _mm256_storeu_ps(y + i, v);
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    mask[i] = keys[i] > t;
+    if (y) y[i] = mask[i] ? x[i] : 0.0f;
+  }
+}
+
+}  // namespace sc_simd
