@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sparsecircuits.circuits.edges import Edge
 from sparsecircuits.circuits.nodes import Location, Node, NodeSpace
 from sparsecircuits.errors import CheckpointError
 from sparsecircuits.fileio import atomic_write_json
 from sparsecircuits.model.config import format_validation_error
-from sparsecircuits.model.gpt import GPT
-from sparsecircuits.model.io import weights_hash
+
+if TYPE_CHECKING:  # torch-free at import: the dashboard reads circuit files without torch
+    from sparsecircuits.circuits.edges import Edge
+    from sparsecircuits.model.gpt import GPT
 
 SCHEMA = "sparsecircuits.circuit"
 VERSION = 1
@@ -184,6 +185,8 @@ def load_circuit(path: str | Path, *, model: GPT | None = None) -> CircuitDoc:
 
 def check_model(doc: CircuitDoc, model: GPT, *, source: str = "circuit") -> None:
     """Raise CheckpointError unless ``model`` has the weights the circuit was found in."""
+    from sparsecircuits.model.io import weights_hash
+
     have = weights_hash(model)
     if have != doc.model.weights_hash:
         raise CheckpointError(

@@ -1,21 +1,33 @@
-"""The weight-sparse GPT, its hooks, weight-sparsity projection and checkpoint I/O."""
+"""The weight-sparse GPT, its hooks, weight-sparsity projection and checkpoint I/O.
 
-from sparsecircuits.model.config import ALL_LOCS, NODE_LOCS, GPTConfig
-from sparsecircuits.model.gpt import GPT
-from sparsecircuits.model.hooks import Hooks, site_names
-from sparsecircuits.model.io import load_model, save_model
-from sparsecircuits.model.sparsity import WeightSparsity, l0_budget, sparse_parameter_names
+Names load lazily (PEP 562), so light users such as the dashboard's first render can import
+``sparsecircuits.model.config`` without importing torch.
+"""
 
-__all__ = [
-    "ALL_LOCS",
-    "GPT",
-    "NODE_LOCS",
-    "GPTConfig",
-    "Hooks",
-    "WeightSparsity",
-    "l0_budget",
-    "load_model",
-    "save_model",
-    "site_names",
-    "sparse_parameter_names",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "ALL_LOCS": "sparsecircuits.model.config",
+    "NODE_LOCS": "sparsecircuits.model.config",
+    "GPTConfig": "sparsecircuits.model.config",
+    "GPT": "sparsecircuits.model.gpt",
+    "Hooks": "sparsecircuits.model.hooks",
+    "site_names": "sparsecircuits.model.hooks",
+    "load_model": "sparsecircuits.model.io",
+    "save_model": "sparsecircuits.model.io",
+    "WeightSparsity": "sparsecircuits.model.sparsity",
+    "l0_budget": "sparsecircuits.model.sparsity",
+    "sparse_parameter_names": "sparsecircuits.model.sparsity",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sparsecircuits.model' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -4,6 +4,8 @@ in ``viz/playground.py``."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import streamlit as st
 
 from sparsecircuits.errors import SparseCircuitsError
@@ -11,7 +13,9 @@ from sparsecircuits.viz import app_state as state
 from sparsecircuits.viz.app_figures import node_token_figure
 from sparsecircuits.viz.app_inspector import PLOT_CONFIG
 from sparsecircuits.viz.app_pages import Ctx
-from sparsecircuits.viz.playground import PlaygroundResult, TokenProb
+
+if TYPE_CHECKING:  # the playground module imports torch; it loads with the first run
+    from sparsecircuits.viz.playground import PlaygroundResult, TokenProb
 
 MODES = {"ablate": "ablate (replace by the ablation value)", "patch": "patch from a source prompt"}
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
-from sparsecircuits.circuits.masking import Ablation
-from sparsecircuits.circuits.pipeline import LoadedModel, load_for_circuits
 from sparsecircuits.circuits.schema import CIRCUIT_FILE, CircuitDoc, check_model, load_circuit
 from sparsecircuits.errors import SparseCircuitsError
-from sparsecircuits.viz import playground as pg
 from sparsecircuits.viz.analysis_schema import ANALYSIS_FILE, AnalysisDoc, load_analysis
+
+if TYPE_CHECKING:  # torch loads with the first model (playground), not on the first render
+    from sparsecircuits.circuits.masking import Ablation
+    from sparsecircuits.circuits.pipeline import LoadedModel
+    from sparsecircuits.viz import playground as pg
 from sparsecircuits.viz.app_data import (
     CircuitEntry,
     EdgeRow,
@@ -114,6 +116,8 @@ def report(directory: Path) -> dict[str, Any] | None:
 
 @st.cache_resource(show_spinner="loading the model ...", max_entries=4)
 def _model(spec: str) -> LoadedModel:
+    from sparsecircuits.circuits.pipeline import load_for_circuits
+
     return load_for_circuits(spec)
 
 
@@ -133,6 +137,8 @@ def model_for(doc: CircuitDoc, override: str | None) -> tuple[LoadedModel | None
 def ablation(
     spec: str, circuit_path: str, kind: str, _lm: LoadedModel, _doc: CircuitDoc
 ) -> Ablation:
+    from sparsecircuits.viz import playground as pg
+
     del spec, circuit_path  # cache key
     return pg.circuit_ablation(_lm, _doc, kind=kind)
 
@@ -141,6 +147,8 @@ def ablation(
 def task_example(
     spec: str, circuit_path: str, _lm: LoadedModel, _doc: CircuitDoc
 ) -> pg.TaskExample:
+    from sparsecircuits.viz import playground as pg
+
     del spec, circuit_path
     return pg.task_example(_doc, _lm.tokenizer, block_size=_lm.model.config.block_size)
 
@@ -159,6 +167,8 @@ def playground(
     _doc: CircuitDoc,
     _ablation: Ablation | None,
 ) -> pg.PlaygroundResult:
+    from sparsecircuits.viz import playground as pg
+
     del spec, circuit_path, kind
     return pg.run_playground(
         _lm.model,
