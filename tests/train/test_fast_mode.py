@@ -78,3 +78,23 @@ def test_support_mass_ratio_by_hand() -> None:
     # kept: 9 (a on the mask) + 1 (b, no mask) of 25 + 1
     assert abs(support_mass_ratio({"a": a, "b": b}, {"a": mask}) - 10 / 26) < 1e-9
     assert support_mass_ratio({"a": a}, {}) == 1.0
+
+
+def test_support_steps_reuse_the_csr_patterns_and_stay_correct(monkeypatch) -> None:
+    monkeypatch.setenv("SPARSECIRCUITS_SPARSE_BELOW", "1.01")
+    from sparsecircuits.model.layers import Linear
+
+    model, opt, sp, xy = _setup(2)
+    step = dict(lr=1e-2, frac=1 / 8, optim=OptimConfig(lr=1e-2))
+    train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], mode="regrow", **step)
+    train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], mode="support", **step)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    before = [m.kernel.pattern for m in linears]
+    assert all(p is not None for p in before)
+    train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], mode="support", **step)
+    assert all(m.kernel.pattern is p for m, p in zip(linears, before, strict=True))
+    with torch.no_grad():
+        logits, _ = model(xy[:, :-1])
+        monkeypatch.setenv("SPARSECIRCUITS_SPARSE_BELOW", "0")  # plain dense matmuls
+        dense, _ = model(xy[:, :-1])
+    torch.testing.assert_close(logits, dense, atol=1e-4, rtol=1e-4)

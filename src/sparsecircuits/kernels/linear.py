@@ -126,6 +126,16 @@ class LinearKernelState:
             self.density = int(torch.count_nonzero(weight.detach())) / max(1, weight.numel())
         return self.density
 
+    def values_changed(self, weight: torch.Tensor) -> None:
+        """The weight changed only on its cached pattern (no new nonzeros): keep the pattern
+        and density instead of rescanning. A pattern that is a superset of the nonzeros stays
+        correct (its extra entries hold 0)."""
+        key = (weight.data_ptr(), weight._version)
+        if self.pattern is not None and self.key == self.pattern_key:
+            self.pattern_key = key
+        if self.key is not None:
+            self.key = key
+
     def pattern_for(self, weight: torch.Tensor) -> CSRPattern:
         key = (weight.data_ptr(), weight._version)
         if self.pattern is None or self.pattern_key != key:

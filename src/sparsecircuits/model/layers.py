@@ -31,6 +31,15 @@ def set_weight_grad(model: nn.Module, mode: GradMode) -> None:
             m.kernel.grad_mode = mode
 
 
+def weights_kept_support(model: nn.Module, weights: list[torch.Tensor]) -> None:
+    """These weights changed only where they were nonzero (the fast training mode's steps
+    between regrowths): the ``Linear`` layers using them keep their cached CSR patterns."""
+    kept = {id(w) for w in weights}
+    for m in model.modules():
+        if isinstance(m, Linear) and id(m.weight) in kept:
+            m.kernel.values_changed(m.weight)
+
+
 class ActSparsity:
     """AbsTopK at the configured node locations: ``k = int(afrac * width)`` per token."""
 

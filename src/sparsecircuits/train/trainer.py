@@ -22,7 +22,7 @@ from sparsecircuits.errors import CheckpointError, ConfigError, DataError
 from sparsecircuits.fileio import atomic_dir, atomic_write_json, cache_root, read_json_object
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.io import SPARSITY_FILE, save_model
-from sparsecircuits.model.layers import set_weight_grad
+from sparsecircuits.model.layers import set_weight_grad, weights_kept_support
 from sparsecircuits.model.sparsity import WeightSparsity, sparse_parameter_names
 from sparsecircuits.train import distributed as D
 from sparsecircuits.train.bigram import bigram_log_probs
@@ -376,6 +376,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     if support:
         sparsity.keep_support_()
+        weights_kept_support(model, [sparsity.params[n] for n in sparsity.masks])
     else:
         sparsity.project_(frac)
     return float(loss.detach()), grad_rms
