@@ -1,12 +1,22 @@
 # Two commands do everything (see README.md):
-#   make demo   — create/reuse .venv, train the `small` preset on the Python stdlib, report
-#                 validation loss, show nonzeros per matrix and a sample
+#   make demo   — create/reuse .venv, then the whole story on the shipped stdlib-sparse model:
+#                 the task table, prune single_double_quote to its circuit, validate it,
+#                 analyze it, and open the dashboard on it (prints its URL).
+#                 `make demo TRAIN=1` first trains the `small` preset and uses that model.
 #   make test   — create/reuse .venv, lint, run the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SC := $(VENV)/bin/sparsecircuits
 DEMO_RUN ?= runs/demo
+DEMO_TASK ?= single_double_quote
+TRAIN ?= 0
+ifeq ($(TRAIN),1)
+DEMO_MODEL ?= $(DEMO_RUN)/train
+else
+DEMO_MODEL ?= stdlib-sparse
+endif
+CIRCUIT := $(DEMO_RUN)/$(DEMO_TASK)
 
 .PHONY: demo test lint venv bench clean
 
@@ -22,13 +32,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt setup.py $(wildcard src/spars
 venv: $(VENV)/.installed
 
 demo: venv
-	@if [ -f $(DEMO_RUN)/train_config.json ]; then \
-		$(SC) train --out $(DEMO_RUN) --resume; \
-	else \
-		$(SC) train --preset small --out $(DEMO_RUN); \
+	@if [ "$(TRAIN)" = 1 ]; then \
+		if [ -f $(DEMO_RUN)/train/train_config.json ]; then \
+			$(SC) train --out $(DEMO_RUN)/train --resume; \
+		else \
+			$(SC) train --preset small --out $(DEMO_RUN)/train; \
+		fi; \
 	fi
-	$(SC) info $(DEMO_RUN)/model
-	$(SC) sample $(DEMO_RUN)/model --prompt 'def read_config(path):' --max-new-tokens 64
+	$(SC) eval --model $(DEMO_MODEL) --tasks $(DEMO_TASK),bracket_counting,else_elif
+	@# each step is skipped when its output exists, so a second `make demo` goes straight on
+	@test -f $(CIRCUIT)/circuit.json || \
+		$(SC) prune --task $(DEMO_TASK) --model $(DEMO_MODEL) --out $(CIRCUIT)
+	@test -f $(CIRCUIT)/report.json || $(SC) validate $(CIRCUIT)
+	@test -f $(CIRCUIT)/analysis.json || $(SC) analyze $(CIRCUIT)
+	$(SC) viz $(CIRCUIT)
 
 lint: venv
 	$(VENV)/bin/ruff check .

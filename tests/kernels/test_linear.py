@@ -132,3 +132,20 @@ def test_dense_weights_and_other_dtypes_take_the_dense_path(monkeypatch) -> None
     monkeypatch.setenv(BELOW, "0")
     sparse_linear(torch.randn(2, 8), w * 0, None, state)
     assert state.pattern is None
+
+
+def test_mixed_dtypes_inference_tensors_and_cpu_autocast_stay_correct(monkeypatch) -> None:
+    w = _weight(5, 12, 10, 0.2, "plain")
+    x = torch.randn(6, 10)
+    p = build_pattern(w)
+    b64 = torch.randn(12, dtype=torch.float64)  # not raw float32: the kernels must not read it
+    y = spmm(p.crow, p.col, w.reshape(-1)[p.flat], x, b64, 12)
+    torch.testing.assert_close(y, (x @ w.t()).double() + b64, **TOL)
+    with torch.inference_mode():
+        wi, xi = w.clone(), x.clone()
+        state = LinearKernelState()
+        for _ in range(2):  # inference tensors have no version counter: nothing is cached
+            torch.testing.assert_close(sparse_linear(xi, wi, None, state), F.linear(xi, wi))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparse_linear(x, w, None, LinearKernelState())
+    assert y.dtype == torch.bfloat16  # autocast's own F.linear, not the float32 kernels

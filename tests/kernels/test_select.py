@@ -152,3 +152,35 @@ def test_forcing_the_fallback_and_the_compiled_library(force_torch) -> None:
     os.environ[ENV] = "nonsense"
     with pytest.raises(Exception, match="SPARSECIRCUITS_KERNELS"):
         backend()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_nan_and_inf_order_like_the_float_bits(name: str) -> None:
+    """NaN sorts above inf, inf above every number, on both backends alike."""
+    _with_backend(name)
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[nan, 1.0, 2.0, 3.0, 0.5, 4.0, -5.0, 6.0, 7.0]])
+    y = abstopk(x, 3)
+    assert torch.isnan(y[0, 0]) and y[0, 1:].tolist() == [0, 0, 0, 0, 0, 0, 6.0, 7.0]
+    w = torch.tensor([[inf, inf], [1.0, 0.5]])
+    mask = project_topk_(w, 2, floor=1)  # row 1 keeps its floor although row 0 holds infs
+    assert mask.tolist() == [[True, False], [True, False]]
+
+
+def test_projection_degenerate_budgets() -> None:
+    for name in BACKENDS:
+        _with_backend(name)
+        w = torch.randn(3, 4)
+        assert not project_topk_(w, 0, floor=2).any() and not w.any()
+        w = torch.randn(3, 4)
+        mask = project_topk_(w, 2, floor=4)  # a floor that cannot fit shrinks to k // rows = 0
+        assert int(mask.sum()) == 2
+
+
+def test_compiled_projection_bumps_the_version_counter() -> None:
+    for name in BACKENDS:
+        _with_backend(name)
+        w = torch.randn(8, 8)
+        before = w._version
+        project_topk_(w, 10, floor=1)
+        assert w._version > before, name

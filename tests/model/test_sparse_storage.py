@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -57,3 +59,36 @@ def test_dense_files_and_dense_weights_still_load(tmp_path) -> None:
     assert not any(isinstance(m, CSRLinear) for m in sparse.modules())
     idx = torch.randint(0, 90, (2, 16))
     torch.testing.assert_close(sparse(idx)[0], ref.eval()(idx)[0])
+
+
+def test_bad_sparse_files_get_clear_errors(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from sparsecircuits.errors import CheckpointError, ConfigError
+    from sparsecircuits.model.compact import META_KEY
+    from sparsecircuits.model.io import WEIGHTS_FILE
+
+    _saved(tmp_path, tied=False, bias=True)
+    path = tmp_path / WEIGHTS_FILE
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    bad = dict(tensors)
+    del bad["transformer.h.0.mlp.c_fc.bias"]  # config.bias is set: the bias is required
+    index = json.loads(meta[META_KEY])
+    del index["transformer.h.0.mlp.c_fc.bias"]
+    save_file(bad, str(path), {**meta, META_KEY: json.dumps(index)})
+    with pytest.raises(CheckpointError, match=r"missing transformer\.h\.0\.mlp\.c_fc\.bias"):
+        load_model(tmp_path, storage="sparse")
+    bad = dict(tensors)
+    save_file(bad, str(path), meta)
+    bad["transformer.h.0.mlp.c_fc.weight::idx"] = (
+        bad["transformer.h.0.mlp.c_fc.weight::idx"] + 10**6
+    )
+    save_file(bad, str(path), meta)
+    with pytest.raises(CheckpointError, match="indices outside"):
+        load_model(tmp_path, storage="sparse")
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        load_model(tmp_path, storage="sparse", device="cuda")

@@ -7,7 +7,7 @@ import torch
 from sparsecircuits.model import GPT, WeightSparsity, sparse_parameter_names
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.train.config import OptimConfig
-from sparsecircuits.train.optim import build_optimizer, support_mass_ratio
+from sparsecircuits.train.optim import build_optimizer, estimated_sq, support_shares
 from sparsecircuits.train.trainer import train_step
 
 CFG = GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, d_head=8, d_model=32)
@@ -48,7 +48,7 @@ def test_support_steps_keep_the_support_and_regrow_steps_may_change_it(monkeypat
         for r in sp.report(frac):
             assert r.nonzero <= r.budget
     assert changed  # dense gradients let weights regrow
-    assert 0.0 < sp.grad_mass <= 1.0
+    assert sp.grad_shares and all(0.0 < v <= 1.0 for v in sp.grad_shares.values())
 
 
 def test_support_mode_weight_gradient_is_the_dense_one_on_the_support(monkeypatch) -> None:
@@ -69,15 +69,20 @@ def test_support_mode_weight_gradient_is_the_dense_one_on_the_support(monkeypatc
             torch.testing.assert_close(grads["support"][n], grads["dense"][n] * mask)
 
 
-def test_support_mass_ratio_by_hand() -> None:
+def test_gradient_norm_estimate_by_hand() -> None:
     a = torch.nn.Parameter(torch.zeros(2, 2))
     b = torch.nn.Parameter(torch.zeros(3))
     a.grad = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
     b.grad = torch.tensor([1.0, 0.0, 0.0])
     mask = torch.tensor([[True, False], [False, False]])
-    # kept: 9 (a on the mask) + 1 (b, no mask) of 25 + 1
-    assert abs(support_mass_ratio({"a": a, "b": b}, {"a": mask}) - 10 / 26) < 1e-9
-    assert support_mass_ratio({"a": a}, {}) == 1.0
+    shares = support_shares({"a": a, "b": b}, {"a": mask})
+    assert shares == {"a": 9 / 25}  # b has no mask: counted whole, no share
+    # A support-only gradient of a: 3 on the mask. Estimated full mass 9 / (9/25) = 25, +1 for b.
+    a.grad = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
+    assert abs(estimated_sq({"a": a, "b": b}, {"a": mask}, shares) - 26.0) < 1e-9
+    # A gradient that stayed dense (an embedding) is estimated from its on-mask part too.
+    a.grad = torch.tensor([[6.0, 8.0], [0.0, 0.0]])
+    assert abs(estimated_sq({"a": a}, {"a": mask}, shares) - 100.0) < 1e-9
 
 
 def test_support_steps_reuse_the_csr_patterns_and_stay_correct(monkeypatch) -> None:

@@ -75,7 +75,10 @@ def sparse_below(out_f: int, in_f: int) -> float:
         if key not in table:
             table[key] = measure_crossover(out_f, in_f)
             log.info("sparse kernels: crossover for %dx%d is %.3f", out_f, in_f, table[key])
-            atomic_write_json(path, {**_read(path), key: table[key]})
+            try:
+                atomic_write_json(path, {**_read(path), key: table[key]})
+            except OSError as err:  # a read-only cache only costs a re-measurement next time
+                log.warning("sparse kernels: cannot cache the crossover in %s (%s)", path, err)
         _memory[key] = float(table[key])
     return _memory[key]
 

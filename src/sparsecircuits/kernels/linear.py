@@ -24,11 +24,14 @@ from sparsecircuits.kernels.crossover import sparse_below
 from sparsecircuits.kernels.csr import CSRPattern, build_pattern
 
 GradMode = Literal["dense", "support"]
-_SDDMM_CHUNK = 1 << 16  # nonzeros per chunk of the torch fallback's gather
+_SDDMM_ELEMENTS = 1 << 24  # (tokens x nonzeros) per chunk of the torch fallback's gather
 
 
-def _cpp(*ts: torch.Tensor) -> bool:
-    return lib() is not None and all(t.device.type == "cpu" for t in ts)
+def _cpp(*ts: torch.Tensor | None) -> bool:
+    """The compiled kernels apply: every tensor on the CPU in float32 (they read raw floats)."""
+    return lib() is not None and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 for t in ts if t is not None
+    )
 
 
 def spmm(
@@ -41,8 +44,8 @@ def spmm(
 ) -> torch.Tensor:
     """x (N, in) @ W^T (+ bias) for W in CSR (out_features rows) -> (N, out_features)."""
     N, n_in = x.shape
-    if _cpp(x):
-        x = x.contiguous()
+    if _cpp(x, val, bias):
+        x, val = x.contiguous(), val.contiguous()
         y = torch.empty(N, out_features, dtype=x.dtype)
         b = bias.contiguous() if bias is not None else None
         lib().sc_spmm(
@@ -73,9 +76,10 @@ def sddmm(pattern: CSRPattern, dy: torch.Tensor, x: torch.Tensor) -> torch.Tenso
         )  # fmt: skip
         return dval
     rows, cols = pattern.row_index().to(x.device), pattern.col.long().to(x.device)
+    chunk = max(1, _SDDMM_ELEMENTS // max(1, N))
     parts = [
-        (dy[:, rows[i : i + _SDDMM_CHUNK]] * x[:, cols[i : i + _SDDMM_CHUNK]]).sum(0)
-        for i in range(0, pattern.nnz, _SDDMM_CHUNK)
+        (dy[:, rows[i : i + chunk]] * x[:, cols[i : i + chunk]]).sum(0)
+        for i in range(0, pattern.nnz, chunk)
     ]
     return torch.cat(parts) if parts else x.new_zeros(0)
 
@@ -120,27 +124,39 @@ class LinearKernelState:
     pattern_key: tuple[int, int] | None = None
 
     def density_of(self, weight: torch.Tensor) -> float:
-        key = (weight.data_ptr(), weight._version)
-        if self.key != key:
-            self.key = key
-            self.density = int(torch.count_nonzero(weight.detach())) / max(1, weight.numel())
+        key = _key(weight)
+        if self.key != key or key is None:
+            density = int(torch.count_nonzero(weight.detach())) / max(1, weight.numel())
+            self.key, self.density = key, density  # assigned together (concurrent callers)
+            return density
         return self.density
 
-    def values_changed(self, weight: torch.Tensor) -> None:
-        """The weight changed only on its cached pattern (no new nonzeros): keep the pattern
-        and density instead of rescanning. A pattern that is a superset of the nonzeros stays
-        correct (its extra entries hold 0)."""
-        key = (weight.data_ptr(), weight._version)
-        if self.pattern is not None and self.key == self.pattern_key:
+    def values_changed(self, weight: torch.Tensor, support_size: int) -> None:
+        """The weight changed only inside a support of ``support_size`` entries that contains
+        its nonzeros (the fast training mode's steps between regrowths). The cached pattern
+        is kept when it is that whole support (then it still holds every nonzero; entries
+        that became 0 are harmless), instead of rescanning the matrix."""
+        key = _key(weight)
+        pattern = self.pattern
+        if pattern is not None and self.pattern_key == self.key and pattern.nnz == support_size:
             self.pattern_key = key
-        if self.key is not None:
             self.key = key
 
     def pattern_for(self, weight: torch.Tensor) -> CSRPattern:
-        key = (weight.data_ptr(), weight._version)
-        if self.pattern is None or self.pattern_key != key:
-            self.pattern, self.pattern_key = build_pattern(weight), key
-        return self.pattern
+        key = _key(weight)
+        pattern = self.pattern
+        if pattern is None or self.pattern_key != key or key is None:
+            pattern = build_pattern(weight)
+            self.pattern, self.pattern_key = pattern, key
+        return pattern
+
+
+def _key(weight: torch.Tensor) -> tuple[int, int] | None:
+    """What identifies a weight's contents: storage and version counter (None for inference
+    tensors, which have no version counter: never cached)."""
+    if weight.is_inference():
+        return None
+    return (weight.data_ptr(), weight._version)
 
 
 def sparse_linear(
@@ -156,7 +172,8 @@ def sparse_linear(
         x.device.type != "cpu"
         or x.dtype != torch.float32
         or weight.dtype != torch.float32
-        or torch.is_autocast_enabled()
+        or (bias is not None and bias.dtype != torch.float32)
+        or torch.is_autocast_enabled(x.device.type)
     ):
         return F.linear(x, weight, bias)
     out_f, in_f = weight.shape

@@ -14,10 +14,23 @@ import torch
 
 from sparsecircuits.kernels._lib import lib
 
+_INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+             torch.bfloat16: torch.int16}  # fmt: skip
+PROTECTED = 2**63 - 1  # above every magnitude key but float64 NaNs (the row floor)
+
+
+def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """|x| as integers ordered like |x| (int64), the compiled kernels' keys: the float's bits
+    without the sign. NaN sorts above inf, and -0.0 equals +0.0, exactly as in C++."""
+    bits = x.contiguous().view(_INT_VIEW[x.dtype]).to(torch.int64)
+    width = 8 * x.element_size()
+    return bits & ((1 << (width - 1)) - 1) if width < 64 else bits & (2**63 - 1)
+
 
 def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the ``k`` largest ``score`` along the last dim, ties to the lowest index
-    (pure torch; the reference the compiled kernels match). score (..., n) -> (..., n)."""
+    (pure torch; the reference the compiled kernels match). score (..., n) -> (..., n); use
+    integer ``magnitude_keys`` for magnitudes so that NaN and inf order as in C++."""
     n = score.shape[-1]
     if k >= n:
         return torch.ones_like(score, dtype=torch.bool)
@@ -46,7 +59,7 @@ def abstopk_forward(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     """(y, mask): y keeps the k largest |x| of each last-dim row, zeros elsewhere."""
     n = x.shape[-1]
     if not _use_cpp(x) or x.numel() == 0:
-        mask = topk_mask(x.abs(), k)
+        mask = topk_mask(magnitude_keys(x), k)
         return torch.where(mask, x, 0.0), mask
     x2 = _rows(x)
     y = torch.empty(x.shape, dtype=x.dtype)
@@ -91,18 +104,22 @@ def project_topk_(w: torch.Tensor, k: int, *, floor: int) -> torch.Tensor:
     largest |w| first, then the largest remaining |w| overall; returns the kept mask."""
     if k >= w.numel():
         return torch.ones_like(w, dtype=torch.bool)
+    if k <= 0:
+        w.zero_()
+        return torch.zeros_like(w, dtype=torch.bool)
     w2 = w if w.dim() == 2 else w.view(1, -1)
-    floor = floor if w.dim() == 2 else 0
+    floor = max(0, min(floor, k // w2.shape[0])) if w.dim() == 2 else 0
     if _use_cpp(w) and w.is_contiguous():
         mask = torch.empty_like(w, dtype=torch.bool)
         lib().sc_project_topk(
             w.data_ptr(), mask.data_ptr(), w2.shape[0], w2.shape[1], k, floor,
             torch.get_num_threads(),
         )  # fmt: skip
+        torch.autograd.graph.increment_version(w)  # written behind autograd's back
         return mask
-    score = w2.abs()
+    score = magnitude_keys(w2)
     if floor > 0:
-        score[topk_mask(score, floor)] = torch.inf
+        score[topk_mask(score, floor)] = PROTECTED
     mask = topk_mask(score.view(1, -1), k).view_as(w)
     w.masked_fill_(~mask, 0.0)
     return mask

@@ -191,6 +191,8 @@ def load_model(
     nonzeros only, never allocating their dense matrices (``model/sparse_storage.py``).
     """
     path = resolve_model_dir(path)
+    if storage == "sparse" and torch.device(device).type != "cpu":
+        raise ConfigError(f"storage='sparse' runs on the CPU; got device {device!r}")
     if storage == "sparse" and (path / CONFIG_FILE).exists():
         return _load_sparse(path).eval()
     if (path / CONFIG_FILE).exists():
@@ -210,14 +212,9 @@ def load_model(
     return model.to(device).eval()
 
 
-def load_state(
-    model: GPT, state: dict[str, torch.Tensor], *, source: str, assign: bool = False
-) -> None:
-    """Load ``state`` into ``model``; any missing, unexpected or misshapen key is an error.
-    ``assign`` adopts the state's tensors instead of copying (for a model built on "meta")."""
-    tied = model.config.tied_unembed
-    if tied and "lm_head.weight" not in state and "transformer.wte.weight" in state:
-        state = {**state, "lm_head.weight": state["transformer.wte.weight"]}
+def check_state(model: GPT, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Any missing, unexpected or misshapen key of ``state`` for ``model`` is an error, and a
+    tied unembedding must equal the embedding."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -237,13 +234,34 @@ def load_state(
                 f"implies {tuple(expected[k].shape)}"
             )
     # Both keys load into one shared tensor, so two different matrices would silently lose one.
-    if tied and not torch.equal(state["lm_head.weight"], state["transformer.wte.weight"]):
+    if model.config.tied_unembed and not torch.equal(
+        state["lm_head.weight"], state["transformer.wte.weight"]
+    ):
         raise CheckpointError(
             f"{source}: the config ties the unembedding to the embedding (tied_unembed), but "
             "'lm_head.weight' differs from 'transformer.wte.weight'"
         )
+
+
+def _with_tied(model: GPT, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    tied = model.config.tied_unembed
+    if tied and "lm_head.weight" not in state and "transformer.wte.weight" in state:
+        return {**state, "lm_head.weight": state["transformer.wte.weight"]}
+    return state
+
+
+def load_state(
+    model: GPT, state: dict[str, torch.Tensor], *, source: str, assign: bool = False
+) -> None:
+    """Load ``state`` into ``model``; any missing, unexpected or misshapen key is an error.
+    ``assign`` adopts the state's tensors instead of copying (for a model built on "meta";
+    floating tensors are made float32 first, as copying into the parameters would)."""
+    state = _with_tied(model, state)
+    check_state(model, state, source=source)
+    if assign:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=assign)
-    if tied:  # assignment gives the two names separate Parameters: share one again
+    if model.config.tied_unembed:  # assignment gives the two names separate Parameters
         model.lm_head.weight = model.transformer.wte.weight
 
 
@@ -266,41 +284,53 @@ def _read_raw(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def _load_sparse(path: Path) -> GPT:
     """Our format with sparse storage: compact weights become CSR modules directly."""
     config = read_config(path)
+    source = str(path / WEIGHTS_FILE)
     tensors, metadata = _read_raw(path / WEIGHTS_FILE)
     try:
         index = json.loads(metadata.get(META_KEY, "{}"))
     except ValueError as err:
-        raise CheckpointError(f"{path / WEIGHTS_FILE}: bad compact metadata ({err})") from None
+        raise CheckpointError(f"{source}: bad compact metadata ({err})") from None
     with torch.device("meta"):
         model = GPT(config)
-    csr: dict[str, tuple[tuple[int, int], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    expected = model.state_dict()
+    csr: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in csr_module_names(model):
-        key, lin = f"{name}.weight", model.get_submodule(name)
-        if index.get(key, {}).get("encoding") == "sparse":
-            shape = (lin.out_features, lin.in_features)
-            crow, col = csr_from_flat(*shape, tensors.pop(key + "::idx"))
-            csr[name] = (shape, crow, col, tensors.pop(key + "::val"))
-            index.pop(key)
-    rest = expand_state(tensors, {META_KEY: json.dumps(index)}, source=str(path))
-    for name, (shape, crow, col, values) in csr.items():
-        bias = rest.pop(f"{name}.bias", None)
-        install_csr_(model, name, CSRLinear(shape, crow, col, values, bias))
-    if config.tied_unembed and "transformer.wte.weight" in rest:
-        rest["lm_head.weight"] = rest["transformer.wte.weight"]
-    owned = {f"{n}.{leaf}" for n in csr for leaf in ("values", "bias")}
-    needed = set(model.state_dict()) - owned
-    missing, unexpected = sorted(needed - set(rest)), sorted(set(rest) - needed)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match the config (missing {missing[:4]}, "
-            f"unexpected {unexpected[:4]})"
+        key = f"{name}.weight"
+        spec = index.get(key, {})
+        if spec.get("encoding") != "sparse":
+            continue
+        shape = tuple(expected[key].shape)
+        if tuple(spec.get("shape", ())) != shape:
+            raise CheckpointError(
+                f"{source}: '{key}' has shape {tuple(spec.get('shape', ()))}, the config "
+                f"implies {shape}"
+            )
+        flat, values = tensors.pop(key + "::idx", None), tensors.pop(key + "::val", None)
+        n = shape[0] * shape[1]
+        if flat is None or values is None or flat.numel() != values.numel():
+            raise CheckpointError(f"{source}: compact weight '{key}' lacks indices or values")
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n):
+            raise CheckpointError(f"{source}: compact weight '{key}' has indices outside [0, {n})")
+        csr[name] = (flat, values)
+        index.pop(key)
+    rest = _with_tied(model, expand_state(tensors, {META_KEY: json.dumps(index)}, source=source))
+    # The dense load's checks, the CSR weights standing in with their (meta) shapes.
+    check_state(
+        model, {**rest, **{f"{n}.weight": expected[f"{n}.weight"] for n in csr}}, source=source
+    )
+    for name, (flat, values) in csr.items():
+        shape = tuple(expected[f"{name}.weight"].shape)
+        crow, col = csr_from_flat(*shape, flat)
+        install_csr_(
+            model, name, CSRLinear(shape, crow, col, values, rest.pop(f"{name}.bias", None))
         )
+    rest = {k: v.float() if v.is_floating_point() else v for k, v in rest.items()}
     model.load_state_dict(rest, strict=False, assign=True)  # adopt, never copy
     if config.tied_unembed:  # assignment gives the two names separate Parameters: re-tie
         model.lm_head.weight = model.transformer.wte.weight
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:  # every tensor must come from the file
-        raise CheckpointError(f"{path}: no weights for {', '.join(left[:4])}")
+        raise CheckpointError(f"{source}: no weights for {', '.join(left[:4])}")
     return model
 
 

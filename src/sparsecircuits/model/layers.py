@@ -31,13 +31,13 @@ def set_weight_grad(model: nn.Module, mode: GradMode) -> None:
             m.kernel.grad_mode = mode
 
 
-def weights_kept_support(model: nn.Module, weights: list[torch.Tensor]) -> None:
-    """These weights changed only where they were nonzero (the fast training mode's steps
-    between regrowths): the ``Linear`` layers using them keep their cached CSR patterns."""
-    kept = {id(w) for w in weights}
+def weights_kept_support(model: nn.Module, supports: dict[int, int]) -> None:
+    """Weights changed only inside their supports (the fast training mode's steps between
+    regrowths): ``{id(weight): support size}``. The ``Linear`` layers using them keep their
+    cached CSR patterns where those are the whole support."""
     for m in model.modules():
-        if isinstance(m, Linear) and id(m.weight) in kept:
-            m.kernel.values_changed(m.weight)
+        if isinstance(m, Linear) and id(m.weight) in supports:
+            m.kernel.values_changed(m.weight, supports[id(m.weight)])
 
 
 class ActSparsity:

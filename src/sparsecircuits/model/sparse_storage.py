@@ -87,7 +87,9 @@ class CSRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = _CSRProduct.apply(x.reshape(-1, self.in_features).float(), self.values, self.bias, self)
+        bias = self.bias.float() if self.bias is not None else None
+        x2 = x.reshape(-1, self.in_features).float()
+        y = _CSRProduct.apply(x2, self.values.float(), bias, self)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -106,9 +106,10 @@ class WeightSparsity:
         self.params = {n: params[n] for n in names}
         self.min_per_neuron = min_per_neuron
         self.masks: dict[str, torch.Tensor] = {}  # kept supports of the last projection
-        # Share of the squared gradient on those supports at the last regrowth step (the
-        # trainer's fast mode uses it to estimate the full gradient RMS between regrowths).
-        self.grad_mass = 1.0
+        self.sizes: dict[int, int] = {}  # their sizes by parameter id (support_sizes)
+        # Per parameter, the share of its squared gradient on its support at the last
+        # regrowth step (the fast mode estimates the full gradient RMS with it in between).
+        self.grad_shares: dict[str, float] = {}
 
     def budgets(self, frac: float) -> dict[str, int]:
         """``{name: budget}`` at nonzero fraction ``frac``."""
@@ -119,12 +120,19 @@ class WeightSparsity:
         """Project every sparse parameter to its budget at ``frac`` (no-op when dense) and
         remember the kept supports for ``keep_support_``."""
         if frac >= 1.0:
-            self.masks = {}
+            self.masks, self.sizes = {}, {}
             return
         self.masks = {
             n: project_topk_(self.params[n].data, k, min_per_neuron=self.min_per_neuron)
             for n, k in self.budgets(frac).items()
         }
+        self.sizes = {}
+
+    def support_sizes(self) -> dict[int, int]:
+        """``{id(parameter): entries in its support}`` for the supports of the last projection."""
+        if len(self.sizes) != len(self.masks):
+            self.sizes = {id(self.params[n]): int(m.sum()) for n, m in self.masks.items()}
+        return self.sizes
 
     @torch.no_grad()
     def keep_support_(self) -> None:

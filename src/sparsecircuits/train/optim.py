@@ -29,21 +29,21 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 @torch.no_grad()
 def control_grad_rms_(
-    params: list[nn.Parameter], cfg: OptimConfig, *, mass_ratio: float = 1.0
+    params: list[nn.Parameter], cfg: OptimConfig, *, sq: float | None = None
 ) -> float:
     """Rescale all gradients together by their global RMS; returns the RMS before scaling.
 
     RMS = ||g||_2 / sqrt(N) over every parameter element. "normalize" always rescales to
-    ``cfg.grad_rms``; "clip" only when above it. ``mass_ratio`` < 1 says the gradients hold
-    only that share of the full squared gradient (support-only weight gradients, see
-    ``support_mass_ratio``): the full RMS is estimated as if the rest were there.
+    ``cfg.grad_rms``; "clip" only when above it. ``sq`` replaces the measured ||g||^2 (the
+    fast mode's estimate of the full gradient's, see ``estimated_sq``).
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
     n = sum(g.numel() for g in grads)
-    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
-    rms = math.sqrt(float(sq) / max(mass_ratio, 1e-12) / n)
+    if sq is None:
+        sq = float(torch.stack([g.float().pow(2).sum() for g in grads]).sum())
+    rms = math.sqrt(sq / n)
     if cfg.grad_rms_mode == "none" or rms == 0.0:
         return rms
     if cfg.grad_rms_mode == "normalize" or rms > cfg.grad_rms:
@@ -53,16 +53,41 @@ def control_grad_rms_(
     return rms
 
 
+def _on_mask_sq(grad: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    g2 = grad.float().pow(2)
+    return float(torch.where(mask, g2, 0.0).sum()), float(g2.sum())
+
+
 @torch.no_grad()
-def support_mass_ratio(params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]) -> float:
-    """Share of the squared gradient that lies on the given supports (parameters without a
-    mask count whole): what a support-only gradient keeps of a dense one. 1.0 when empty."""
-    total = kept = 0.0
+def support_shares(
+    params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """For each masked parameter, the share of its squared gradient on its mask (measured on a
+    dense-gradient step; 1.0 when the gradient is zero)."""
+    shares = {}
+    for name, mask in masks.items():
+        g = params[name].grad
+        if g is not None:
+            on, total = _on_mask_sq(g, mask)
+            shares[name] = on / total if total > 0 else 1.0
+    return shares
+
+
+@torch.no_grad()
+def estimated_sq(
+    params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor], shares: dict[str, float]
+) -> float:
+    """||g||^2 of the dense gradient, estimated on a step whose weight gradients may be
+    support-only: each masked parameter's on-mask part divided by its measured share, every
+    other parameter whole. Right whether or not a gradient was actually restricted (embedding
+    gradients and dense-path layers are never)."""
+    sq = 0.0
     for name, p in params.items():
         if p.grad is None:
             continue
-        g2 = p.grad.float().pow(2)
-        s = float(g2.sum())
-        total += s
-        kept += float(g2[masks[name]].sum()) if name in masks else s
-    return kept / total if total > 0 else 1.0
+        if name in masks:
+            on, _ = _on_mask_sq(p.grad, masks[name])
+            sq += on / max(shares.get(name, 1.0), 1e-12)
+        else:
+            sq += float(p.grad.float().pow(2).sum())
+    return sq

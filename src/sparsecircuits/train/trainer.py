@@ -34,7 +34,12 @@ from sparsecircuits.train.checkpoint import (
 )
 from sparsecircuits.train.config import OptimConfig, TrainConfig
 from sparsecircuits.train.metrics import MetricsLog, evaluate
-from sparsecircuits.train.optim import build_optimizer, control_grad_rms_, support_mass_ratio
+from sparsecircuits.train.optim import (
+    build_optimizer,
+    control_grad_rms_,
+    estimated_sq,
+    support_shares,
+)
 from sparsecircuits.train.schedule import l0_fraction, lr_at
 
 log = logging.getLogger(__name__)
@@ -367,16 +372,19 @@ def train_step(
     with autocast_context(precision, x.device):
         _, loss = model(x, y)  # the loss itself is computed in fp32 (see GPT.forward)
     loss.backward()
+    set_weight_grad(model, "dense")  # exact gradients again for anyone using the model later
     params = [p for group in optimizer.param_groups for p in group["params"]]
     D.average_gradients_(params, dist)
+    named = dict(model.named_parameters())
     if mode == "regrow":
-        sparsity.grad_mass = support_mass_ratio(dict(model.named_parameters()), sparsity.masks)
-    grad_rms = control_grad_rms_(params, optim, mass_ratio=sparsity.grad_mass if support else 1.0)
+        sparsity.grad_shares = support_shares(named, sparsity.masks)
+    sq = estimated_sq(named, sparsity.masks, sparsity.grad_shares) if support else None
+    grad_rms = control_grad_rms_(params, optim, sq=sq)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if support:
         sparsity.keep_support_()
-        weights_kept_support(model, [sparsity.params[n] for n in sparsity.masks])
+        weights_kept_support(model, sparsity.support_sizes())
     else:
         sparsity.project_(frac)
     return float(loss.detach()), grad_rms
