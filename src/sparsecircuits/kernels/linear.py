@@ -118,6 +118,7 @@ class LinearKernelState:
     unchanged (same storage and version counter)."""
 
     grad_mode: GradMode = "dense"
+    used_sparse: bool = False  # whether the last call ran the CSR kernels
     pattern: CSRPattern | None = None
     density: float = 1.0
     key: tuple[int, int] | None = None  # (data_ptr, _version) of the cached weight
@@ -168,6 +169,7 @@ def sparse_linear(
     """``F.linear(x, weight, bias)``, through the CSR kernels when the weight's density is
     below the measured crossover for its shape (CPU float32; elsewhere plain ``F.linear``).
     x (..., in) -> (..., out)."""
+    state.used_sparse = False
     if (
         x.device.type != "cpu"
         or x.dtype != torch.float32
@@ -184,6 +186,7 @@ def sparse_linear(
         state.pattern = None  # a dense weight: drop a stale pattern
         return F.linear(x, weight, bias)
     pattern = state.pattern_for(weight)
+    state.used_sparse = True
     lead = x.shape[:-1]
     y = _SparseLinear.apply(x.reshape(-1, in_f), weight, bias, pattern, state.grad_mode)
     return y.view(*lead, out_f)

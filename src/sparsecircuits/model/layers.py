@@ -31,6 +31,16 @@ def set_weight_grad(model: nn.Module, mode: GradMode) -> None:
             m.kernel.grad_mode = mode
 
 
+def support_only_weights(model: nn.Module) -> list[nn.Parameter]:
+    """Weights whose last gradient was support-only: ``Linear`` layers that ran the CSR kernels
+    in ``"support"`` mode (others, and embeddings, had dense gradients)."""
+    return [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, Linear) and m.kernel.used_sparse and m.kernel.grad_mode == "support"
+    ]
+
+
 def weights_kept_support(model: nn.Module, supports: dict[int, int]) -> None:
     """Weights changed only inside their supports (the fast training mode's steps between
     regrowths): ``{id(weight): support size}``. The ``Linear`` layers using them keep their

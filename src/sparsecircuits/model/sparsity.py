@@ -128,6 +128,12 @@ class WeightSparsity:
         }
         self.sizes = {}
 
+    @torch.no_grad()
+    def adopt_supports_(self, frac: float) -> None:
+        """Take each parameter's nonzeros as its support (a resumed run's last projection)."""
+        self.masks = {} if frac >= 1.0 else {n: p != 0 for n, p in self.params.items()}
+        self.sizes = {}
+
     def support_sizes(self) -> dict[int, int]:
         """``{id(parameter): entries in its support}`` for the supports of the last projection."""
         if len(self.sizes) != len(self.masks):
@@ -135,12 +141,14 @@ class WeightSparsity:
         return self.sizes
 
     @torch.no_grad()
-    def keep_support_(self) -> None:
+    def keep_support_(self, *, skip: frozenset[int] = frozenset()) -> None:
         """Zero every entry outside the supports of the last ``project_`` (cheaper than a new
         projection: the fast training mode's steps between regrowths, where AdamW momentum
-        would otherwise move weights off the support)."""
+        would otherwise move weights off the support). ``skip``: ids of parameters known to
+        be zero there already."""
         for n, mask in self.masks.items():
-            self.params[n].data.masked_fill_(~mask, 0.0)
+            if id(self.params[n]) not in skip:
+                self.params[n].data.masked_fill_(~mask, 0.0)
 
     @torch.no_grad()
     def report(self, frac: float) -> list[MatrixL0]:

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,8 @@ class TrainState:
     step: int  # optimizer steps completed
     tokens: int  # training tokens seen (global)
     elapsed_s: float = 0.0  # wall-clock seconds of training so far, summed over resumes
+    # fast mode: per parameter, the gradient's share on its support at the last regrowth
+    grad_shares: dict[str, float] = field(default_factory=dict)
 
 
 def save_checkpoint(
@@ -54,7 +56,12 @@ def save_checkpoint(
         atomic_write(tmp / OPTIMIZER_FILE, lambda p: torch.save(extra, p))
         atomic_write_json(
             tmp / STATE_FILE,
-            {"step": state.step, "tokens": state.tokens, "elapsed_s": state.elapsed_s},
+            {
+                "step": state.step,
+                "tokens": state.tokens,
+                "elapsed_s": state.elapsed_s,
+                "grad_shares": state.grad_shares,
+            },
         )
     for old in list_checkpoints(run_dir)[:-keep]:
         # Rename first: a kill mid-delete must not leave a half-deleted "step_*" directory.
@@ -79,6 +86,7 @@ def load_checkpoint(path: Path, *, model: GPT, optimizer: torch.optim.Optimizer)
         state = json.loads((path / STATE_FILE).read_text())
         step, tokens = int(state["step"]), int(state["tokens"])
         elapsed = float(state.get("elapsed_s", 0.0))
+        shares = {str(k): float(v) for k, v in state.get("grad_shares", {}).items()}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path / STATE_FILE}: unreadable checkpoint state ({err})") from None
     loaded = load_model(path)
@@ -93,7 +101,7 @@ def load_checkpoint(path: Path, *, model: GPT, optimizer: torch.optim.Optimizer)
         raise CheckpointError(
             f"{path / OPTIMIZER_FILE}: cannot restore optimizer ({err})"
         ) from None
-    return TrainState(step=step, tokens=tokens, elapsed_s=elapsed)
+    return TrainState(step=step, tokens=tokens, elapsed_s=elapsed, grad_shares=shares)
 
 
 def remove_stale_temps(run_dir: Path) -> int:

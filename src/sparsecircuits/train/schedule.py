@@ -38,3 +38,12 @@ def lr_at(step: int, total: int, optim: OptimConfig, frac: float) -> float:
     if optim.sharkfin:
         factor /= math.sqrt(frac)
     return optim.lr * factor
+
+
+def regrows(step: int, total: int, cfg: SparsityConfig) -> bool:
+    """In the fast weight-gradient mode, whether ``step`` takes dense weight gradients and a
+    projection (weights may regrow): every ``regrow_every`` steps and whenever the L0 budget
+    changes (the anneal). A pure function of the step, so a resumed run decides alike."""
+    if step == 0 or step % cfg.regrow_every == 0:
+        return True
+    return l0_fraction(step, total, cfg) != l0_fraction(step - 1, total, cfg)

@@ -22,7 +22,11 @@ from sparsecircuits.errors import CheckpointError, ConfigError, DataError
 from sparsecircuits.fileio import atomic_dir, atomic_write_json, cache_root, read_json_object
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.io import SPARSITY_FILE, save_model
-from sparsecircuits.model.layers import set_weight_grad, weights_kept_support
+from sparsecircuits.model.layers import (
+    set_weight_grad,
+    support_only_weights,
+    weights_kept_support,
+)
 from sparsecircuits.model.sparsity import WeightSparsity, sparse_parameter_names
 from sparsecircuits.train import distributed as D
 from sparsecircuits.train.bigram import bigram_log_probs
@@ -40,7 +44,8 @@ from sparsecircuits.train.optim import (
     estimated_sq,
     support_shares,
 )
-from sparsecircuits.train.schedule import l0_fraction, lr_at
+from sparsecircuits.train.schedule import l0_fraction, lr_at, regrows
+from sparsecircuits.train.support_adamw import SupportAdamW
 
 log = logging.getLogger(__name__)
 
@@ -238,17 +243,18 @@ class Trainer:
         t_start, window_loss, window_steps, window_time = time.time(), 0.0, 0, 0.0
         elapsed_before = state.elapsed_s
         val_loss = math.nan
+        support_opt = SupportAdamW(optimizer) if sp.weight_grad == "fast" else None
+        if support_opt is not None and state.step > 0:  # resumed: the supports in effect
+            sparsity.adopt_supports_(l0_fraction(state.step - 1, cfg.steps, sp))
+            sparsity.grad_shares = dict(state.grad_shares)
         model.train()
-        prev_frac = None  # L0 fraction of the previous step of this invocation
         for step in range(state.step, cfg.steps):
             t0 = time.perf_counter()
             frac = l0_fraction(step, cfg.steps, sp)
             lr = lr_at(step, cfg.steps, cfg.optim, frac)
             mode: StepMode = "exact"
-            if sp.weight_grad == "fast":
-                changed = frac != prev_frac or step % sp.regrow_every == 0
-                mode = "regrow" if changed else "support"
-            prev_frac = frac
+            if support_opt is not None:
+                mode = "regrow" if regrows(step, cfg.steps, sp) else "support"
             x, y = self._batch(train, step, lo, local)
             loss, grad_rms = train_step(
                 model,
@@ -259,6 +265,7 @@ class Trainer:
                 lr=lr,
                 frac=frac,
                 mode=mode,
+                support_opt=support_opt,
                 optim=cfg.optim,
                 dist=self.dist,
                 precision=cfg.precision,
@@ -268,6 +275,7 @@ class Trainer:
                 step=step + 1,
                 tokens=state.tokens + cfg.tokens_per_step,
                 elapsed_s=elapsed_before + time.time() - t_start,
+                grad_shares=dict(sparsity.grad_shares),
             )
             window_time += time.perf_counter() - t0
             window_loss += loss_val
@@ -297,7 +305,10 @@ class Trainer:
                 metrics.write(rec)
                 if on_record is not None and main:
                     on_record(rec)
-            if main and (state.step % cfg.checkpoint_every == 0 or last):
+            checkpoint = state.step % cfg.checkpoint_every == 0 or last
+            if checkpoint and support_opt is not None:  # no deferred work in a checkpoint
+                support_opt.catch_up({id(sparsity.params[n]): m for n, m in sparsity.masks.items()})
+            if main and checkpoint:
                 save_checkpoint(
                     self.run_dir,
                     model=model,
@@ -353,6 +364,7 @@ def train_step(
     lr: float,
     frac: float,
     mode: StepMode = "exact",
+    support_opt: SupportAdamW | None = None,
     optim: OptimConfig,
     dist: D.DistInfo = D.SINGLE_PROCESS,
     precision: str = "fp32",
@@ -364,6 +376,7 @@ def train_step(
     mode's "regrow" steps (the same, and they measure which share of the gradient lies on
     the supports) and "support" steps (weight gradients only on the current supports, which
     are kept instead of projected again; the gradient RMS is estimated with that share).
+    ``support_opt`` (fast mode) steps AdamW on the support entries only where it can.
     Returns (this rank's loss in nats/token, gradient RMS before rescaling)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -372,6 +385,7 @@ def train_step(
     with autocast_context(precision, x.device):
         _, loss = model(x, y)  # the loss itself is computed in fp32 (see GPT.forward)
     loss.backward()
+    restricted = support_only_weights(model) if support else []
     set_weight_grad(model, "dense")  # exact gradients again for anyone using the model later
     params = [p for group in optimizer.param_groups for p in group["params"]]
     D.average_gradients_(params, dist)
@@ -380,10 +394,18 @@ def train_step(
         sparsity.grad_shares = support_shares(named, sparsity.masks)
     sq = estimated_sq(named, sparsity.masks, sparsity.grad_shares) if support else None
     grad_rms = control_grad_rms_(params, optim, sq=sq)
-    optimizer.step()
+    by_id = {id(sparsity.params[n]): m for n, m in sparsity.masks.items()}
+    if support_opt is None:
+        optimizer.step()
+    elif support:  # support-only weights: AdamW on their nonzeros, moments' decay deferred
+        support_opt.step({id(w): by_id[id(w)] for w in restricted if id(w) in by_id})
+    else:
+        support_opt.catch_up(by_id)  # a dense step: bring every moment up to date first
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if support:
-        sparsity.keep_support_()
+        done = frozenset(id(w) for w in restricted) if support_opt is not None else frozenset()
+        sparsity.keep_support_(skip=done)
         weights_kept_support(model, sparsity.support_sizes())
     else:
         sparsity.project_(frac)
