@@ -4,6 +4,7 @@ it (``copy_circuit``) before writing into it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -29,7 +30,12 @@ def viz_lm(circuit_model_dir) -> pipeline.LoadedModel:  # noqa: F811
 
 @pytest.fixture(scope="session")
 def viz_circuit_dir(viz_lm, tmp_path_factory) -> Path:
-    """circuit.json, masks.safetensors and analysis.json of a single_double_quote circuit."""
+    """circuit.json, masks.safetensors and analysis.json of a single_double_quote circuit.
+
+    ``SPARSECIRCUITS_VIZ_CIRCUIT=DIR`` uses an existing analysed circuit instead (to time the
+    dashboard on a real one, e.g. the demo's ``runs/demo/single_double_quote``)."""
+    if os.environ.get("SPARSECIRCUITS_VIZ_CIRCUIT"):
+        return Path(os.environ["SPARSECIRCUITS_VIZ_CIRCUIT"]).resolve()
     out = tmp_path_factory.mktemp("viz_circuit")
     doc, result, trials = pipeline.find_circuit(viz_lm, "single_double_quote", VIZ_PRUNE)
     save_prune_outputs(out, doc, result, trials)
