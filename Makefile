@@ -39,7 +39,7 @@ demo: venv
 			$(SC) train --preset small --out $(DEMO_RUN)/train; \
 		fi; \
 	fi
-	$(SC) eval --model $(DEMO_MODEL) --tasks $(DEMO_TASK),bracket_counting,else_elif
+	$(SC) eval --model $(DEMO_MODEL)
 	@# each step is skipped when its output exists, so a second `make demo` goes straight on
 	@test -f $(CIRCUIT)/circuit.json || \
 		$(SC) prune --task $(DEMO_TASK) --model $(DEMO_MODEL) --out $(CIRCUIT)
