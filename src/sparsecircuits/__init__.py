@@ -5,7 +5,7 @@ Heavy modules load lazily so ``import sparsecircuits`` (and the CLI's ``--help``
 
 from __future__ import annotations
 
-from typing import Any
+from sparsecircuits._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -17,12 +17,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sparsecircuits' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = ["GPT", "GPTConfig", "__version__", "load_model", "save_model"]

@@ -6,8 +6,7 @@ Names load lazily (PEP 562), so light users such as the dashboard's first render
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sparsecircuits._lazy import lazy_getattr
 
 _LAZY = {
     "ALL_LOCS": "sparsecircuits.model.config",
@@ -24,10 +23,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sparsecircuits.model' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)
