@@ -8,7 +8,7 @@ from sparsecircuits.model import GPT, WeightSparsity, sparse_parameter_names
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.train.config import OptimConfig
 from sparsecircuits.train.optim import build_optimizer, estimated_sq, support_shares
-from sparsecircuits.train.trainer import train_step
+from sparsecircuits.train.step import train_step
 
 CFG = GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, d_head=8, d_model=32)
 

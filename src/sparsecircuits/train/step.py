@@ -1,0 +1,88 @@
+"""One optimizer step of the sparse trainer: forward/backward, gradient averaging, RMS control,
+AdamW, then the top-k projection (or, in the fast mode, keeping the supports)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+
+from sparsecircuits.model.gpt import GPT
+from sparsecircuits.model.layers import (
+    set_weight_grad,
+    support_only_weights,
+    weights_kept_support,
+)
+from sparsecircuits.model.sparsity import WeightSparsity
+from sparsecircuits.train import distributed as D
+from sparsecircuits.train.config import OptimConfig
+from sparsecircuits.train.optim import control_grad_rms_, estimated_sq, support_shares
+from sparsecircuits.train.support_adamw import SupportAdamW
+
+StepMode = Literal["exact", "regrow", "support"]
+
+
+def train_step(
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    sparsity: WeightSparsity,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float,
+    frac: float,
+    mode: StepMode = "exact",
+    support_opt: SupportAdamW | None = None,
+    optim: OptimConfig,
+    dist: D.DistInfo = D.SINGLE_PROCESS,
+    precision: str = "fp32",
+) -> tuple[float, float]:
+    """One optimizer step on (x, y) (B, T): forward/backward, gradient averaging over ranks,
+    RMS control, AdamW at ``lr``, then the top-k projection at L0 fraction ``frac``.
+
+    ``mode``: "exact" (the paper: dense weight gradients, projection every step); the fast
+    mode's "regrow" steps (the same, and they measure which share of the gradient lies on
+    the supports) and "support" steps (weight gradients only on the current supports, which
+    are kept instead of projected again; the gradient RMS is estimated with that share).
+    ``support_opt`` (fast mode) steps AdamW on the support entries only where it can.
+    Returns (this rank's loss in nats/token, gradient RMS before rescaling)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    support = mode == "support" and bool(sparsity.masks)
+    set_weight_grad(model, "support" if support else "dense")
+    with autocast_context(precision, x.device):
+        _, loss = model(x, y)  # the loss itself is computed in fp32 (see GPT.forward)
+    loss.backward()
+    restricted = support_only_weights(model) if support else []
+    set_weight_grad(model, "dense")  # exact gradients again for anyone using the model later
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    D.average_gradients_(params, dist)
+    named = dict(model.named_parameters())
+    if mode == "regrow":
+        sparsity.grad_shares = support_shares(named, sparsity.masks)
+    sq = estimated_sq(named, sparsity.masks, sparsity.grad_shares) if support else None
+    grad_rms = control_grad_rms_(params, optim, sq=sq)
+    by_id = {id(sparsity.params[n]): m for n, m in sparsity.masks.items()}
+    if support_opt is None:
+        optimizer.step()
+    elif support:  # support-only weights: AdamW on their nonzeros, moments' decay deferred
+        support_opt.step({id(w): by_id[id(w)] for w in restricted if id(w) in by_id})
+    else:
+        support_opt.catch_up(by_id)  # a dense step: bring every moment up to date first
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if support:
+        done = frozenset(id(w) for w in restricted) if support_opt is not None else frozenset()
+        sparsity.keep_support_(skip=done)
+        weights_kept_support(model, sparsity.support_sizes())
+    else:
+        sparsity.project_(frac)
+    return float(loss.detach()), grad_rms
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast for ``precision == "bf16"``; otherwise a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
