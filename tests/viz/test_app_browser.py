@@ -188,8 +188,10 @@ def test_dashboard_in_a_browser(server, browser, shots, viz_circuit_dir):
     n_in = sum(e.dst == node_id for e in doc.edges)
     n_out = sum(e.src == node_id for e in doc.edges)
     assert f"{n_in} in, {n_out} out" in inspector.inner_text()
-    if n_in + n_out:
-        assert inspector.locator("[data-testid='stDataFrame']").count() == 1
+    if n_in + n_out:  # the edge table: a header row and one row per edge with its weight
+        table = inspector.locator("table.sc-table").first
+        assert table.locator("tr").count() == n_in + n_out + 1
+        assert table.locator("td.num").count() == n_in + n_out
     assert "activating snippets" in inspector.inner_text()
     assert inspector.locator(".sc-tokens span[title]").count() > 0  # snippet token heatmaps
     assert "On the task" in inspector.inner_text()

@@ -3,6 +3,8 @@ activations on the task's two classes, and for q/k/v nodes its head's attention 
 
 from __future__ import annotations
 
+import html
+
 import streamlit as st
 
 from sparsecircuits.circuits.nodes import QKV, SITE
@@ -56,17 +58,11 @@ def _edge_table(rows: list[EdgeRow]) -> None:
     if not rows:
         st.caption("no edges to other circuit nodes")
         return
-    st.dataframe(
-        {
-            "direction": [r.direction for r in rows],
-            "node": [r.node for r in rows],
-            "kind": [r.kind for r in rows],
-            "weight": [round(r.weight, 5) for r in rows],
-        },
-        hide_index=True,
-        width="stretch",
-        height=min(36 * len(rows) + 40, 300),
-        key="edge_table",
+    cells = [
+        [r.direction, html.escape(r.node), html.escape(r.kind), f"{r.weight:+.5f}"] for r in rows
+    ]
+    st.html(
+        tk.table_html(["direction", "node", "kind", "weight"], cells, numeric=[3], max_height=300)
     )
 
 

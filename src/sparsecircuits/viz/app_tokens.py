@@ -134,21 +134,51 @@ def legend_row(items: Sequence[tuple[str, str, str]]) -> str:
     return f'<div style="font-size:13px;color:#333;margin:2px 0">{parts}</div>'
 
 
+_TABLE_STYLE = (
+    "<style>.sc-table{border-collapse:collapse;font-size:14px;width:100%}"
+    ".sc-table th,.sc-table td{border:1px solid #ddd;padding:4px 8px;text-align:left;"
+    "vertical-align:top}.sc-table th{background:#f6f6f6;position:sticky;top:0}"
+    ".sc-table td.num{text-align:right;font-variant-numeric:tabular-nums}</style>"
+)
+
+
+def table_html(
+    head: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    numeric: Sequence[int] = (),
+    max_height: int | None = None,
+) -> str:
+    """A plain HTML table (cells already escaped HTML); ``numeric`` columns align right.
+    Cheaper for the browser than a data-grid component (the inspector redraws on every click)."""
+    th = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
+            for i, c in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    table = f'<table class="sc-table"><tr>{th}</tr>{body}</table>'
+    if max_height is not None:
+        table = f'<div style="max-height:{max_height}px;overflow-y:auto">{table}</div>'
+    return _TABLE_STYLE + table
+
+
 def report_html(rows: Sequence[dict[str, str]]) -> str:
     """The verification checks as a wrapping HTML table, PASS green and FAIL red."""
-    head = "".join(f"<th>{c}</th>" for c in ("check", "result", "criterion", "summary"))
-    body = ""
+    cells = []
     for r in rows:
-        ok = r["result"] == "PASS"
-        verdict = (
-            f'<b style="color:{"#1a7f37" if ok else "#cf222e"}">{html.escape(r["result"])}</b>'
+        colour = "#1a7f37" if r["result"] == "PASS" else "#cf222e"
+        verdict = f'<b style="color:{colour}">{html.escape(r["result"])}</b>'
+        cells.append(
+            [
+                html.escape(r["check"]),
+                verdict,
+                html.escape(r["criterion"]),
+                html.escape(r["summary"]),
+            ]
         )
-        cells = [html.escape(r["check"]), verdict, html.escape(r["criterion"])]
-        cells.append(html.escape(r["summary"]))
-        body += "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
-    style = (
-        "<style>.sc-report{border-collapse:collapse;font-size:14px;width:100%}"
-        ".sc-report th,.sc-report td{border:1px solid #ddd;padding:4px 8px;text-align:left;"
-        "vertical-align:top}.sc-report th{background:#f6f6f6}</style>"
-    )
-    return f'{style}<table class="sc-report"><tr>{head}</tr>{body}</table>'
+    return table_html(["check", "result", "criterion", "summary"], cells)
