@@ -60,6 +60,23 @@ def test_compare_counts_edges_and_ratio(circuit_model_dir, dense_dir, tmp_path):
     )
 
 
+def test_compare_resumes_from_saved_circuits(circuit_model_dir, dense_dir, tmp_path, monkeypatch):
+    from sparsecircuits.circuits import compare as compare_mod
+
+    cfg = PruneConfig(**SMALL, target_loss=50.0)
+    tasks = ["single_double_quote"]
+    first = compare_models(str(circuit_model_dir), str(dense_dir), tasks, cfg, out=tmp_path)
+    calls = []
+    real = compare_mod.find_circuit
+    spy = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(compare_mod, "find_circuit", spy)
+    again = compare_models(str(circuit_model_dir), str(dense_dir), tasks, cfg, out=tmp_path)
+    assert calls == [] and again["tasks"] == first["tasks"]  # both circuits reused
+    other = cfg.model_copy(update={"steps": 4})  # different settings: pruned afresh
+    compare_models(str(circuit_model_dir), str(dense_dir), tasks, other, out=tmp_path)
+    assert len(calls) == 2
+
+
 def test_compare_skips_tasks_that_miss_the_target(circuit_model_dir, dense_dir):
     cfg = PruneConfig(**SMALL, target_loss=1e-6)  # unreachable for random tiny models
     res = compare_models(str(circuit_model_dir), str(dense_dir), ["single_double_quote"], cfg)

@@ -13,6 +13,8 @@ import torch
 from sparsecircuits.circuits.pipeline import find_circuit, load_for_circuits
 from sparsecircuits.circuits.prune import PruneConfig, geometric_mean
 from sparsecircuits.circuits.report import save_prune_outputs
+from sparsecircuits.circuits.schema import CIRCUIT_FILE, CircuitDoc, load_circuit
+from sparsecircuits.errors import CheckpointError
 from sparsecircuits.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -31,16 +33,23 @@ def compare_models(
     sparse weight edges; ``geomean_ratio`` is over tasks where both circuits reach the target
     (edges = nonzero weights between kept nodes, the paper's count; residual links are
     reported separately in ``geomean_ratio_all_edges``). A count of 0 is taken as 1 so that
-    every ratio and its logarithm stay defined."""
+    every ratio and its logarithm stay defined.
+
+    With ``out``, each circuit is written to ``out/{sparse,dense}/TASK/`` as it is found, and a
+    rerun reuses those whose model weights and prune settings match: a killed comparison
+    resumes where it stopped."""
     models = {"sparse": load_for_circuits(sparse, device=device)}
     models["dense"] = load_for_circuits(dense, device=device)
     rows: dict[str, dict[str, Any]] = {}
     for task in tasks:
         row: dict[str, Any] = {}
         for kind, lm in models.items():
-            doc, result, trials = find_circuit(lm, task, cfg)
-            if out is not None:
-                save_prune_outputs(Path(out) / kind / task, doc, result, trials)
+            directory = Path(out) / kind / task if out is not None else None
+            doc = _reusable(directory, lm.hash, task, cfg) if directory is not None else None
+            if doc is None:
+                doc, result, trials = find_circuit(lm, task, cfg)
+                if directory is not None:
+                    save_prune_outputs(directory, doc, result, trials)
             row[kind] = {
                 "n_nodes": doc.n_nodes,
                 "n_edges": doc.n_edges,
@@ -81,6 +90,25 @@ def compare_models(
     if out is not None:
         atomic_write_json(Path(out) / "compare.json", result)
     return result
+
+
+def _reusable(directory: Path, model_hash: str, task: str, cfg: PruneConfig) -> CircuitDoc | None:
+    """The circuit saved in ``directory`` by an earlier run with the same model and settings."""
+    if not (directory / CIRCUIT_FILE).is_file():
+        return None
+    try:
+        doc = load_circuit(directory)
+    except CheckpointError as err:
+        log.warning("not reusing %s: %s", directory, err)
+        return None
+    same = (
+        doc.model.weights_hash == model_hash
+        and doc.task == task
+        and doc.prune_config == cfg.model_dump(mode="json")
+    )
+    if same:
+        log.info("reusing %s", directory / CIRCUIT_FILE)
+    return doc if same else None
 
 
 def print_comparison(result: dict[str, Any]) -> None:
