@@ -227,14 +227,19 @@ def test_dashboard_in_a_browser(server, browser, shots, viz_circuit_dir):
     _to_top(page)
     shots(page, "04-playground")
 
-    # A second visit: the browser has Streamlit's and plotly's scripts cached, as a user who
-    # comes back to the dashboard does (the first visit above also fetches them).
-    page2 = browser.new_page(viewport={"width": 1400, "height": 1300})
-    t0 = time.perf_counter()
-    page2.goto(server)
-    _shown(page2, ".st-key-layer_chart .main-svg")
-    revisit_s = time.perf_counter() - t0
-    page2.close()
+    # A second visit in the same browser context: Streamlit's and plotly's scripts come from
+    # the HTTP cache, as for a user who comes back to the dashboard (the first visit above
+    # also fetched and compiled them; the app's own script run is ~0.1 s of either).
+    context = browser.new_context(viewport={"width": 1400, "height": 1300})
+    revisit_s = 0.0
+    for _ in range(2):  # the first visit fills this context's cache, the second is timed
+        page2 = context.new_page()
+        t0 = time.perf_counter()
+        page2.goto(server)
+        _shown(page2, ".st-key-layer_chart .main-svg")
+        revisit_s = time.perf_counter() - t0
+        page2.close()
+    context.close()
 
     timings = {
         "circuit_page_render_s": round(render_s, 2),
