@@ -70,7 +70,9 @@ def url(host: str, port: int) -> str:
 
 
 def wait_healthy(base: str, *, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> bool:
-    """Poll the server's health endpoint until it answers "ok" (False on timeout or exit)."""
+    """Poll the server's health endpoint until it answers "ok" (False on timeout or exit).
+    ``base`` is the Streamlit server this process just started on this machine: a local
+    readiness check, never a download."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
