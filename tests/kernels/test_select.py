@@ -184,3 +184,15 @@ def test_compiled_projection_bumps_the_version_counter() -> None:
         before = w._version
         project_topk_(w, 10, floor=1)
         assert w._version > before, name
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_the_abstopk_backward_reads_strided_gradients(name: str) -> None:
+    """The backward's gradient may arrive as a transposed view (e.g. from attention)."""
+    _with_backend(name)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 40, generator=g).requires_grad_(True)
+    gy = torch.randn(40, 6, generator=g).t()  # non-contiguous (6, 40)
+    y = abstopk(x, 9)
+    y.backward(gy)
+    assert torch.equal(x.grad, torch.where(reference_mask(x.detach().abs(), 9), gy, 0.0))

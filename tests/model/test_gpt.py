@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecircuits.errors import InputError
+from sparsecircuits.kernels.attention import causal_padded, torch_causal_attention
 from sparsecircuits.model import GPT, NODE_LOCS
 from sparsecircuits.model.layers import abstopk
 
@@ -282,9 +283,9 @@ def test_flash_sink_path_matches_the_padded_and_masked_paths_with_gradients() ->
         qkv = [t.clone().requires_grad_(True) for t in base]
         q, k, v = (t.transpose(1, 2) for t in qkv)  # strided views, as in the model
         if path == "flash":
-            y = attn._causal(q, k, v)
+            y = torch_causal_attention(q, k, v, attn.sink_logit)
         elif path == "padded":
-            y = attn._causal_padded(q, k, v)
+            y = causal_padded(q, k, v, attn.sink_logit)
         else:
             y = attn(q, k, v, visible)
         grads = torch.autograd.grad(y.square().sum(), [*qkv, attn.sink_logit])

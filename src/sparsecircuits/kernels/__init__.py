@@ -3,6 +3,7 @@
 - ``abstopk`` / ``project_topk_``: exact top-k selection by radix select (no sort).
 - ``sparse_linear``: ``F.linear`` through CSR kernels below a measured density crossover,
   with an exact (dense) or support-only weight gradient.
+- ``causal_attention``: causal attention with an optional sink, a kernel for narrow heads.
 - ``backend()``: ``"cpp"`` when the compiled library is in use, else ``"torch"``.
 
 The lowest layer of the package: it imports nothing from the rest of sparsecircuits except
@@ -10,6 +11,7 @@ errors, so ``model/`` and ``train/`` can use it.
 """
 
 from sparsecircuits.kernels._lib import backend, library_path
+from sparsecircuits.kernels.attention import causal_attention
 from sparsecircuits.kernels.csr import CSRPattern, build_pattern
 from sparsecircuits.kernels.linear import GradMode, LinearKernelState, sparse_linear
 from sparsecircuits.kernels.select import abstopk, project_topk_, topk_mask
@@ -21,6 +23,7 @@ __all__ = [
     "abstopk",
     "backend",
     "build_pattern",
+    "causal_attention",
     "library_path",
     "project_topk_",
     "sparse_linear",

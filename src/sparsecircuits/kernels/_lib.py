@@ -41,7 +41,16 @@ _SIGNATURES: dict[str, list] = {
     "sc_csr_fill": [_f32p, _i64, _i64, _f32p, _f32p, _f32p, _f32p, _i32],
     # rows, cols, crow, col, crow_t, col_t, perm
     "sc_csr_transpose": [_i64, _i64, _f32p, _f32p, _f32p, _f32p, _f32p],
-}
+    # B, H, T, D, q, k, v, strides (12), sink, scale, y, lse, threads -> 0 or -1
+    "sc_attn_fwd": [_i64, _i64, _i64, _i64, _f32p, _f32p, _f32p, _f32p, _f32p, ctypes.c_float,
+                    _f32p, _f32p, _i32],
+    # B, H, T, D, q, k, v, y, dy, strides (24), lse, sink, scale, dq, dk, dv, dsink, threads
+    "sc_attn_bwd": [_i64, _i64, _i64, _i64, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p,
+                    _f32p, ctypes.c_float, _f32p, _f32p, _f32p, _f32p, _i32],
+    # gy, ld, mask, gx, rows, n, threads
+    "sc_mask_grad": [_f32p, _i64, _f32p, _f32p, _i64, _i64, _i32],
+}  # fmt: skip
+_RESTYPES = {"sc_csr_count": _i64, "sc_attn_fwd": _i32, "sc_attn_bwd": _i32}
 
 
 def library_path() -> Path | None:
@@ -81,7 +90,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = args
-        fn.restype = ctypes.c_int64 if name == "sc_csr_count" else None
+        fn.restype = _RESTYPES.get(name)
     return lib, ""
 
 

@@ -87,7 +87,21 @@ class _AbsTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        return torch.where(mask, gy, 0.0), None
+        return masked_grad(gy, mask), None
+
+
+def masked_grad(gy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``gy`` where ``mask`` (bool, same shape) is set, 0 elsewhere: the AbsTopK backward, in
+    one pass over memory on the compiled path (``torch.where`` takes ~3x longer here)."""
+    if not _use_cpp(gy) or gy.numel() == 0 or not mask.is_contiguous():
+        return torch.where(mask, gy, 0.0)
+    g2 = _rows(gy)
+    out = torch.empty(gy.shape, dtype=gy.dtype)
+    lib().sc_mask_grad(
+        g2.data_ptr(), g2.stride(0), mask.data_ptr(), out.data_ptr(), g2.shape[0], g2.shape[1],
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
 
 
 def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsecircuits.errors import InputError
+from sparsecircuits.kernels import causal_attention
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.model.hooks import NO_HOOKS, Hooks, Intervention, site_names
 from sparsecircuits.model.layers import ActSparsity, AttentionSink, Linear, make_norm
@@ -49,10 +50,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, Tq, self.n_head, self.d_head).transpose(1, 2)
         k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (k, v))
         if query_pos is None:  # plain causal attention
-            if self.attn_imp is not None:
-                y = self.attn_imp(q, k, v)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            attend = self.attn_imp if self.attn_imp is not None else causal_attention
+            y = attend(q, k, v)
         else:
             visible = key_pos[None, None, :] <= query_pos[:, None, None]  # (B, 1, T)
             if self.attn_imp is not None:

@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsecircuits.kernels import GradMode, LinearKernelState, abstopk, sparse_linear
+from sparsecircuits.kernels import (
+    GradMode,
+    LinearKernelState,
+    abstopk,
+    causal_attention,
+    sparse_linear,
+)
 from sparsecircuits.model.config import GPTConfig
 
 
@@ -117,64 +123,4 @@ class AttentionSink(nn.Module):
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention with the sink, without a T x T mask tensor."""
-        if _FlashSink.available(q):
-            return _FlashSink.apply(q, k, v, self.sink_logit)
-        return self._causal_padded(q, k, v)
-
-    def _causal_padded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The sink through the fused causal kernel on any device: the sink becomes key 0 and
-        one extra channel carries its logit: queries get a 1 there, the sink key
-        ``b_h * sqrt(d_head)`` (with the softmax scale 1/sqrt(d_head), its score is ``b_h``),
-        token keys 0. A dummy query in front shifts the causal alignment so that query t sees
-        the sink and tokens 0..t."""
-        B, H, _, D = q.shape
-        b = self.sink_logit.to(q.dtype).view(1, H, 1, 1) * D**0.5
-        q1 = F.pad(F.pad(q, (0, 1), value=1.0), (0, 0, 1, 0))  # (B, H, T+1, D+1)
-        sink_key = torch.cat([k.new_zeros(B, H, 1, D), b.expand(B, H, 1, 1)], dim=3)
-        k1 = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)  # (B, H, T+1, D+1)
-        v1 = F.pad(v, (0, 1, 1, 0))  # (B, H, T+1, D+1): the sink's value is 0
-        y = F.scaled_dot_product_attention(q1, k1, v1, is_causal=True, scale=D**-0.5)
-        return y[:, :, 1:, :D]
-
-
-class _FlashSink(torch.autograd.Function):
-    """Sink attention from the CPU flash kernel's output and log-sum-exp, at d_head (an odd
-    d_head + 1 costs the kernel ~1.5x).
-
-    With the sink's logit b_h, the normaliser becomes lse' = logaddexp(lse, b_h), so
-    y = out * exp(lse - lse'). The backward is the flash backward of the sink attention itself:
-    given y and lse' the kernel recomputes p' = exp(s - lse') (the probabilities with the sink)
-    and uses rowsum(dy * y), which is exactly that attention's. The sink (value 0) gets
-    d b_h = -sum exp(b_h - lse') * rowsum(dy * y).
-    """
-
-    _fwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    _bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-
-    @classmethod
-    def available(cls, q: torch.Tensor) -> bool:
-        return (
-            cls._fwd is not None
-            and cls._bwd is not None
-            and q.device.type == "cpu"
-            and q.dtype == torch.float32
-        )
-
-    @staticmethod
-    def forward(ctx, q, k, v, sink_logit):  # type: ignore[override]
-        scale = q.shape[-1] ** -0.5
-        out, lse = _FlashSink._fwd(q, k, v, 0.0, True, scale=scale)  # lse: (B, H, T)
-        lse_sink = torch.logaddexp(lse, sink_logit.detach().view(1, -1, 1))
-        y = out * torch.exp(lse - lse_sink).unsqueeze(-1)
-        ctx.save_for_backward(q, k, v, y, lse_sink, sink_logit)
-        ctx.scale = scale
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        q, k, v, y, lse_sink, sink_logit = ctx.saved_tensors
-        dy = dy.contiguous()
-        dq, dk, dv = _FlashSink._bwd(dy, q, k, v, y, lse_sink, 0.0, True, scale=ctx.scale)
-        delta = (dy * y).sum(-1)  # (B, H, T)
-        p_sink = torch.exp(sink_logit.view(1, -1, 1) - lse_sink)
-        return dq, dk, dv, -(p_sink * delta).sum(dim=(0, 2))
+        return causal_attention(q, k, v, self.sink_logit)

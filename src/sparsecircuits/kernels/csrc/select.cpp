@@ -152,6 +152,19 @@ SC_EXPORT void sc_abstopk(const float* x, int64_t ld, float* y, uint8_t* mask, i
   }
 }
 
+// The AbsTopK backward: gx = gy where mask is set, 0 elsewhere. gy: (rows, n) with row
+// stride ld (unit column stride); mask: (rows, n) uint8; gx: (rows, n) contiguous.
+SC_EXPORT void sc_mask_grad(const float* gy, int64_t ld, const uint8_t* mask, float* gx,
+                            int64_t rows, int64_t n, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = gy + r * ld;
+    const uint8_t* m = mask + r * n;
+    float* o = gx + r * n;
+    for (int64_t i = 0; i < n; ++i) o[i] = m[i] ? g[i] : 0.0f;
+  }
+}
+
 // Top-k magnitude projection of a (rows, cols) matrix, in place: each row's `floor` largest
 // |w| are kept first, then the largest remaining |w| overall until exactly k slots are kept
 // (ties: lowest flat index first). Writes the kept mask (rows*cols uint8). floor*rows <= k.
