@@ -62,110 +62,163 @@ struct OutHead {
   float* row(int64_t t) const { return p + t * st; }
 };
 
-// kt (D, Tp) = x^T zero-padded to Tp keys; rows (T, D) = x contiguous (may be null).
-template <int D>
-void load_head(Head x, int64_t T, int64_t Tp, float* kt, float* rows) {
-  for (int64_t j = 0; j < T; ++j) {
-    const float* r = x.row(j);
-    for (int d = 0; d < D; ++d) kt[d * Tp + j] = r[d];
-    if (rows) std::memcpy(rows + j * D, r, sizeof(float) * D);
-  }
-  for (int d = 0; d < D; ++d)
-    for (int64_t j = T; j < Tp; ++j) kt[d * Tp + j] = 0.0f;
-}
-
-// s[8b..8b+8) = sum_d a[d] * kt[d, 8b..8b+8), for the blocks b < nb.
-template <int D>
-inline v8f block_dot(const float* a, const float* kt, int64_t Tp, int64_t j0) {
-  v8f acc = {};
-  for (int d = 0; d < D; ++d) acc += a[d] * load8(kt + d * Tp + j0);
-  return acc;
-}
-
+// Forward of one (batch, head), 8 queries at a time with the queries in the vector lanes:
+// scores of 4 keys share each load of the (D, 8) query tile, the max and sum are per-lane,
+// and P V runs over query groups whose accumulators fill 8 registers.
 template <int D>
 void fwd_head(int64_t T, Head q, Head k, Head v, float sink, bool has_sink, float scale,
-              OutHead y, float* lse, float* kt, float* vl, float* s) {
-  const int64_t Tp = (T + 7) & ~int64_t{7};
-  load_head<D>(k, T, Tp, kt, nullptr);
-  for (int64_t j = 0; j < T; ++j) std::memcpy(vl + j * D, v.row(j), sizeof(float) * D);
+              OutHead y, float* lse, float* kl, float* vl, float* st) {
+  constexpr int QG = D >= 64 ? 1 : 64 / D;  // queries per P V group: QG * D / 8 = 8 vectors
+  const int64_t T4 = (T + 3) & ~int64_t{3};
+  for (int64_t j = 0; j < T; ++j) {
+    std::memcpy(kl + j * D, k.row(j), sizeof(float) * D);
+    std::memcpy(vl + j * D, v.row(j), sizeof(float) * D);
+  }
+  std::memset(kl + T * D, 0, sizeof(float) * (T4 - T) * D);
   const v8f ninf = splat(-INFINITY);
-  for (int64_t i = 0; i < T; ++i) {
-    float qs[D];
-    for (int d = 0; d < D; ++d) qs[d] = q.row(i)[d] * scale;
-    const int64_t nb = i / 8 + 1;  // blocks holding keys 0..i
-    const v8f last = splat(static_cast<float>(i - 8 * (nb - 1)));
-    v8f vmax = ninf;
-    for (int64_t b = 0; b < nb; ++b) {
-      v8f a = block_dot<D>(qs, kt, Tp, 8 * b);
-      if (b == nb - 1) a = LANE <= last ? a : ninf;
-      store8(s + 8 * b, a);
-      vmax = a > vmax ? a : vmax;
+  alignas(32) float qt[D * 8];
+  for (int64_t i0 = 0; i0 < T; i0 += 8) {
+    const int64_t nq = T - i0 < 8 ? T - i0 : 8;
+    for (int d = 0; d < D; ++d)
+      for (int l = 0; l < 8; ++l) qt[d * 8 + l] = l < nq ? q.row(i0 + l)[d] * scale : 0.0f;
+    const int64_t nk = i0 + nq;  // keys 0..nk-1 are visible to some query of the tile
+    for (int64_t j = 0; j < nk; j += 4) {
+      v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      const float* kr = kl + j * D;
+      for (int d = 0; d < D; ++d) {
+        const v8f qd = load8(qt + d * 8);
+        a0 += qd * kr[d];
+        a1 += qd * kr[D + d];
+        a2 += qd * kr[2 * D + d];
+        a3 += qd * kr[3 * D + d];
+      }
+      store8(st + j * 8, a0);
+      store8(st + j * 8 + 8, a1);
+      store8(st + j * 8 + 16, a2);
+      store8(st + j * 8 + 24, a3);
     }
-    float m = hmax8(vmax);
-    if (has_sink && sink > m) m = sink;
-    v8f lsum = {};
-    for (int64_t b = 0; b < nb; ++b) {
-      v8f p = exp8(load8(s + 8 * b) - m);
-      if (b == nb - 1) p = LANE <= last ? p : v8f{};
-      lsum += p;
-      store8(s + 8 * b, p);
+    // causal mask on the diagonal keys: query i0 + l sees key j iff j <= i0 + l
+    for (int64_t j = i0; j < nk; ++j) {
+      const v8f s = load8(st + j * 8);
+      store8(st + j * 8, LANE >= splat(static_cast<float>(j - i0)) ? s : ninf);
     }
-    v8f acc[D / 8] = {};
-    for (int64_t j = 0; j <= i; ++j) {
-      const float pj = s[j];
-      for (int c = 0; c < D / 8; ++c) acc[c] += pj * load8(vl + j * D + 8 * c);
+    v8f m = has_sink ? splat(sink) : ninf;
+    for (int64_t j = 0; j < nk; ++j) {
+      const v8f s = load8(st + j * 8);
+      m = s > m ? s : m;
     }
-    float l = hsum8(lsum);
-    if (has_sink) l += std::exp(sink - m);
-    const float inv = 1.0f / l;
-    for (int c = 0; c < D / 8; ++c) store8(y.row(i) + 8 * c, acc[c] * inv);
-    lse[i] = m + std::log(l);
+    v8f l = has_sink ? exp8(splat(sink) - m) : v8f{};
+    for (int64_t j = 0; j < nk; ++j) {
+      v8f p = exp8(load8(st + j * 8) - m);
+      if (j >= i0) p = LANE >= splat(static_cast<float>(j - i0)) ? p : v8f{};
+      l += p;
+      store8(st + j * 8, p);
+    }
+    const v8f inv = splat(1.0f) / l;
+    for (int g = 0; g < nq; g += QG) {
+      v8f acc[QG][D / 8] = {};
+      for (int64_t j = 0; j < nk; ++j) {
+        const float* pj = st + j * 8 + g;
+        const float* vr = vl + j * D;
+        for (int c = 0; c < D / 8; ++c) {
+          const v8f vc = load8(vr + 8 * c);
+          for (int u = 0; u < QG; ++u) acc[u][c] += pj[u] * vc;
+        }
+      }
+      for (int u = 0; u < QG && g + u < nq; ++u)
+        for (int c = 0; c < D / 8; ++c) store8(y.row(i0 + g + u) + 8 * c, acc[u][c] * inv[g + u]);
+    }
+    for (int64_t u = 0; u < nq; ++u) lse[i0 + u] = m[u] + std::log(l[u]);
   }
 }
 
+// Backward of one (batch, head), in the forward's layout (8 queries in the lanes): per tile,
+// P and dS for all visible keys (4 keys per pass over the tile's q and dy), then dQ by query
+// groups, and dK, dV by key rows with the group's q and dy rows held in registers.
 template <int D>
 float bwd_head(int64_t T, Head q, Head k, Head v, Head y, Head dy, const float* lse, float sink,
-               bool has_sink, float scale, OutHead dq, OutHead dk, OutHead dv, float* kt,
-               float* vt, float* kl, float* dkl, float* dvl, float* p, float* ds) {
-  const int64_t Tp = (T + 7) & ~int64_t{7};
-  load_head<D>(k, T, Tp, kt, kl);
-  load_head<D>(v, T, Tp, vt, nullptr);
-  std::memset(dkl, 0, sizeof(float) * T * D);
-  std::memset(dvl, 0, sizeof(float) * T * D);
+               bool has_sink, float scale, OutHead dq, OutHead dk, OutHead dv, float* kl,
+               float* vl, float* dkl, float* dvl, float* pb, float* dsb) {
+  constexpr int QG = D >= 64 ? 1 : 64 / D;
+  const int64_t T4 = (T + 3) & ~int64_t{3};
+  for (int64_t j = 0; j < T; ++j) {
+    std::memcpy(kl + j * D, k.row(j), sizeof(float) * D);
+    std::memcpy(vl + j * D, v.row(j), sizeof(float) * D);
+  }
+  std::memset(kl + T * D, 0, sizeof(float) * (T4 - T) * D);
+  std::memset(vl + T * D, 0, sizeof(float) * (T4 - T) * D);
+  std::memset(dkl, 0, sizeof(float) * T4 * D);
+  std::memset(dvl, 0, sizeof(float) * T4 * D);
+  alignas(32) float qt[D * 8], gt[D * 8], qr[8 * D], gr[8 * D];
   float dsink = 0.0f;
-  for (int64_t i = 0; i < T; ++i) {
-    float qs[D], g[D];
-    float delta = 0.0f;
-    for (int d = 0; d < D; ++d) {
-      qs[d] = q.row(i)[d] * scale;
-      g[d] = dy.row(i)[d];
-      delta += g[d] * y.row(i)[d];
+  for (int64_t i0 = 0; i0 < T; i0 += 8) {
+    const int64_t nq = T - i0 < 8 ? T - i0 : 8;
+    const int64_t nk = i0 + nq;
+    v8f delta = {}, lsev = {};
+    for (int l = 0; l < 8; ++l) {
+      float dl = 0.0f;
+      for (int d = 0; d < D; ++d) {
+        const float qv = l < nq ? q.row(i0 + l)[d] * scale : 0.0f;
+        const float gv = l < nq ? dy.row(i0 + l)[d] : 0.0f;
+        qt[d * 8 + l] = qr[l * D + d] = qv;
+        gt[d * 8 + l] = gr[l * D + d] = gv;
+        if (l < nq) dl += gv * y.row(i0 + l)[d];
+      }
+      delta[l] = dl;
+      lsev[l] = l < nq ? lse[i0 + l] : 0.0f;
     }
-    const int64_t nb = i / 8 + 1;
-    const v8f last = splat(static_cast<float>(i - 8 * (nb - 1)));
-    const float li = lse[i];
-    for (int64_t b = 0; b < nb; ++b) {
-      v8f pb = exp8(block_dot<D>(qs, kt, Tp, 8 * b) - li);
-      if (b == nb - 1) pb = LANE <= last ? pb : v8f{};
-      const v8f dp = block_dot<D>(g, vt, Tp, 8 * b);
-      store8(p + 8 * b, pb);
-      store8(ds + 8 * b, pb * (dp - delta));
-    }
-    v8f dqa[D / 8] = {}, qv[D / 8], gv[D / 8];
-    for (int c = 0; c < D / 8; ++c) {
-      qv[c] = load8(qs + 8 * c);  // scale * q_i: d s_ij / d k_j
-      gv[c] = load8(g + 8 * c);
-    }
-    for (int64_t j = 0; j <= i; ++j) {
-      const float dsj = ds[j], pj = p[j];
-      for (int c = 0; c < D / 8; ++c) {
-        dqa[c] += dsj * load8(kl + j * D + 8 * c);
-        store8(dkl + j * D + 8 * c, load8(dkl + j * D + 8 * c) + dsj * qv[c]);
-        store8(dvl + j * D + 8 * c, load8(dvl + j * D + 8 * c) + pj * gv[c]);
+    for (int64_t j = 0; j < nk; j += 4) {
+      v8f a[4] = {}, b[4] = {};
+      const float* kr = kl + j * D;
+      const float* vr = vl + j * D;
+      for (int d = 0; d < D; ++d) {
+        const v8f qd = load8(qt + d * 8), gd = load8(gt + d * 8);
+        for (int c = 0; c < 4; ++c) {
+          a[c] += qd * kr[c * D + d];
+          b[c] += gd * vr[c * D + d];
+        }
+      }
+      for (int c = 0; c < 4; ++c) {
+        v8f p = exp8(a[c] - lsev);
+        if (j + c >= i0) p = LANE >= splat(static_cast<float>(j + c - i0)) ? p : v8f{};
+        store8(pb + (j + c) * 8, p);
+        store8(dsb + (j + c) * 8, p * (b[c] - delta));
       }
     }
-    for (int c = 0; c < D / 8; ++c) store8(dq.row(i) + 8 * c, dqa[c] * scale);
-    if (has_sink) dsink += std::exp(sink - li) * delta;
+    for (int g = 0; g < nq; g += QG) {
+      v8f acc[QG][D / 8] = {}, qv[QG][D / 8], gv[QG][D / 8];
+      for (int64_t j = 0; j < nk; ++j) {
+        const float* dsj = dsb + j * 8 + g;
+        for (int c = 0; c < D / 8; ++c) {
+          const v8f kc = load8(kl + j * D + 8 * c);
+          for (int u = 0; u < QG; ++u) acc[u][c] += dsj[u] * kc;
+        }
+      }
+      for (int u = 0; u < QG && g + u < nq; ++u)
+        for (int c = 0; c < D / 8; ++c) store8(dq.row(i0 + g + u) + 8 * c, acc[u][c] * scale);
+      for (int u = 0; u < QG; ++u)
+        for (int c = 0; c < D / 8; ++c) qv[u][c] = load8(qr + (g + u) * D + 8 * c);
+      for (int64_t j = 0; j < nk; ++j) {
+        const float* dsj = dsb + j * 8 + g;
+        for (int c = 0; c < D / 8; ++c) {
+          v8f t = load8(dkl + j * D + 8 * c);
+          for (int u = 0; u < QG; ++u) t += dsj[u] * qv[u][c];
+          store8(dkl + j * D + 8 * c, t);
+        }
+      }
+      for (int u = 0; u < QG; ++u)
+        for (int c = 0; c < D / 8; ++c) gv[u][c] = load8(gr + (g + u) * D + 8 * c);
+      for (int64_t j = 0; j < nk; ++j) {
+        const float* pj = pb + j * 8 + g;
+        for (int c = 0; c < D / 8; ++c) {
+          v8f t = load8(dvl + j * D + 8 * c);
+          for (int u = 0; u < QG; ++u) t += pj[u] * gv[u][c];
+          store8(dvl + j * D + 8 * c, t);
+        }
+      }
+    }
+    if (has_sink)
+      for (int64_t l = 0; l < nq; ++l) dsink += std::exp(sink - lsev[l]) * delta[l];
   }
   for (int64_t j = 0; j < T; ++j) {
     std::memcpy(dk.row(j), dkl + j * D, sizeof(float) * D);
@@ -181,7 +234,7 @@ void fwd_all(int64_t B, int64_t H, int64_t T, const float* q, const float* k, co
   const int64_t Tp = (T + 7) & ~int64_t{7};
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> kt(D * Tp), vl(T * D), s(Tp);
+    std::vector<float> kl((T + 3) * D), vl(T * D), sc(Tp * 8 + 32);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -190,7 +243,7 @@ void fwd_all(int64_t B, int64_t H, int64_t T, const float* q, const float* k, co
       const Head hv{v + b * st[6] + h * st[7], st[8]};
       const OutHead hy{y + b * st[9] + h * st[10], st[11]};
       fwd_head<D>(T, hq, hk, hv, sink ? sink[h] : 0.0f, sink != nullptr, scale, hy,
-                  lse + bh * T, kt.data(), vl.data(), s.data());
+                  lse + bh * T, kl.data(), vl.data(), sc.data());
     }
   }
 }
@@ -200,11 +253,10 @@ void bwd_all(int64_t B, int64_t H, int64_t T, const float* q, const float* k, co
              const float* y, const float* dy, const int64_t* st, const float* lse,
              const float* sink, float scale, float* dq, float* dk, float* dv, float* dsink,
              int threads) {
-  const int64_t Tp = (T + 7) & ~int64_t{7};
+  const int64_t T4 = (T + 3) & ~int64_t{3};
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> kt(D * Tp), vt(D * Tp), kl(T * D), dkl(T * D), dvl(T * D), p(Tp),
-        ds(Tp);
+    std::vector<float> kl(T4 * D), vl(T4 * D), dkl(T4 * D), dvl(T4 * D), pb(T4 * 8), dsb(T4 * 8);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -216,8 +268,8 @@ void bwd_all(int64_t B, int64_t H, int64_t T, const float* q, const float* k, co
       };
       const float g = bwd_head<D>(T, in(q, 0), in(k, 1), in(v, 2), in(y, 3), in(dy, 4),
                                   lse + bh * T, sink ? sink[h] : 0.0f, sink != nullptr, scale,
-                                  out(dq, 5), out(dk, 6), out(dv, 7), kt.data(), vt.data(),
-                                  kl.data(), dkl.data(), dvl.data(), p.data(), ds.data());
+                                  out(dq, 5), out(dk, 6), out(dv, 7), kl.data(), vl.data(),
+                                  dkl.data(), dvl.data(), pb.data(), dsb.data());
       if (dsink) dsink[bh] = g;
     }
   }
