@@ -45,6 +45,7 @@ from sparsecircuits.train.trainer import train_step  # noqa: E402
 
 L0S = {"1": 1.0, "1/16": 1 / 16, "1/64": 1 / 64, "1/256": 1 / 256}
 _FAST_ABSTOPK = layers.abstopk
+_FAST_GELU_ABSTOPK = layers.gelu_abstopk
 _FAST_PROJECT = sparsity_mod.project_topk_
 
 
@@ -70,10 +71,15 @@ def _legacy_project(w: torch.Tensor, k: int, *, min_per_neuron: int) -> torch.Te
     return mask
 
 
+def _legacy_gelu_abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
+    return _legacy_abstopk(torch.nn.functional.gelu(x), k)
+
+
 def use_path(name: str) -> None:
     """Switch the code path: 'masked-dense' restores the pre-kernel implementation."""
     legacy = name == "masked-dense"
     layers.abstopk = _legacy_abstopk if legacy else _FAST_ABSTOPK
+    layers.gelu_abstopk = _legacy_gelu_abstopk if legacy else _FAST_GELU_ABSTOPK
     sparsity_mod.project_topk_ = _legacy_project if legacy else _FAST_PROJECT
     if legacy:
         os.environ[SPARSE_BELOW] = "0"

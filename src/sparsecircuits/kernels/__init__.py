@@ -14,7 +14,7 @@ from sparsecircuits.kernels._lib import backend, library_path
 from sparsecircuits.kernels.attention import causal_attention
 from sparsecircuits.kernels.csr import CSRPattern, build_pattern
 from sparsecircuits.kernels.linear import GradMode, LinearKernelState, sparse_linear
-from sparsecircuits.kernels.select import abstopk, project_topk_, topk_mask
+from sparsecircuits.kernels.select import abstopk, gelu_abstopk, project_topk_, topk_mask
 
 __all__ = [
     "CSRPattern",
@@ -24,6 +24,7 @@ __all__ = [
     "backend",
     "build_pattern",
     "causal_attention",
+    "gelu_abstopk",
     "library_path",
     "project_topk_",
     "sparse_linear",

@@ -49,6 +49,8 @@ _SIGNATURES: dict[str, list] = {
                     _f32p, ctypes.c_float, _f32p, _f32p, _f32p, _f32p, _i32],
     # gy, ld, mask, gx, rows, n, threads
     "sc_mask_grad": [_f32p, _i64, _f32p, _f32p, _i64, _i64, _i32],
+    # x, gy, ld, mask, gx, rows, n, threads
+    "sc_gelu_topk_grad": [_f32p, _f32p, _i64, _f32p, _f32p, _i64, _i64, _i32],
 }  # fmt: skip
 _RESTYPES = {"sc_csr_count": _i64, "sc_attn_fwd": _i32, "sc_attn_bwd": _i32}
 

@@ -11,6 +11,7 @@ fallback implement the same rule, so they return identical tensors.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from sparsecircuits.kernels._lib import lib
 
@@ -102,6 +103,38 @@ def masked_grad(gy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+class _GeluAbsTopK(torch.autograd.Function):
+    """AbsTopK(GELU(x)) with one fused backward pass: GELU's derivative, the kept-entry mask
+    and the incoming gradient in one read of each (torch would run two passes and write an
+    intermediate). The forward is torch's GELU, so outputs are those of the unfused pair."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: int) -> torch.Tensor:  # type: ignore[override]
+        y, mask = abstopk_forward(F.gelu(x), k)
+        ctx.save_for_backward(x, mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        x, mask = ctx.saved_tensors
+        if not _use_cpp(gy) or gy.numel() == 0 or not (x.is_contiguous() and mask.is_contiguous()):
+            return torch.where(mask, torch.ops.aten.gelu_backward(gy, x), 0.0), None
+        g2 = _rows(gy)
+        out = torch.empty(gy.shape, dtype=gy.dtype)
+        lib().sc_gelu_topk_grad(
+            x.data_ptr(), g2.data_ptr(), g2.stride(0), mask.data_ptr(), out.data_ptr(),
+            g2.shape[0], g2.shape[1], torch.get_num_threads(),
+        )  # fmt: skip
+        return out, None
+
+
+def gelu_abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``abstopk(F.gelu(x), k)`` (exact GELU) with a fused backward."""
+    if k >= x.shape[-1]:
+        return F.gelu(x)
+    return _GeluAbsTopK.apply(x, k)
 
 
 def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:

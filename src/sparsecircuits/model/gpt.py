@@ -66,14 +66,16 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = Linear(config.d_model, config.mlp_width, bias=config.bias)
-        self.act_fn = nn.GELU() if config.activation_type == "gelu" else nn.ReLU()
+        self.gelu = config.activation_type == "gelu"  # else ReLU
         self.c_proj = Linear(config.mlp_width, config.d_model, bias=config.bias)
         self.sparsify = ActSparsity(config)
 
     def forward(self, x: torch.Tensor, hk: Hooks) -> torch.Tensor:
         sp = self.sparsify
         x = hk("act_in", sp(x, "mlp_in"))  # (B, T, d_model)
-        x = hk("post_act", sp(self.act_fn(self.c_fc(x)), "mlp_neuron"))  # (B, T, d_mlp)
+        h = self.c_fc(x)
+        h = sp.gelu(h, "mlp_neuron") if self.gelu else sp(torch.relu(h), "mlp_neuron")
+        x = hk("post_act", h)  # (B, T, d_mlp)
         return sp(self.c_proj(x), "mlp_out")  # (B, T, d_model)
 
 

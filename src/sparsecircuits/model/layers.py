@@ -11,6 +11,7 @@ from sparsecircuits.kernels import (
     LinearKernelState,
     abstopk,
     causal_attention,
+    gelu_abstopk,
     sparse_linear,
 )
 from sparsecircuits.model.config import GPTConfig
@@ -67,6 +68,12 @@ class ActSparsity:
         if loc not in self.locs:
             return x
         return abstopk(x, int(self.afrac * x.shape[-1]))
+
+    def gelu(self, x: torch.Tensor, loc: str) -> torch.Tensor:
+        """GELU, then AbsTopK at ``loc`` (one fused backward pass for both)."""
+        if loc not in self.locs:
+            return F.gelu(x)
+        return gelu_abstopk(x, int(self.afrac * x.shape[-1]))
 
 
 class LayerNorm(nn.Module):

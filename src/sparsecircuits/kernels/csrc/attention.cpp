@@ -15,38 +15,9 @@
 #include <vector>
 
 #include "common.h"
+#include "vmath.h"
 
 namespace {
-
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-inline v8f splat(float a) { return v8f{} + a; }
-
-inline float hmax8(v8f v) {
-  float m = v[0];
-  for (int l = 1; l < 8; ++l) m = v[l] > m ? v[l] : m;
-  return m;
-}
-
-// exp on 8 lanes (Cephes' single-precision polynomial, ~1 ulp over the clamped range);
-// inputs below -87 give exp(-87) ~ 1.6e-38, so callers zero masked lanes explicitly.
-inline v8f exp8(v8f x) {
-  x = x < splat(88.0f) ? x : splat(88.0f);
-  x = x > splat(-87.0f) ? x : splat(-87.0f);
-  const v8f magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const v8f t = x * splat(1.44269504088896341f) + magic;
-  const v8f n = t - magic;
-  const v8f r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
-  v8f p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.0f);
-  const v8i ni = (v8i)t - (v8i)magic;  // the rounded n, from the low mantissa bits
-  return p * (v8f)((ni + 127) << 23);
-}
 
 const v8f LANE = {0, 1, 2, 3, 4, 5, 6, 7};
 

@@ -1,0 +1,46 @@
+// Vector math on 8 float lanes (GCC/Clang vector extensions): exp and erf, to float32
+// accuracy, for the attention softmax and the GELU derivative.
+#pragma once
+#include <cmath>
+
+#include "common.h"
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f splat(float a) { return v8f{} + a; }
+
+// exp (Cephes' single-precision polynomial, ~1 ulp over the clamped range); inputs below -87
+// give exp(-87) ~ 1.6e-38, so callers zero masked lanes explicitly.
+static inline v8f exp8(v8f x) {
+  x = x < splat(88.0f) ? x : splat(88.0f);
+  x = x > splat(-87.0f) ? x : splat(-87.0f);
+  const v8f magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const v8f t = x * splat(1.44269504088896341f) + magic;
+  const v8f n = t - magic;
+  const v8f r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+  v8f p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  const v8i ni = (v8i)t - (v8i)magic;  // the rounded n, from the low mantissa bits
+  return p * (v8f)((ni + 127) << 23);
+}
+
+// d/dx GELU(x) = Phi(x) + x phi(x), with erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7)
+// sharing exp(-x^2 / 2) with phi.
+static inline v8f gelu_grad8(v8f x) {
+  const v8f e = exp8(splat(-0.5f) * x * x);
+  const v8f ax = (v8f)((v8i)x & 0x7fffffff) * splat(0.70710678118654752f);  // |x| / sqrt(2)
+  const v8f t = splat(1.0f) / (splat(1.0f) + splat(0.3275911f) * ax);
+  v8f poly = splat(1.061405429f);
+  poly = poly * t + splat(-1.453152027f);
+  poly = poly * t + splat(1.421413741f);
+  poly = poly * t + splat(-0.284496736f);
+  poly = poly * t + splat(0.254829592f);
+  const v8f erf_abs = splat(1.0f) - poly * t * e;            // erf(|x| / sqrt(2))
+  const v8f cdf = splat(0.5f) + splat(0.5f) * (x < splat(0.0f) ? -erf_abs : erf_abs);
+  return cdf + x * e * splat(0.39894228040143268f);
+}
