@@ -51,6 +51,10 @@ _SIGNATURES: dict[str, list] = {
     "sc_mask_grad": [_f32p, _i64, _f32p, _f32p, _i64, _i64, _i32],
     # x, gy, ld, mask, gx, rows, n, threads
     "sc_gelu_topk_grad": [_f32p, _f32p, _i64, _f32p, _f32p, _i64, _i64, _i32],
+    # logits, targets, rows, n, lse, loss, threads
+    "sc_ce_fwd": [_f32p, _f32p, _i64, _i64, _f32p, _f32p, _i32],
+    # logits, targets, lse, rows, n, scale, grad, threads
+    "sc_ce_bwd": [_f32p, _f32p, _f32p, _i64, _i64, ctypes.c_float, _f32p, _i32],
 }  # fmt: skip
 _RESTYPES = {"sc_csr_count": _i64, "sc_attn_fwd": _i32, "sc_attn_bwd": _i32}
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsecircuits.errors import InputError
-from sparsecircuits.kernels import causal_attention
+from sparsecircuits.kernels import causal_attention, cross_entropy
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.model.hooks import NO_HOOKS, Hooks, Intervention, site_names
 from sparsecircuits.model.layers import ActSparsity, AttentionSink, Linear, make_norm
@@ -221,7 +221,7 @@ class GPT(nn.Module):
         logits = self.forward_from(0, self.embed(idx), idx, hooks=hooks)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+            loss = cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return logits, loss
 
     def _parse_start(self, start: int | str) -> tuple[int, bool]:

@@ -1,5 +1,6 @@
 // Fused elementwise passes of the backward: each reads its inputs once and writes once, where
 // torch would run two or three passes over (tokens, width) tensors (memory bound on CPU).
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -43,5 +44,73 @@ SC_EXPORT void sc_gelu_topk_grad(const float* x, const float* gy, int64_t ld,
       const v8f d = gelu_grad8(load8(xt)) * load8(gt);
       for (int64_t j = i; j < n; ++j) o[j] = m[j] ? d[j - i] : 0.0f;
     }
+  }
+}
+
+namespace {
+
+inline float row_max(const float* x, int64_t n) {
+  v8f m = splat(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f v = load8(x + i);
+    m = v > m ? v : m;
+  }
+  float r = -INFINITY;
+  for (int l = 0; l < 8; ++l) r = m[l] > r ? m[l] : r;
+  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
+  return r;
+}
+
+// sum exp(x - m) over a row; with out, also writes exp(x - m) * scale there.
+inline float row_exp(const float* x, int64_t n, float m, float* out, float scale) {
+  v8f s = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f e = exp8(load8(x + i) - m);
+    s += e;
+    if (out) store8(out + i, e * scale);
+  }
+  float r = hsum8(s);
+  if (i < n) {
+    float t[8];
+    for (int l = 0; l < 8; ++l) t[l] = i + l < n ? x[i + l] - m : -INFINITY;
+    const v8f e = exp8(load8(t));
+    for (int64_t j = i; j < n; ++j) {
+      r += e[j - i];
+      if (out) out[j] = e[j - i] * scale;
+    }
+  }
+  return r;
+}
+
+}  // namespace
+
+// Cross-entropy forward: lse[r] = log sum_j exp(x[r, j]); loss[r] = lse[r] - x[r, t[r]], 0
+// where t[r] < 0 (ignored). x: (rows, n) contiguous logits; t: (rows,) int64 in [-1, n).
+SC_EXPORT void sc_ce_fwd(const float* x, const int64_t* t, int64_t rows, int64_t n, float* lse,
+                         float* loss, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    const float m = row_max(xr, n);
+    lse[r] = m + std::log(row_exp(xr, n, m, nullptr, 0.0f));
+    loss[r] = t[r] < 0 ? 0.0f : lse[r] - xr[t[r]];
+  }
+}
+
+// Cross-entropy backward: g[r, j] = scale * (softmax(x[r])_j - [j == t[r]]), 0 for ignored
+// rows. scale: the upstream gradient over the number of counted rows.
+SC_EXPORT void sc_ce_bwd(const float* x, const int64_t* t, const float* lse, int64_t rows,
+                         int64_t n, float scale, float* g, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* gr = g + r * n;
+    if (t[r] < 0) {
+      std::memset(gr, 0, sizeof(float) * n);
+      continue;
+    }
+    row_exp(x + r * n, n, lse[r], gr, scale);
+    gr[t[r]] -= scale;
   }
 }

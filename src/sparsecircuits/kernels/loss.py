@@ -1,0 +1,61 @@
+"""Next-token cross-entropy in two passes over the logits (forward: max and sum of exp per
+row; backward: the softmax minus the one-hot, written once). torch's version writes the
+log-softmax, zero-fills a gradient buffer and reads both back: at a 2,048-token vocabulary
+and 4,096 tokens per step those passes cost as much as a sparse layer."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from sparsecircuits.errors import InputError
+from sparsecircuits.kernels._lib import lib
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        n_rows, n = logits.shape
+        lse = torch.empty(n_rows)
+        loss = torch.empty(n_rows)
+        lib().sc_ce_fwd(
+            logits.data_ptr(), targets.data_ptr(), n_rows, n, lse.data_ptr(), loss.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        counted = int((targets >= 0).sum())
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.counted = counted
+        # mean over counted rows; no counted row gives NaN, as F.cross_entropy does
+        return loss.double().sum().float() / counted if counted else loss.sum() / 0.0
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        logits, targets, lse = ctx.saved_tensors
+        n_rows, n = logits.shape
+        grad = torch.empty_like(logits)
+        scale = float(g) / ctx.counted if ctx.counted else float("nan")
+        lib().sc_ce_bwd(
+            logits.data_ptr(), targets.data_ptr(), lse.data_ptr(), n_rows, n,
+            ctypes.c_float(scale), grad.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return grad, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy in nats: logits (N, V), targets (N,) int64 (-1 = ignored) -> ()."""
+    fused = (
+        logits.device.type == "cpu"
+        and logits.dtype == torch.float32
+        and targets.dtype == torch.int64
+        and logits.dim() == 2
+        and logits.shape[0] > 0
+        and lib() is not None
+    )
+    if not fused:
+        return F.cross_entropy(logits, targets, ignore_index=-1)
+    lo, hi = torch.aminmax(targets)
+    if int(lo) < -1 or int(hi) >= logits.shape[1]:
+        raise InputError(f"targets must be in [-1, {logits.shape[1]}), got [{int(lo)}, {int(hi)}]")
+    return _CrossEntropy.apply(logits.contiguous(), targets.contiguous())

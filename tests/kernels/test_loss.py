@@ -1,0 +1,59 @@
+"""The two-pass cross-entropy against F.cross_entropy in float64, on both backends."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsecircuits.errors import InputError
+from sparsecircuits.kernels import cross_entropy
+from sparsecircuits.kernels._lib import ENV, library_path
+
+BACKENDS = ["torch"] + (["cpp"] if library_path() is not None else [])
+
+
+@pytest.fixture(autouse=True)
+def _restore_env(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(ENV, os.environ.get(ENV, "auto"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.integers(1, 40),
+    vocab=st.integers(1, 300),
+    scale=st.sampled_from([0.1, 3.0, 30.0]),
+    ignored=st.floats(0.0, 0.5),
+)
+def test_matches_torch_in_loss_and_gradient(seed, rows, vocab, scale, ignored) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g) * scale
+    t = torch.randint(0, vocab, (rows,), generator=g)
+    t[torch.rand(rows, generator=g) < ignored] = -1
+    t[0] = min(vocab - 1, 3)  # at least one counted row
+    ref = x.double().requires_grad_(True)
+    want = F.cross_entropy(ref, t, ignore_index=-1)
+    want.backward(torch.tensor(2.0, dtype=torch.float64))
+    for name in BACKENDS:
+        os.environ[ENV] = name
+        xx = x.clone().requires_grad_(True)
+        loss = cross_entropy(xx, t)
+        loss.backward(torch.tensor(2.0))
+        assert abs(loss.item() - want.item()) <= 1e-5 * max(1.0, abs(want.item())), name
+        err = (xx.grad.double() - ref.grad).abs().max().item()
+        assert err <= 1e-5 * max(1.0, ref.grad.abs().max().item()), (name, err)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_all_ignored_gives_nan_and_bad_targets_are_refused(name: str) -> None:
+    os.environ[ENV] = name
+    x = torch.randn(3, 5)
+    assert torch.isnan(cross_entropy(x, torch.full((3,), -1)))
+    if name == "cpp":
+        with pytest.raises(InputError, match=r"targets must be in \[-1, 5\)"):
+            cross_entropy(x, torch.tensor([0, 5, 1]))
