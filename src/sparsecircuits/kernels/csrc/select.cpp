@@ -27,6 +27,7 @@ using sc_simd::make_keys;
 constexpr int SHIFT = 20;
 constexpr int64_t BINS = int64_t{1} << (32 - SHIFT);
 constexpr int64_t REFINE_ABOVE = 48;  // candidates beyond which a second radix pass pays
+constexpr int64_t RANK_BELOW = 48;    // candidates up to which counting ranks beats a select
 
 // Keep key > T, plus the first `need` keys equal to T (T == -1, need == 0: keep all).
 struct Cut {
@@ -47,6 +48,33 @@ inline int64_t boundary_bin(const uint32_t* hist, int64_t lo, int64_t hi, int64_
   return b;
 }
 
+// The kk-th largest of a[0..m) (1 <= kk <= m) by counting, for each a[i], the keys above
+// it and the keys at or above it: branch-free vector compares, where nth_element on a few
+// dozen random keys spends most of its time in mispredicted branches. Keys are < 2^31.
+uint32_t kth_by_rank(const uint32_t* a, int64_t m, int64_t kk) {
+  typedef int32_t v8s __attribute__((vector_size(32)));
+  alignas(32) int32_t buf[RANK_BELOW + 8];
+  const int64_t mp = (m + 7) & ~int64_t{7};
+  for (int64_t j = 0; j < mp; ++j) buf[j] = j < m ? static_cast<int32_t>(a[j]) : -1;
+  for (int64_t i = 0; i < m; ++i) {
+    const v8s ai = v8s{} + static_cast<int32_t>(a[i]);
+    v8s gt = {}, ge = {};
+    for (int64_t j = 0; j < mp; j += 8) {
+      v8s v;
+      std::memcpy(&v, buf + j, sizeof(v));
+      gt += v > ai;  // -1 where true
+      ge += v >= ai;
+    }
+    int64_t ngt = 0, nge = 0;
+    for (int l = 0; l < 8; ++l) {
+      ngt -= gt[l];
+      nge -= ge[l];
+    }
+    if (ngt < kk && kk <= nge) return a[i];
+  }
+  return a[0];  // unreachable: some key holds rank kk
+}
+
 // The kk-th largest of cand[0..m) (1 <= kk <= m), keys that share their top 12 bits.
 // Reorders cand; `tmp` holds m + 8 keys.
 uint32_t kth_largest(uint32_t* cand, int64_t m, int64_t kk, uint32_t* tmp) {
@@ -63,6 +91,7 @@ uint32_t kth_largest(uint32_t* cand, int64_t m, int64_t kk, uint32_t* tmp) {
     m = gather_bin(cand, m, 12, top, tmp);
     cand = tmp;
   }
+  if (m <= RANK_BELOW) return kth_by_rank(cand, m, kk);
   std::nth_element(cand, cand + (kk - 1), cand + m, std::greater<uint32_t>());
   return cand[kk - 1];
 }
@@ -75,8 +104,14 @@ Cut cut_in_bin(const uint32_t* keys, int64_t n, int64_t b, int64_t kk, int64_t i
   tmp.resize(in_bin + 8);
   const int64_t m = gather_bin(keys, n, SHIFT, static_cast<uint32_t>(b), cand.data());
   const uint32_t T = kth_largest(cand.data(), m, kk, tmp.data());
-  int64_t gt = 0;
-  for (int64_t j = 0; j < m; ++j) gt += cand[j] > T;
+  int64_t gt = 0, eq = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    gt += cand[j] > T;
+    eq += cand[j] == T;
+  }
+  // Every key equal to T is kept (the usual case: T is unique): "key > T - 1" says so
+  // without apply_cut's scalar scan for the first `need` ties.
+  if (eq == kk - gt) return Cut{static_cast<int64_t>(T) - 1, 0};
   return Cut{static_cast<int64_t>(T), kk - gt};
 }
 
