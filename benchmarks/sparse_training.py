@@ -8,8 +8,9 @@ on random tokens. Variants, timed round-robin (medians):
   torch.topk + scatter, the projection by torch.topk every step;
 - ``ours exact``: the CSR kernels below the measured crossover, fast AbsTopK and projection,
   dense weight gradients every step (the paper's exact top-k training);
-- ``ours fast``: the same with support-only weight gradients, a regrowth step every 10 steps
-  (timed as 1 regrowth + 9 support steps).
+- ``ours fast``: the same with support-only weight gradients and AdamW on the supports, a
+  regrowth step every 10 steps (timed as 1 regrowth + 9 support steps): the trainer's
+  ``weight_grad: fast`` path, on its own copy of the model.
 
     python benchmarks/sparse_training.py [--widths 256,1024] [--rounds 3] [--inference]
 """
@@ -41,6 +42,7 @@ from sparsecircuits.model import (  # noqa: E402
 )
 from sparsecircuits.train.config import OptimConfig  # noqa: E402
 from sparsecircuits.train.optim import build_optimizer  # noqa: E402
+from sparsecircuits.train.support_adamw import SupportAdamW  # noqa: E402
 from sparsecircuits.train.trainer import train_step  # noqa: E402
 
 L0S = {"1": 1.0, "1/16": 1 / 16, "1/64": 1 / 64, "1/256": 1 / 256}
@@ -97,10 +99,12 @@ def model_config(width: int, n_layer: int = 2) -> GPTConfig:
 class Run:
     """One model at a fixed L0 (already projected) with its optimizer."""
 
-    def __init__(self, width: int, frac: float, batch: int) -> None:
+    def __init__(self, width: int, frac: float, batch: int, *, fast: bool = False) -> None:
         torch.manual_seed(0)
         self.model = GPT(model_config(width))
         self.opt = build_optimizer(self.model, OptimConfig())
+        # the trainer's fast mode: AdamW on the supports between regrowths (train/trainer.py)
+        self.support_opt = SupportAdamW(self.opt) if fast else None
         self.sp = WeightSparsity(self.model, sparse_parameter_names(self.model))
         self.frac = frac
         self.sp.project_(frac)
@@ -110,7 +114,7 @@ class Run:
 
     def step(self, mode: str = "exact") -> None:
         x, y = self.xy[:, :-1], self.xy[:, 1:]
-        kw = dict(lr=1e-3, frac=self.frac, optim=OptimConfig())
+        kw = dict(lr=1e-3, frac=self.frac, optim=OptimConfig(), support_opt=self.support_opt)
         train_step(self.model, self.opt, self.sp, x, y, mode=mode, **kw)
 
 
@@ -129,8 +133,9 @@ def training(width: int, rounds: int, batch: int) -> list[dict]:
             "ours exact": lambda run=run: _timed(lambda: run.step("exact")),
         }
         if frac < 1.0:
+            fast_run = Run(width, frac, batch, fast=True)
 
-            def fast(run=run) -> float:
+            def fast(run=fast_run) -> float:
                 t = _timed(lambda: run.step("regrow"))
                 return (t + sum(_timed(lambda: run.step("support")) for _ in range(9))) / 10
 

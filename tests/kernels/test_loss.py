@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsecircuits.errors import InputError
-from sparsecircuits.kernels import cross_entropy
+from sparsecircuits.kernels import add_logit_tables, cross_entropy
 from sparsecircuits.kernels._lib import ENV, library_path
 
 BACKENDS = ["torch"] + (["cpp"] if library_path() is not None else [])
@@ -57,3 +57,27 @@ def test_all_ignored_gives_nan_and_bad_targets_are_refused(name: str) -> None:
     if name == "cpp":
         with pytest.raises(InputError, match=r"targets must be in \[-1, 5\)"):
             cross_entropy(x, torch.tensor([0, 5, 1]))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("parts", ["both", "bias", "table", "learnable"])
+def test_add_logit_tables_matches_torch_with_gradients(name: str, parts: str) -> None:
+    os.environ[ENV] = name
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(2, 5, 7, generator=g)
+    bias = torch.randn(7, generator=g) if parts in ("both", "bias") else None
+    table = torch.randn(11, 7, generator=g) if parts != "bias" else None
+    if parts == "learnable":
+        table.requires_grad_(True)
+    idx = torch.randint(0, 11, (2, 5), generator=g)
+    gy = torch.randn(2, 5, 7, generator=g)
+    x = base.clone().requires_grad_(True)
+    logits = x * 1.0  # a non-leaf, like the unembedding's output
+    got = add_logit_tables(logits, bias, table, idx)
+    want = base + (0 if bias is None else bias) + (0 if table is None else table.detach()[idx])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    got.backward(gy)
+    torch.testing.assert_close(x.grad, gy)
+    if parts == "learnable":
+        want_t = torch.zeros(11, 7).index_add_(0, idx.reshape(-1), gy.reshape(-1, 7))
+        torch.testing.assert_close(table.grad, want_t)

@@ -4,7 +4,7 @@
 - ``sparse_linear``: ``F.linear`` through CSR kernels below a measured density crossover,
   with an exact (dense) or support-only weight gradient.
 - ``causal_attention``: causal attention with an optional sink, a kernel for narrow heads.
-- ``cross_entropy``: the next-token loss in two passes over the logits.
+- ``cross_entropy``, ``add_logit_tables``: the loss and the logit tables, fused passes.
 - ``backend()``: ``"cpp"`` when the compiled library is in use, else ``"torch"``.
 
 The lowest layer of the package: it imports nothing from the rest of sparsecircuits except
@@ -15,7 +15,7 @@ from sparsecircuits.kernels._lib import backend, library_path
 from sparsecircuits.kernels.attention import causal_attention
 from sparsecircuits.kernels.csr import CSRPattern, build_pattern
 from sparsecircuits.kernels.linear import GradMode, LinearKernelState, sparse_linear
-from sparsecircuits.kernels.loss import cross_entropy
+from sparsecircuits.kernels.loss import add_logit_tables, cross_entropy
 from sparsecircuits.kernels.select import abstopk, gelu_abstopk, project_topk_, topk_mask
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "GradMode",
     "LinearKernelState",
     "abstopk",
+    "add_logit_tables",
     "backend",
     "build_pattern",
     "causal_attention",

@@ -1,4 +1,6 @@
-"""Next-token cross-entropy in two passes over the logits (forward: max and sum of exp per
+"""The last steps of the forward, fused: the logit tables' additions and the loss.
+
+Next-token cross-entropy in two passes over the logits (forward: max and sum of exp per
 row; backward: the softmax minus the one-hot, written once). torch's version writes the
 log-softmax, zero-fills a gradient buffer and reads both back: at a 2,048-token vocabulary
 and 4,096 tokens per step those passes cost as much as a sparse layer."""
@@ -59,3 +61,52 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if int(lo) < -1 or int(hi) >= logits.shape[1]:
         raise InputError(f"targets must be in [-1, {logits.shape[1]}), got [{int(lo)}, {int(hi)}]")
     return _CrossEntropy.apply(logits.contiguous(), targets.contiguous())
+
+
+class _AddLogitTables(torch.autograd.Function):
+    """In place: ``logits += bias + table[idx]`` (the gradient passes through unchanged)."""
+
+    @staticmethod
+    def forward(ctx, logits, bias, table, idx):  # type: ignore[override]
+        rows, n = logits.shape
+        lib().sc_add_logit_tables(
+            logits.data_ptr(), None if bias is None else bias.data_ptr(),
+            None if table is None else table.data_ptr(), idx.data_ptr(), rows, n,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        ctx.mark_dirty(logits)
+        return logits
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g, None, None, None
+
+
+def add_logit_tables(
+    logits: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor | None, idx: torch.Tensor
+) -> torch.Tensor:
+    """``logits + bias + table[idx]`` for logits (..., V), bias (V,) or None, table (vocab, V)
+    or None, idx (...) int64 token ids. Fixed tables (no gradient) are added in place in one
+    pass over the logits; otherwise through torch."""
+    V = logits.shape[-1]
+    fused = (
+        logits.device.type == "cpu"
+        and logits.dtype == torch.float32
+        and logits.is_contiguous()
+        and idx.dtype == torch.int64
+        and all(
+            t is None or (t.dtype == torch.float32 and t.is_contiguous() and not t.requires_grad)
+            for t in (bias, table)
+        )
+        and lib() is not None
+    )
+    if not fused:
+        if bias is not None:
+            logits = logits + bias
+        return logits if table is None else logits + F.embedding(idx, table)
+    if table is not None:
+        lo, hi = torch.aminmax(idx) if idx.numel() else (torch.tensor(0), torch.tensor(0))
+        if int(lo) < 0 or int(hi) >= table.shape[0]:
+            raise InputError(f"token ids must be in [0, {table.shape[0]})")
+    flat = _AddLogitTables.apply(logits.view(-1, V), bias, table, idx.reshape(-1).contiguous())
+    return flat.view(logits.shape)

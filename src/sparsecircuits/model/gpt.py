@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsecircuits.errors import InputError
-from sparsecircuits.kernels import causal_attention, cross_entropy
+from sparsecircuits.kernels import add_logit_tables, causal_attention, cross_entropy
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.model.hooks import NO_HOOKS, Hooks, Intervention, site_names
 from sparsecircuits.model.layers import ActSparsity, AttentionSink, Linear, make_norm
@@ -176,10 +176,8 @@ class GPT(nn.Module):
     def unembed(self, x: torch.Tensor, idx: torch.Tensor, hk: Hooks = NO_HOOKS) -> torch.Tensor:
         """Final norm and logits. x: (B, T, d_model), idx: (B, T) -> (B, T, vocab)."""
         x = hk("final_resid", x)
-        logits = self.lm_head(self.transformer.ln_f(x)) + self.final_logits_bias
-        if self.bigram_table is not None:
-            logits = logits + F.embedding(idx, self.bigram_table)
-        return logits
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return add_logit_tables(logits, self.final_logits_bias, self.bigram_table, idx)
 
     def forward_from(
         self, start: int | str, x: torch.Tensor, idx: torch.Tensor, *, hooks: Hooks | None = None

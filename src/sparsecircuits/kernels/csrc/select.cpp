@@ -140,6 +140,12 @@ Cut select_cut(const uint32_t* keys, int64_t n, int64_t k, uint32_t mn, uint32_t
   return cut_in_bin(keys, n, b, k - acc, in_bin, cand, tmp);
 }
 
+int64_t count_nonzero(const uint32_t* keys, int64_t n) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += keys[i] != 0;
+  return c;
+}
+
 // mask[i] = 1 for the kept entries under `cut` (ties: lowest index first), and
 // y[i] = x[i] there, 0 elsewhere (x and y may be null).
 inline void apply_cut(const float* x, const uint32_t* keys, int64_t n, Cut cut, uint8_t* mask,
@@ -180,8 +186,14 @@ SC_EXPORT void sc_abstopk(const float* x, int64_t ld, float* y, uint8_t* mask, i
     for (int64_t r = 0; r < rows; ++r) {
       const float* xr = x + r * ld;
       const auto [mn, mx] = make_keys(xr, n, keys.data());
-      const Cut cut =
-          k >= n ? Cut{-1, 0} : select_cut(keys.data(), n, k, mn, mx, hist.data(), cand, tmp);
+      Cut cut{-1, 0};
+      if (k < n) {
+        // Rows with at most k nonzeros (q, k, v of a weight-sparse model are mostly exact
+        // zeros): keep every nonzero and the first zeros, without a selection.
+        const int64_t nz = mn == 0 ? count_nonzero(keys.data(), n) : n;
+        cut = nz <= k ? Cut{0, k - nz}
+                      : select_cut(keys.data(), n, k, mn, mx, hist.data(), cand, tmp);
+      }
       apply_cut(xr, keys.data(), n, cut, mask + r * n, y + r * n);
     }
   }
