@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import importlib.util
 import logging
 import os
@@ -125,6 +126,21 @@ def lib() -> ctypes.CDLL | None:
 @functools.cache
 def _warn_once(reason: str) -> None:
     log.info("sparse kernels: using the pure-torch fallback (%s)", reason)
+
+
+@functools.cache
+def _file_digest(path: str) -> str:
+    try:
+        return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
+    except OSError:
+        return "unreadable"
+
+
+def build_id() -> str:
+    """Which kernels are in use: ``"torch"``, or a digest of the compiled library (so that
+    measurements cached per build, like the density crossover, expire with a rebuild)."""
+    path = library_path()
+    return "torch" if lib() is None or path is None else _file_digest(str(path))
 
 
 def backend() -> Backend:

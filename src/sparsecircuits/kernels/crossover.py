@@ -3,7 +3,8 @@
 The crossover depends on the shape, the CPU and the thread count (PERF.md §1.1: ~1/2-1/4 for
 the compiled kernels, ~1/8 for torch's CSR). The first layer of a new shape times dense vs
 sparse forward + input-gradient products at densities 1/2 ... 1/32 on random data, and the
-result is cached in ``<cache>/kernels/crossover.json`` keyed by CPU, threads and backend.
+result is cached in ``<cache>/kernels/crossover.json`` keyed by CPU, threads, backend and the
+compiled library's digest (a rebuilt library is measured again).
 
 ``SPARSECIRCUITS_SPARSE_BELOW`` overrides the measurement with one density for every shape:
 ``0`` never uses the sparse kernels, ``1.01`` always does (tests use both).
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from sparsecircuits.errors import ConfigError
 from sparsecircuits.fileio import atomic_write_json, cache_root
-from sparsecircuits.kernels._lib import backend
+from sparsecircuits.kernels._lib import backend, build_id
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def _cpu_name() -> str:
 
 
 def _key(out_f: int, in_f: int) -> str:
-    return f"{_cpu_name()}|threads={torch.get_num_threads()}|{backend()}|{out_f}x{in_f}"
+    build = build_id()
+    return f"{_cpu_name()}|threads={torch.get_num_threads()}|{backend()}|{build}|{out_f}x{in_f}"
 
 
 def sparse_below(out_f: int, in_f: int) -> float:

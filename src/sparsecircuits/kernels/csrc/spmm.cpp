@@ -82,6 +82,20 @@ void store_tile(const float* tile, int64_t d, int64_t t0, int64_t nt, float* a) 
   }
 }
 
+#if defined(__AVX2__)
+// {hsum(s[0]), ..., hsum(s[7])} in one vector.
+inline v8f hsum8x8(const v8f s[8]) {
+  const __m256 a = _mm256_hadd_ps((__m256)s[0], (__m256)s[1]);
+  const __m256 b = _mm256_hadd_ps((__m256)s[2], (__m256)s[3]);
+  const __m256 c = _mm256_hadd_ps((__m256)s[4], (__m256)s[5]);
+  const __m256 d = _mm256_hadd_ps((__m256)s[6], (__m256)s[7]);
+  const __m256 u = _mm256_hadd_ps(a, b);  // s0..s3 sums of the low lanes, then of the high
+  const __m256 w = _mm256_hadd_ps(c, d);
+  return (v8f)_mm256_add_ps(_mm256_permute2f128_ps(u, w, 0x20),
+                            _mm256_permute2f128_ps(u, w, 0x31));
+}
+#endif
+
 // Output rows o0..o1 of one tile: yt[o] = sum_j val[j] * xt[col[j]] (+ bias[o]).
 void spmm_rows(const int64_t* crow, const int32_t* col, const float* val, const float* bias,
                const float* xt, float* yt, int64_t o0, int64_t o1) {
@@ -166,12 +180,19 @@ SC_EXPORT void sc_sddmm(int64_t N, int64_t in, int64_t out, const int64_t* crow,
         if (crow[o] == crow[o + 1]) continue;
         const float* dr = dyt.data() + o * TW;
         const v8f d0 = load8(dr), d1 = load8(dr + 8), d2 = load8(dr + 16), d3 = load8(dr + 24);
-        for (int64_t j = crow[o]; j < crow[o + 1]; ++j) {
+        auto dot = [&](int64_t j) {
           const float* xr = xt.data() + static_cast<int64_t>(col[j]) * TW;
-          const v8f s = d0 * load8(xr) + d1 * load8(xr + 8) + d2 * load8(xr + 16) +
-                        d3 * load8(xr + 24);
-          mine[j] += hsum8(s);
+          return d0 * load8(xr) + d1 * load8(xr + 8) + d2 * load8(xr + 16) + d3 * load8(xr + 24);
+        };
+        int64_t j = crow[o];
+#if defined(__AVX2__)
+        for (; j + 8 <= crow[o + 1]; j += 8) {  // 8 horizontal sums at once
+          v8f sv[8];
+          for (int q = 0; q < 8; ++q) sv[q] = dot(j + q);
+          store8(mine + j, load8(mine + j) + hsum8x8(sv));
         }
+#endif
+        for (; j < crow[o + 1]; ++j) mine[j] += hsum8(dot(j));
       }
     }
   }
