@@ -5,6 +5,7 @@
   with an exact (dense) or support-only weight gradient.
 - ``causal_attention``: causal attention with an optional sink, a kernel for narrow heads.
 - ``cross_entropy``, ``add_logit_tables``: the loss and the logit tables, fused passes.
+- ``rms_norm``: RMSNorm in one pass each way.
 - ``backend()``: ``"cpp"`` when the compiled library is in use, else ``"torch"``.
 
 The lowest layer of the package: it imports nothing from the rest of sparsecircuits except
@@ -16,6 +17,7 @@ from sparsecircuits.kernels.attention import causal_attention
 from sparsecircuits.kernels.csr import CSRPattern, build_pattern
 from sparsecircuits.kernels.linear import GradMode, LinearKernelState, sparse_linear
 from sparsecircuits.kernels.loss import add_logit_tables, cross_entropy
+from sparsecircuits.kernels.norm import rms_norm
 from sparsecircuits.kernels.select import abstopk, gelu_abstopk, project_topk_, topk_mask
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "gelu_abstopk",
     "library_path",
     "project_topk_",
+    "rms_norm",
     "sparse_linear",
     "topk_mask",
 ]

@@ -58,6 +58,10 @@ _SIGNATURES: dict[str, list] = {
     "sc_ce_bwd": [_f32p, _f32p, _f32p, _i64, _i64, ctypes.c_float, _f32p, _i32],
     # logits, bias, table, idx, rows, n, threads
     "sc_add_logit_tables": [_f32p, _f32p, _f32p, _f32p, _i64, _i64, _i32],
+    # x, w, rows, n, eps, y, rstd, threads
+    "sc_rmsnorm_fwd": [_f32p, _f32p, _i64, _i64, ctypes.c_float, _f32p, _f32p, _i32],
+    # x, w, rstd, dy, ld, rows, n, dx, dw, threads
+    "sc_rmsnorm_bwd": [_f32p, _f32p, _f32p, _f32p, _i64, _i64, _i64, _f32p, _f32p, _i32],
 }  # fmt: skip
 _RESTYPES = {"sc_csr_count": _i64, "sc_attn_fwd": _i32, "sc_attn_bwd": _i32}
 

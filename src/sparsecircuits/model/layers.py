@@ -12,6 +12,7 @@ from sparsecircuits.kernels import (
     abstopk,
     causal_attention,
     gelu_abstopk,
+    rms_norm,
     sparse_linear,
 )
 from sparsecircuits.model.config import GPTConfig
@@ -88,10 +89,19 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same parameters, eps and hooks) through the fused kernel on CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.normalized_shape != (x.shape[-1],):
+            return super().forward(x)
+        return rms_norm(x, self.weight, self.eps)
+
+
 def make_norm(config: GPTConfig) -> nn.Module:
     """RMSNorm (paper default, torch's default eps) or LayerNorm."""
     if config.rms_norm:
-        return nn.RMSNorm(config.d_model)
+        return RMSNorm(config.d_model)
     return LayerNorm(config.d_model, bias=config.ln_bias)
 
 

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 #include "vmath.h"
@@ -130,5 +131,70 @@ SC_EXPORT void sc_add_logit_tables(float* logits, const float* bias, const float
     } else if (bias) {
       for (int64_t j = 0; j < n; ++j) o[j] += bias[j];
     }
+  }
+}
+
+// RMSNorm forward: rstd[r] = 1 / sqrt(mean(x[r]^2) + eps); y[r] = x[r] * rstd[r] * w.
+// x, y: (rows, n) contiguous; w: (n,).
+SC_EXPORT void sc_rmsnorm_fwd(const float* x, const float* w, int64_t rows, int64_t n, float eps,
+                              float* y, float* rstd, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    float* yr = y + r * n;
+    v8f acc = {};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const v8f v = load8(xr + i);
+      acc += v * v;
+    }
+    float ss = hsum8(acc);
+    for (; i < n; ++i) ss += xr[i] * xr[i];
+    const float s = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+    rstd[r] = s;
+    i = 0;
+    for (; i + 8 <= n; i += 8) store8(yr + i, load8(xr + i) * s * load8(w + i));
+    for (; i < n; ++i) yr[i] = xr[i] * s * w[i];
+  }
+}
+
+// RMSNorm backward: with g = dy * w, dx = rstd * g - x * rstd^3 * sum(g * x) / n, and
+// dw = sum over rows of dy * x * rstd (per-thread partial sums, added in thread order).
+// dy: (rows, n) with row stride ld; x, dx: (rows, n) contiguous; dw: (n,).
+SC_EXPORT void sc_rmsnorm_bwd(const float* x, const float* w, const float* rstd,
+                              const float* dy, int64_t ld, int64_t rows, int64_t n, float* dx,
+                              float* dw, int threads) {
+  std::vector<float> part(static_cast<size_t>(threads) * n, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    float* mine = part.data() + static_cast<int64_t>(omp_get_thread_num_safe()) * n;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * n;
+      const float* gr = dy + r * ld;
+      float* dr = dx + r * n;
+      const float s = rstd[r];
+      v8f acc = {};
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) acc += load8(gr + i) * load8(w + i) * load8(xr + i);
+      float dot = hsum8(acc);
+      for (; i < n; ++i) dot += gr[i] * w[i] * xr[i];
+      const float c = s * s * s * dot / static_cast<float>(n);
+      i = 0;
+      for (; i + 8 <= n; i += 8) {
+        const v8f xv = load8(xr + i), gv = load8(gr + i);
+        store8(dr + i, s * gv * load8(w + i) - c * xv);
+        store8(mine + i, load8(mine + i) + gv * xv * s);
+      }
+      for (; i < n; ++i) {
+        dr[i] = s * gr[i] * w[i] - c * xr[i];
+        mine[i] += gr[i] * xr[i] * s;
+      }
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    float t = 0.0f;
+    for (int th = 0; th < threads; ++th) t += part[static_cast<int64_t>(th) * n + i];
+    dw[i] = t;
   }
 }
