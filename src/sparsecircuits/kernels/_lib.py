@@ -56,8 +56,8 @@ _SIGNATURES: dict[str, list] = {
     "sc_ce_fwd": [_f32p, _f32p, _i64, _i64, _f32p, _f32p, _i32],
     # logits, targets, lse, rows, n, scale, grad, threads
     "sc_ce_bwd": [_f32p, _f32p, _f32p, _i64, _i64, ctypes.c_float, _f32p, _i32],
-    # logits, bias, table, idx, rows, n, threads
-    "sc_add_logit_tables": [_f32p, _f32p, _f32p, _f32p, _i64, _i64, _i32],
+    # logits, out, bias, table, idx, rows, n, threads
+    "sc_add_logit_tables": [_f32p, _f32p, _f32p, _f32p, _f32p, _i64, _i64, _i32],
     # x, w, rows, n, eps, y, rstd, threads
     "sc_rmsnorm_fwd": [_f32p, _f32p, _i64, _i64, ctypes.c_float, _f32p, _f32p, _i32],
     # x, w, rstd, dy, ld, rows, n, dx, dw, threads

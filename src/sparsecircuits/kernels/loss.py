@@ -64,18 +64,20 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class _AddLogitTables(torch.autograd.Function):
-    """In place: ``logits += bias + table[idx]`` (the gradient passes through unchanged)."""
+    """``logits + bias + table[idx]`` in one pass (the gradient passes through unchanged).
+    Not in place: the logits are usually a view, and autograd would copy the whole gradient
+    back through it (CopySlices)."""
 
     @staticmethod
     def forward(ctx, logits, bias, table, idx):  # type: ignore[override]
-        rows, n = logits.shape
+        n = logits.shape[-1]
+        out = torch.empty_like(logits)
         lib().sc_add_logit_tables(
-            logits.data_ptr(), None if bias is None else bias.data_ptr(),
-            None if table is None else table.data_ptr(), idx.data_ptr(), rows, n,
+            logits.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(),
+            None if table is None else table.data_ptr(), idx.data_ptr(), logits.numel() // n, n,
             torch.get_num_threads(),
         )  # fmt: skip
-        ctx.mark_dirty(logits)
-        return logits
+        return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
@@ -86,9 +88,8 @@ def add_logit_tables(
     logits: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor | None, idx: torch.Tensor
 ) -> torch.Tensor:
     """``logits + bias + table[idx]`` for logits (..., V), bias (V,) or None, table (vocab, V)
-    or None, idx (...) int64 token ids. Fixed tables (no gradient) are added in place in one
-    pass over the logits; otherwise through torch."""
-    V = logits.shape[-1]
+    or None, idx (...) int64 token ids. Fixed tables (no gradient) are added in one pass over
+    the logits; otherwise through torch."""
     fused = (
         logits.device.type == "cpu"
         and logits.dtype == torch.float32
@@ -108,5 +109,4 @@ def add_logit_tables(
         lo, hi = torch.aminmax(idx) if idx.numel() else (torch.tensor(0), torch.tensor(0))
         if int(lo) < 0 or int(hi) >= table.shape[0]:
             raise InputError(f"token ids must be in [0, {table.shape[0]})")
-    flat = _AddLogitTables.apply(logits.view(-1, V), bias, table, idx.reshape(-1).contiguous())
-    return flat.view(logits.shape)
+    return _AddLogitTables.apply(logits, bias, table, idx.reshape(-1).contiguous())

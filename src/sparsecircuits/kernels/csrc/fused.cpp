@@ -116,20 +116,25 @@ SC_EXPORT void sc_ce_bwd(const float* x, const int64_t* t, const float* lse, int
   }
 }
 
-// logits[r, :] += bias + table[idx[r], :] in place (bias, table may be null).
-// logits: (rows, n) contiguous; bias: (n,); table: (V, n) contiguous; idx: (rows,) int64.
-SC_EXPORT void sc_add_logit_tables(float* logits, const float* bias, const float* table,
-                                   const int64_t* idx, int64_t rows, int64_t n, int threads) {
+// out[r, :] = logits[r, :] + bias + table[idx[r], :] (bias, table may be null; out may be
+// logits). logits, out: (rows, n) contiguous; bias: (n,); table: (V, n) contiguous;
+// idx: (rows,) int64.
+SC_EXPORT void sc_add_logit_tables(const float* logits, float* out, const float* bias,
+                                   const float* table, const int64_t* idx, int64_t rows,
+                                   int64_t n, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    float* o = logits + r * n;
+    const float* l = logits + r * n;
+    float* o = out + r * n;
     const float* t = table ? table + idx[r] * n : nullptr;
     if (bias && t) {
-      for (int64_t j = 0; j < n; ++j) o[j] += bias[j] + t[j];
+      for (int64_t j = 0; j < n; ++j) o[j] = l[j] + bias[j] + t[j];
     } else if (t) {
-      for (int64_t j = 0; j < n; ++j) o[j] += t[j];
+      for (int64_t j = 0; j < n; ++j) o[j] = l[j] + t[j];
     } else if (bias) {
-      for (int64_t j = 0; j < n; ++j) o[j] += bias[j];
+      for (int64_t j = 0; j < n; ++j) o[j] = l[j] + bias[j];
+    } else {
+      std::memcpy(o, l, sizeof(float) * n);
     }
   }
 }
