@@ -47,11 +47,12 @@ void fwd_head(int64_t T, Head q, Head k, Head v, float sink, bool has_sink, floa
   }
   std::memset(kl + T * D, 0, sizeof(float) * (T4 - T) * D);
   const v8f ninf = splat(-INFINITY);
+  const float scale2 = scale * LOG2E, sink2 = sink * LOG2E;  // scores in log2 units: 2^x
   alignas(32) float qt[D * 8];
   for (int64_t i0 = 0; i0 < T; i0 += 8) {
     const int64_t nq = T - i0 < 8 ? T - i0 : 8;
     for (int d = 0; d < D; ++d)
-      for (int l = 0; l < 8; ++l) qt[d * 8 + l] = l < nq ? q.row(i0 + l)[d] * scale : 0.0f;
+      for (int l = 0; l < 8; ++l) qt[d * 8 + l] = l < nq ? q.row(i0 + l)[d] * scale2 : 0.0f;
     const int64_t nk = i0 + nq;  // keys 0..nk-1 are visible to some query of the tile
     for (int64_t j = 0; j < nk; j += 4) {
       v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
@@ -73,14 +74,14 @@ void fwd_head(int64_t T, Head q, Head k, Head v, float sink, bool has_sink, floa
       const v8f s = load8(st + j * 8);
       store8(st + j * 8, LANE >= splat(static_cast<float>(j - i0)) ? s : ninf);
     }
-    v8f m = has_sink ? splat(sink) : ninf;
+    v8f m = has_sink ? splat(sink2) : ninf;
     for (int64_t j = 0; j < nk; ++j) {
       const v8f s = load8(st + j * 8);
       m = s > m ? s : m;
     }
-    v8f l = has_sink ? exp8(splat(sink) - m) : v8f{};
+    v8f l = has_sink ? exp2_neg8(splat(sink2) - m) : v8f{};
     for (int64_t j = 0; j < nk; ++j) {
-      v8f p = exp8(load8(st + j * 8) - m);
+      v8f p = exp2_neg8(load8(st + j * 8) - m);
       if (j >= i0) p = LANE >= splat(static_cast<float>(j - i0)) ? p : v8f{};
       l += p;
       store8(st + j * 8, p);
@@ -99,7 +100,7 @@ void fwd_head(int64_t T, Head q, Head k, Head v, float sink, bool has_sink, floa
       for (int u = 0; u < QG && g + u < nq; ++u)
         for (int c = 0; c < D / 8; ++c) store8(y.row(i0 + g + u) + 8 * c, acc[u][c] * inv[g + u]);
     }
-    for (int64_t u = 0; u < nq; ++u) lse[i0 + u] = m[u] + std::log(l[u]);
+    for (int64_t u = 0; u < nq; ++u) lse[i0 + u] = (m[u] + std::log2(l[u])) * LN2;
   }
 }
 
@@ -131,12 +132,13 @@ float bwd_head(int64_t T, Head q, Head k, Head v, Head y, Head dy, const float* 
       for (int d = 0; d < D; ++d) {
         const float qv = l < nq ? q.row(i0 + l)[d] * scale : 0.0f;
         const float gv = l < nq ? dy.row(i0 + l)[d] : 0.0f;
-        qt[d * 8 + l] = qr[l * D + d] = qv;
+        qt[d * 8 + l] = qv * LOG2E;  // scores in log2 units, as in the forward
+        qr[l * D + d] = qv;
         gt[d * 8 + l] = gr[l * D + d] = gv;
         if (l < nq) dl += gv * y.row(i0 + l)[d];
       }
       delta[l] = dl;
-      lsev[l] = l < nq ? lse[i0 + l] : 0.0f;
+      lsev[l] = l < nq ? lse[i0 + l] * LOG2E : 0.0f;
     }
     for (int64_t j = 0; j < nk; j += 4) {
       v8f a[4] = {}, b[4] = {};
@@ -150,7 +152,7 @@ float bwd_head(int64_t T, Head q, Head k, Head v, Head y, Head dy, const float* 
         }
       }
       for (int c = 0; c < 4; ++c) {
-        v8f p = exp8(a[c] - lsev);
+        v8f p = exp2_neg8(a[c] - lsev);
         if (j + c >= i0) p = LANE >= splat(static_cast<float>(j + c - i0)) ? p : v8f{};
         store8(pb + (j + c) * 8, p);
         store8(dsb + (j + c) * 8, p * (b[c] - delta));
@@ -189,7 +191,7 @@ float bwd_head(int64_t T, Head q, Head k, Head v, Head y, Head dy, const float* 
       }
     }
     if (has_sink)
-      for (int64_t l = 0; l < nq; ++l) dsink += std::exp(sink - lsev[l]) * delta[l];
+      for (int64_t l = 0; l < nq; ++l) dsink += std::exp2(sink * LOG2E - lsev[l]) * delta[l];
   }
   for (int64_t j = 0; j < T; ++j) {
     std::memcpy(dk.row(j), dkl + j * D, sizeof(float) * D);

@@ -29,6 +29,29 @@ static inline v8f exp8(v8f x) {
   return p * (v8f)((ni + 127) << 23);
 }
 
+// 2^x for x <= 0 (the softmax's scores minus their max, in log2 units): round to the nearest
+// integer n, then 2^f for f = x - n in [-1/2, 1/2] by its degree-6 Taylor polynomial
+// (relative error < 2e-8) and 2^n from the exponent bits. Cheaper than exp8: no Cody-Waite
+// split and one clamp. Below -126 it returns ~2^-126; callers zero masked lanes explicitly.
+static inline v8f exp2_neg8(v8f x) {
+  x = x > splat(-126.0f) ? x : splat(-126.0f);
+  const v8f magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const v8f t = x + magic;
+  const v8f f = x - (t - magic);
+  v8f p = splat(1.5403530393e-4f);
+  p = p * f + splat(1.3333558146e-3f);
+  p = p * f + splat(9.6181291076e-3f);
+  p = p * f + splat(5.5504108665e-2f);
+  p = p * f + splat(2.4022650696e-1f);
+  p = p * f + splat(6.9314718056e-1f);
+  p = p * f + splat(1.0f);
+  const v8i ni = (v8i)t - (v8i)magic;
+  return p * (v8f)((ni + 127) << 23);
+}
+
+constexpr float LOG2E = 1.44269504088896341f;
+constexpr float LN2 = 0.69314718055994531f;
+
 // d/dx GELU(x) = Phi(x) + x phi(x), with erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7)
 // sharing exp(-x^2 / 2) with phi.
 static inline v8f gelu_grad8(v8f x) {
