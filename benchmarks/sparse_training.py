@@ -4,8 +4,11 @@ The model is the paper's architecture (RMSNorm, d_head 16, AbsTopK 1/4 at the 8 
 locations, attention sink, bigram table), 2 layers, context 256, batch 16 (4096 tokens/step),
 on random tokens. Variants, timed round-robin (medians):
 
-- ``masked-dense``: the pre-kernel code path: dense matmuls on zero-masked weights, AbsTopK by
-  torch.topk + scatter, the projection by torch.topk every step;
+- ``masked-dense``: dense matmuls on zero-masked weights, AbsTopK by torch.topk + scatter
+  (also after the GELU), the projection by torch.topk every step. It shares everything that
+  is not about sparsity with ours (the attention, RMSNorm, loss and logit-table kernels), so
+  the ratio is what weight and activation sparsity buy, not what those kernels buy
+  (``dense_parts.py`` times them against torch);
 - ``ours exact``: the CSR kernels below the measured crossover, fast AbsTopK and projection,
   dense weight gradients every step (the paper's exact top-k training);
 - ``ours fast``: the same with support-only weight gradients and AdamW on the supports, a
