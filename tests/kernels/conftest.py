@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from sparsecircuits.kernels._lib import ENV, library_path
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend_env():
+    """Tests switch backends by setting the variable directly (also inside hypothesis
+    examples, where monkeypatch cannot be used); put it back after each test."""
+    old = os.environ.get(ENV)
+    yield
+    if old is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = old
 
 
 @pytest.fixture

@@ -30,16 +30,6 @@ def reference(q, k, v, sink):
     return torch.softmax(s, dim=-1) @ v
 
 
-@pytest.fixture(autouse=True)
-def _restore_env():
-    old = os.environ.get(ENV)
-    yield
-    if old is None:
-        os.environ.pop(ENV, None)
-    else:
-        os.environ[ENV] = old
-
-
 def _inputs(seed, B, H, T, D, layout, scale):
     g = torch.Generator().manual_seed(seed)
     if layout == "model":  # (B, T, H, D) buffers seen as (B, H, T, D): the model's views

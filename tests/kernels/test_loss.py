@@ -17,11 +17,6 @@ from sparsecircuits.kernels._lib import ENV, library_path
 BACKENDS = ["torch"] + (["cpp"] if library_path() is not None else [])
 
 
-@pytest.fixture(autouse=True)
-def _restore_env(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv(ENV, os.environ.get(ENV, "auto"))
-
-
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**16),

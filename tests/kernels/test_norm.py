@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -15,11 +14,6 @@ from sparsecircuits.kernels._lib import ENV, library_path
 from sparsecircuits.model.layers import RMSNorm
 
 BACKENDS = ["torch"] + (["cpp"] if library_path() is not None else [])
-
-
-@pytest.fixture(autouse=True)
-def _restore_env(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv(ENV, os.environ.get(ENV, "auto"))
 
 
 def _err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -39,16 +39,6 @@ def _with_backend(name: str):
     os.environ[ENV] = name
 
 
-@pytest.fixture(autouse=True)
-def _restore_env():
-    old = os.environ.get(ENV)
-    yield
-    if old is None:
-        os.environ.pop(ENV, None)
-    else:
-        os.environ[ENV] = old
-
-
 @settings(max_examples=60, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
