@@ -216,3 +216,15 @@ def test_gelu_abstopk_matches_the_unfused_pair(seed, rows, n, kfrac, scale, stri
         assert torch.equal(y, want), name
         err = (xx.grad - ref.grad).abs().max().item()
         assert err <= 1e-5 * max(1.0, ref.grad.abs().max().item()), (name, err)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_without_gradients_no_mask_is_kept_and_values_are_the_same(name: str) -> None:
+    _with_backend(name)
+    x = _data(11, (33, 70), "ties")
+    want = torch.where(reference_mask(x.abs(), 17), x, 0.0)
+    with torch.no_grad():
+        assert torch.equal(abstopk(x.clone().requires_grad_(True), 17), want)
+    assert torch.equal(abstopk(x, 17), want)  # no input requires grad
+    g = torch.nn.functional.gelu(x)
+    assert torch.equal(gelu_abstopk(x, 17), torch.where(reference_mask(g.abs(), 17), g, 0.0))

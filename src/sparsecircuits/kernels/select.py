@@ -56,20 +56,23 @@ def _use_cpp(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and lib() is not None
 
 
-def abstopk_forward(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, mask): y keeps the k largest |x| of each last-dim row, zeros elsewhere."""
+def abstopk_forward(
+    x: torch.Tensor, k: int, *, with_mask: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, mask): y keeps the k largest |x| of each last-dim row, zeros elsewhere; mask (bool)
+    marks them, or is None with ``with_mask=False`` (no gradient to take)."""
     n = x.shape[-1]
     if not _use_cpp(x) or x.numel() == 0:
         mask = topk_mask(magnitude_keys(x), k)
-        return torch.where(mask, x, 0.0), mask
+        return torch.where(mask, x, 0.0), mask if with_mask else None
     x2 = _rows(x)
     y = torch.empty(x.shape, dtype=x.dtype)
-    mask = torch.empty(x.shape, dtype=torch.bool)
+    mask = torch.empty(x.shape, dtype=torch.bool) if with_mask else None
     lib().sc_abstopk(
         x2.data_ptr(),
         x2.stride(0),
         y.data_ptr(),
-        mask.data_ptr(),
+        None if mask is None else mask.data_ptr(),
         x2.shape[0],
         n,
         max(0, min(k, n)),
@@ -130,10 +133,16 @@ class _GeluAbsTopK(torch.autograd.Function):
         return out, None
 
 
+def _no_grad(x: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and x.requires_grad)
+
+
 def gelu_abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
     """``abstopk(F.gelu(x), k)`` (exact GELU) with a fused backward."""
     if k >= x.shape[-1]:
         return F.gelu(x)
+    if _no_grad(x):
+        return abstopk_forward(F.gelu(x), k, with_mask=False)[0]
     return _GeluAbsTopK.apply(x, k)
 
 
@@ -142,6 +151,8 @@ def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
     The gradient flows to exactly the kept entries."""
     if k >= x.shape[-1]:
         return x
+    if _no_grad(x):  # inference: no mask to keep
+        return abstopk_forward(x, k, with_mask=False)[0]
     return _AbsTopK.apply(x, k)
 
 

@@ -147,11 +147,11 @@ int64_t count_nonzero(const uint32_t* keys, int64_t n) {
 }
 
 // mask[i] = 1 for the kept entries under `cut` (ties: lowest index first), and
-// y[i] = x[i] there, 0 elsewhere (x and y may be null).
+// y[i] = x[i] there, 0 elsewhere (mask, or x and y, may be null).
 inline void apply_cut(const float* x, const uint32_t* keys, int64_t n, Cut cut, uint8_t* mask,
                       float* y) {
   if (cut.T < 0) {
-    std::memset(mask, 1, n);
+    if (mask) std::memset(mask, 1, n);
     if (y) std::memcpy(y, x, sizeof(float) * n);
     return;
   }
@@ -160,7 +160,7 @@ inline void apply_cut(const float* x, const uint32_t* keys, int64_t n, Cut cut, 
   int64_t need = cut.need;
   for (int64_t i = 0; i < n && need > 0; ++i) {
     if (keys[i] == t) {
-      mask[i] = 1;
+      if (mask) mask[i] = 1;
       if (y) y[i] = x[i];
       --need;
     }
@@ -171,12 +171,13 @@ inline void apply_cut(const float* x, const uint32_t* keys, int64_t n, Cut cut, 
 
 // AbsTopK along rows: y = x where |x| is among the k largest of its row, else 0; mask marks
 // the kept entries. x: (rows, n) float32 with row stride ld (>= n, unit column stride);
-// y: (rows, n) float32 contiguous; mask: (rows, n) uint8. 0 <= k <= n.
+// y: (rows, n) float32 contiguous; mask: (rows, n) uint8, or null when no gradient will be
+// taken (inference: one stream of writes less). 0 <= k <= n.
 SC_EXPORT void sc_abstopk(const float* x, int64_t ld, float* y, uint8_t* mask, int64_t rows,
                           int64_t n, int64_t k, int threads) {
   if (k <= 0) {
     std::memset(y, 0, sizeof(float) * rows * n);
-    std::memset(mask, 0, rows * n);
+    if (mask) std::memset(mask, 0, rows * n);
     return;
   }
 #pragma omp parallel num_threads(threads)
@@ -194,7 +195,7 @@ SC_EXPORT void sc_abstopk(const float* x, int64_t ld, float* y, uint8_t* mask, i
         cut = nz <= k ? Cut{0, k - nz}
                       : select_cut(keys.data(), n, k, mn, mx, hist.data(), cand, tmp);
       }
-      apply_cut(xr, keys.data(), n, cut, mask + r * n, y + r * n);
+      apply_cut(xr, keys.data(), n, cut, mask ? mask + r * n : nullptr, y + r * n);
     }
   }
 }

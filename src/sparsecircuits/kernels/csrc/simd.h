@@ -100,7 +100,7 @@ inline int64_t gather_bin(const uint32_t* keys, int64_t n, int shift, uint32_t v
   return m;
 }
 
-// mask[i] = keys[i] > t; y[i] = mask[i] ? x[i] : 0 (y may be null).
+// mask[i] = keys[i] > t; y[i] = mask[i] ? x[i] : 0 (mask or y may be null).
 inline void keep_above(const float* x, const uint32_t* keys, int64_t n, uint32_t t,
                        uint8_t* mask, float* y) {
   int64_t i = 0;
@@ -113,7 +113,7 @@ inline void keep_above(const float* x, const uint32_t* keys, int64_t n, uint32_t
     // unsigned k > t via signed compare of both with the sign bit flipped
     const __m256i gt = _mm256_cmpgt_epi32(_mm256_xor_si256(k, bias), tt);
     const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(gt));
-    std::memcpy(mask + i, &tb.bytes[bits], 8);
+    if (mask) std::memcpy(mask + i, &tb.bytes[bits], 8);
     if (y) {
       const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + i), _mm256_castsi256_ps(gt));
       _mm256_storeu_ps(y + i, v);
@@ -121,8 +121,9 @@ inline void keep_above(const float* x, const uint32_t* keys, int64_t n, uint32_t
   }
 #endif
   for (; i < n; ++i) {
-    mask[i] = keys[i] > t;
-    if (y) y[i] = mask[i] ? x[i] : 0.0f;
+    const bool keep = keys[i] > t;
+    if (mask) mask[i] = keep;
+    if (y) y[i] = keep ? x[i] : 0.0f;
   }
 }
 
