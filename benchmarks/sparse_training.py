@@ -50,6 +50,7 @@ from sparsecircuits.train.trainer import train_step  # noqa: E402
 
 L0S = {"1": 1.0, "1/16": 1 / 16, "1/64": 1 / 64, "1/256": 1 / 256}
 _FAST_ABSTOPK = layers.abstopk
+_FAST_ABSTOPK_ = layers.abstopk_
 _FAST_GELU_ABSTOPK = layers.gelu_abstopk
 _FAST_PROJECT = sparsity_mod.project_topk_
 
@@ -84,6 +85,7 @@ def use_path(name: str) -> None:
     """Switch the code path: 'masked-dense' restores the pre-kernel implementation."""
     legacy = name == "masked-dense"
     layers.abstopk = _legacy_abstopk if legacy else _FAST_ABSTOPK
+    layers.abstopk_ = _legacy_abstopk if legacy else _FAST_ABSTOPK_
     layers.gelu_abstopk = _legacy_gelu_abstopk if legacy else _FAST_GELU_ABSTOPK
     sparsity_mod.project_topk_ = _legacy_project if legacy else _FAST_PROJECT
     if legacy:

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from _timing import machine  # noqa: E402
 
 from sparsecircuits.kernels import attention, linear, loss, norm, select  # noqa: E402
+from sparsecircuits.model import layers  # noqa: E402
 from sparsecircuits.train import step as step_mod  # noqa: E402
 from sparsecircuits.train import support_adamw  # noqa: E402
 
@@ -49,6 +50,8 @@ def instrument() -> None:
         (linear, "spmm", "CSR products (fwd, dx)"),
         (linear, "sddmm", "support weight gradient"),
         (select, "abstopk_forward", "AbsTopK forward"),
+        (select, "abstopk_", "AbsTopK forward"),  # in place, without gradients
+        (layers, "abstopk_", "AbsTopK forward"),
         (support_adamw.SupportAdamW, "step", "support AdamW"),
         (step_mod, "control_grad_rms_", "gradient RMS"),
     ]

@@ -9,7 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsecircuits.kernels import abstopk, backend, gelu_abstopk, project_topk_, topk_mask
+from sparsecircuits.kernels import (
+    abstopk,
+    abstopk_,
+    backend,
+    gelu_abstopk,
+    project_topk_,
+    topk_mask,
+)
 from sparsecircuits.kernels._lib import ENV, library_path
 
 BACKENDS = ["torch"] + (["cpp"] if library_path() is not None else [])
@@ -228,3 +235,35 @@ def test_without_gradients_no_mask_is_kept_and_values_are_the_same(name: str) ->
     assert torch.equal(abstopk(x, 17), want)  # no input requires grad
     g = torch.nn.functional.gelu(x)
     assert torch.equal(gelu_abstopk(x, 17), torch.where(reference_mask(g.abs(), 17), g, 0.0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.integers(1, 30),
+    n=st.integers(1, 200),
+    kfrac=st.floats(0.0, 1.0),
+    kind=st.sampled_from(["normal", "ties", "zero_rows", "sparse", "scales"]),
+    layout=st.sampled_from(["contiguous", "column_slice", "transposed"]),
+)
+def test_in_place_abstopk_equals_the_reference(seed, rows, n, kfrac, kind, layout) -> None:
+    """abstopk_ (no gradients) on the model's layouts: whole tensors, column slices of a
+    wider buffer (q, k, v of one product) and views it cannot flatten (copied through)."""
+    x = _data(seed, (rows, n), kind)
+    k = round(kfrac * n)
+    want = torch.where(reference_mask(x.abs(), k), x, 0.0)
+    for name in BACKENDS:
+        _with_backend(name)
+        if layout == "contiguous":
+            buf = x.clone()
+            view = buf
+        elif layout == "column_slice":
+            buf = torch.cat([torch.full((rows, 3), 7.0), x, torch.full((rows, 2), 7.0)], 1)
+            view = buf[:, 3 : 3 + n]
+        else:
+            buf = x.t().contiguous()
+            view = buf.t()
+        out = abstopk_(view, k)
+        assert out.data_ptr() == view.data_ptr() and torch.equal(out, want), name
+        if layout == "column_slice":  # the rest of the buffer is untouched
+            assert (buf[:, :3] == 7).all() and (buf[:, 3 + n :] == 7).all(), name

@@ -18,13 +18,20 @@ from sparsecircuits.kernels.csr import CSRPattern, build_pattern
 from sparsecircuits.kernels.linear import GradMode, LinearKernelState, sparse_linear
 from sparsecircuits.kernels.loss import add_logit_tables, cross_entropy
 from sparsecircuits.kernels.norm import rms_norm
-from sparsecircuits.kernels.select import abstopk, gelu_abstopk, project_topk_, topk_mask
+from sparsecircuits.kernels.select import (
+    abstopk,
+    abstopk_,
+    gelu_abstopk,
+    project_topk_,
+    topk_mask,
+)
 
 __all__ = [
     "CSRPattern",
     "GradMode",
     "LinearKernelState",
     "abstopk",
+    "abstopk_",
     "add_logit_tables",
     "backend",
     "build_pattern",

@@ -28,8 +28,8 @@ _MODULE = "sparsecircuits.kernels._sckernels"
 
 _i64, _i32, _f32p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES: dict[str, list] = {
-    # x, ld, y, mask, rows, n, k, threads
-    "sc_abstopk": [_f32p, _i64, _f32p, _f32p, _i64, _i64, _i64, _i32],
+    # x, ld, y, ldy, mask, rows, n, k, threads
+    "sc_abstopk": [_f32p, _i64, _f32p, _i64, _f32p, _i64, _i64, _i64, _i32],
     # w, mask, rows, cols, k, floor, threads
     "sc_project_topk": [_f32p, _f32p, _i64, _i64, _i64, _i64, _i32],
     # N, in, out, crow, col, val, x, bias, y, threads

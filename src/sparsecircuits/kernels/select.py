@@ -72,6 +72,7 @@ def abstopk_forward(
         x2.data_ptr(),
         x2.stride(0),
         y.data_ptr(),
+        n,
         None if mask is None else mask.data_ptr(),
         x2.shape[0],
         n,
@@ -133,6 +134,26 @@ class _GeluAbsTopK(torch.autograd.Function):
         return out, None
 
 
+def abstopk_(x: torch.Tensor, k: int) -> torch.Tensor:
+    """In place, without gradients: zero all but the ``k`` largest |x| of each last-dim row
+    of ``x`` (which may be a view with unit column stride); returns x. For a temporary the
+    caller owns (the model's forward under no_grad): no output buffer to fill."""
+    n = x.shape[-1]
+    if k >= n:
+        return x
+    try:
+        x2 = x.view(-1, n)  # rows of a view with unit column stride, without a copy
+    except RuntimeError:
+        x2 = None
+    if x2 is None or not _use_cpp(x) or x.numel() == 0 or x2.stride(-1) != 1:
+        return x.copy_(abstopk_forward(x, k, with_mask=False)[0])
+    lib().sc_abstopk(
+        x2.data_ptr(), x2.stride(0), x2.data_ptr(), x2.stride(0), None, x2.shape[0], n,
+        max(0, k), torch.get_num_threads(),
+    )  # fmt: skip
+    return x
+
+
 def _no_grad(x: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and x.requires_grad)
 
@@ -142,7 +163,7 @@ def gelu_abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
     if k >= x.shape[-1]:
         return F.gelu(x)
     if _no_grad(x):
-        return abstopk_forward(F.gelu(x), k, with_mask=False)[0]
+        return abstopk_(F.gelu(x), k)  # GELU's output is ours to overwrite
     return _GeluAbsTopK.apply(x, k)
 
 

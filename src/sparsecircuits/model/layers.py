@@ -10,6 +10,7 @@ from sparsecircuits.kernels import (
     GradMode,
     LinearKernelState,
     abstopk,
+    abstopk_,
     causal_attention,
     gelu_abstopk,
     rms_norm,
@@ -66,9 +67,14 @@ class ActSparsity:
         self.locs = frozenset(config.afrac_loctypes) if config.afrac is not None else frozenset()
 
     def __call__(self, x: torch.Tensor, loc: str) -> torch.Tensor:
+        """AbsTopK of ``x`` at ``loc``. Without gradients it works in place: every caller
+        passes a temporary of the forward pass (a norm's, a product's or a sum's output)."""
         if loc not in self.locs:
             return x
-        return abstopk(x, int(self.afrac * x.shape[-1]))
+        k = int(self.afrac * x.shape[-1])
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return abstopk_(x, k)
+        return abstopk(x, k)
 
     def gelu(self, x: torch.Tensor, loc: str) -> torch.Tensor:
         """GELU, then AbsTopK at ``loc`` (one fused backward pass for both)."""

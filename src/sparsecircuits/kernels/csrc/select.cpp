@@ -156,12 +156,27 @@ inline void apply_cut(const float* x, const uint32_t* keys, int64_t n, Cut cut, 
     return;
   }
   const uint32_t t = static_cast<uint32_t>(cut.T);
+  if (y && y == x && cut.need > 0 && t != 0) {  // in place: keep_above zeroes the ties
+    std::vector<std::pair<int64_t, float>> ties;
+    int64_t need = cut.need;
+    for (int64_t i = 0; i < n && need > 0; ++i)
+      if (keys[i] == t) {
+        ties.emplace_back(i, x[i]);
+        --need;
+      }
+    keep_above(x, keys, n, t, mask, y);
+    for (const auto& [i, v] : ties) {
+      if (mask) mask[i] = 1;
+      y[i] = v;
+    }
+    return;
+  }
   keep_above(x, keys, n, t, mask, y);
   int64_t need = cut.need;
   for (int64_t i = 0; i < n && need > 0; ++i) {
     if (keys[i] == t) {
       if (mask) mask[i] = 1;
-      if (y) y[i] = x[i];
+      if (y) y[i] = x[i];  // in place with t == 0: the kept ties are zeros, y[i] is already 0
       --need;
     }
   }
@@ -171,12 +186,12 @@ inline void apply_cut(const float* x, const uint32_t* keys, int64_t n, Cut cut, 
 
 // AbsTopK along rows: y = x where |x| is among the k largest of its row, else 0; mask marks
 // the kept entries. x: (rows, n) float32 with row stride ld (>= n, unit column stride);
-// y: (rows, n) float32 contiguous; mask: (rows, n) uint8, or null when no gradient will be
-// taken (inference: one stream of writes less). 0 <= k <= n.
-SC_EXPORT void sc_abstopk(const float* x, int64_t ld, float* y, uint8_t* mask, int64_t rows,
-                          int64_t n, int64_t k, int threads) {
+// y: (rows, n) float32 with row stride ldy, or x itself (in place, ldy == ld); mask:
+// (rows, n) uint8, or null when no gradient will be taken (inference). 0 <= k <= n.
+SC_EXPORT void sc_abstopk(const float* x, int64_t ld, float* y, int64_t ldy, uint8_t* mask,
+                          int64_t rows, int64_t n, int64_t k, int threads) {
   if (k <= 0) {
-    std::memset(y, 0, sizeof(float) * rows * n);
+    for (int64_t r = 0; r < rows; ++r) std::memset(y + r * ldy, 0, sizeof(float) * n);
     if (mask) std::memset(mask, 0, rows * n);
     return;
   }
@@ -195,7 +210,7 @@ SC_EXPORT void sc_abstopk(const float* x, int64_t ld, float* y, uint8_t* mask, i
         cut = nz <= k ? Cut{0, k - nz}
                       : select_cut(keys.data(), n, k, mn, mx, hist.data(), cand, tmp);
       }
-      apply_cut(xr, keys.data(), n, cut, mask ? mask + r * n : nullptr, y + r * n);
+      apply_cut(xr, keys.data(), n, cut, mask ? mask + r * n : nullptr, y + r * ldy);
     }
   }
 }
