@@ -145,7 +145,8 @@ def abstopk_(x: torch.Tensor, k: int) -> torch.Tensor:
         x2 = x.view(-1, n)  # rows of a view with unit column stride, without a copy
     except RuntimeError:
         x2 = None
-    if x2 is None or not _use_cpp(x) or x.numel() == 0 or x2.stride(-1) != 1:
+    overlapping = x2 is not None and x2.shape[0] > 1 and x2.stride(0) < n  # e.g. expanded
+    if x2 is None or overlapping or not _use_cpp(x) or x.numel() == 0 or x2.stride(-1) != 1:
         return x.copy_(abstopk_forward(x, k, with_mask=False)[0])
     lib().sc_abstopk(
         x2.data_ptr(), x2.stride(0), x2.data_ptr(), x2.stride(0), None, x2.shape[0], n,
