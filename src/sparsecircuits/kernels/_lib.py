@@ -132,19 +132,20 @@ def _warn_once(reason: str) -> None:
     log.info("sparse kernels: using the pure-torch fallback (%s)", reason)
 
 
-@functools.cache
-def _file_digest(path: str) -> str:
-    try:
-        return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
-    except OSError:
-        return "unreadable"
-
-
 def build_id() -> str:
     """Which kernels are in use: ``"torch"``, or a digest of the compiled library (so that
     measurements cached per build, like the density crossover, expire with a rebuild)."""
+    return "torch" if lib() is None else _load_digest()
+
+
+@functools.cache
+def _load_digest() -> str:
+    """Digest of the library file ``_load`` opened (once per process, like the load)."""
     path = library_path()
-    return "torch" if lib() is None or path is None else _file_digest(str(path))
+    try:
+        return hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path else "unknown"
+    except OSError:
+        return "unreadable"
 
 
 def backend() -> Backend:
