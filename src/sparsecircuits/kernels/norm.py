@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecircuits.kernels._lib import lib
+from sparsecircuits.kernels.select import as_rows
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -30,9 +31,7 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
         x2, w, rstd = ctx.saved_tensors
         rows, n = x2.shape
-        g2 = dy.reshape(rows, n)
-        if g2.stride(-1) != 1 or (rows > 1 and g2.stride(0) < n):
-            g2 = g2.contiguous()
+        g2 = as_rows(dy)
         dx = torch.empty_like(x2)
         dw = torch.empty(n)
         lib().sc_rmsnorm_bwd(

@@ -44,7 +44,7 @@ def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     return above | (tie & (tie.cumsum(dim=-1) <= need))
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor | None:
+def as_rows(x: torch.Tensor) -> torch.Tensor:
     """x as (rows, n) with unit column stride, without copying when possible."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
@@ -65,7 +65,7 @@ def abstopk_forward(
     if not _use_cpp(x) or x.numel() == 0:
         mask = topk_mask(magnitude_keys(x), k)
         return torch.where(mask, x, 0.0), mask if with_mask else None
-    x2 = _rows(x)
+    x2 = as_rows(x)
     y = torch.empty(x.shape, dtype=x.dtype)
     mask = torch.empty(x.shape, dtype=torch.bool) if with_mask else None
     lib().sc_abstopk(
@@ -100,7 +100,7 @@ def masked_grad(gy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     one pass over memory on the compiled path (``torch.where`` takes ~3x longer here)."""
     if not _use_cpp(gy) or gy.numel() == 0 or not mask.is_contiguous():
         return torch.where(mask, gy, 0.0)
-    g2 = _rows(gy)
+    g2 = as_rows(gy)
     out = torch.empty(gy.shape, dtype=gy.dtype)
     lib().sc_mask_grad(
         g2.data_ptr(), g2.stride(0), mask.data_ptr(), out.data_ptr(), g2.shape[0], g2.shape[1],
@@ -125,7 +125,7 @@ class _GeluAbsTopK(torch.autograd.Function):
         x, mask = ctx.saved_tensors
         if not _use_cpp(gy) or gy.numel() == 0 or not (x.is_contiguous() and mask.is_contiguous()):
             return torch.where(mask, torch.ops.aten.gelu_backward(gy, x), 0.0), None
-        g2 = _rows(gy)
+        g2 = as_rows(gy)
         out = torch.empty(gy.shape, dtype=gy.dtype)
         lib().sc_gelu_topk_grad(
             x.data_ptr(), g2.data_ptr(), g2.stride(0), mask.data_ptr(), out.data_ptr(),
