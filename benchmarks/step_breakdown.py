@@ -53,7 +53,10 @@ def instrument() -> None:
         (select, "abstopk_", "AbsTopK forward"),  # in place, without gradients
         (layers, "abstopk_", "AbsTopK forward"),
         (support_adamw.SupportAdamW, "step", "support AdamW"),
-        (step_mod, "control_grad_rms_", "gradient RMS"),
+        (step_mod, "estimated_sq", "gradient RMS"),
+        (step_mod, "support_shares", "gradient RMS"),
+        (step_mod, "grad_rms_scale", "gradient RMS"),
+        (step_mod, "rescale_grads_", "gradient RMS"),
     ]
     for owner, attr, name in functions:
         setattr(owner, attr, _timed(getattr(owner, attr), name))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsecircuits.kernels import support_index
 from sparsecircuits.model import GPT, WeightSparsity, sparse_parameter_names
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.train.config import OptimConfig
@@ -75,14 +76,15 @@ def test_gradient_norm_estimate_by_hand() -> None:
     a.grad = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
     b.grad = torch.tensor([1.0, 0.0, 0.0])
     mask = torch.tensor([[True, False], [False, False]])
-    shares = support_shares({"a": a, "b": b}, {"a": mask})
+    idx = {"a": support_index(mask)}
+    shares = support_shares({"a": a, "b": b}, idx)
     assert shares == {"a": 9 / 25}  # b has no mask: counted whole, no share
     # A support-only gradient of a: 3 on the mask. Estimated full mass 9 / (9/25) = 25, +1 for b.
     a.grad = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
-    assert abs(estimated_sq({"a": a, "b": b}, {"a": mask}, shares) - 26.0) < 1e-9
+    assert abs(estimated_sq({"a": a, "b": b}, idx, shares) - 26.0) < 1e-9
     # A gradient that stayed dense (an embedding) is estimated from its on-mask part too.
     a.grad = torch.tensor([[6.0, 8.0], [0.0, 0.0]])
-    assert abs(estimated_sq({"a": a}, {"a": mask}, shares) - 100.0) < 1e-9
+    assert abs(estimated_sq({"a": a}, idx, shares) - 100.0) < 1e-9
 
 
 def test_support_steps_reuse_the_csr_patterns_and_stay_correct(monkeypatch) -> None:
@@ -130,7 +132,7 @@ def test_support_adamw_equals_dense_adamw_then_rezeroing() -> None:
                     sup.catch_up({id(w): mask})
                 opt.step()
             else:
-                sup.step({id(w): mask})
+                sup.step({id(w): support_index(mask)})
             if not dense_step:
                 with torch.no_grad():
                     w.masked_fill_(~mask, 0.0)

@@ -6,6 +6,7 @@
 - ``causal_attention``: causal attention with an optional sink, a kernel for narrow heads.
 - ``cross_entropy``, ``add_logit_tables``: the loss and the logit tables, fused passes.
 - ``rms_norm``: RMSNorm in one pass each way.
+- ``adamw_at_``, ``sumsq``: AdamW steps and squared norms on a support's flat indices.
 - ``backend()``: ``"cpp"`` when the compiled library is in use, else ``"torch"``.
 
 The lowest layer of the package: it imports nothing from the rest of sparsecircuits except
@@ -18,6 +19,7 @@ from sparsecircuits.kernels.csr import CSRPattern, build_pattern
 from sparsecircuits.kernels.linear import GradMode, LinearKernelState, sparse_linear
 from sparsecircuits.kernels.loss import add_logit_tables, cross_entropy
 from sparsecircuits.kernels.norm import rms_norm
+from sparsecircuits.kernels.optim import adamw_at_, sumsq, support_index
 from sparsecircuits.kernels.select import (
     abstopk,
     abstopk_,
@@ -32,6 +34,7 @@ __all__ = [
     "LinearKernelState",
     "abstopk",
     "abstopk_",
+    "adamw_at_",
     "add_logit_tables",
     "backend",
     "build_pattern",
@@ -42,5 +45,7 @@ __all__ = [
     "project_topk_",
     "rms_norm",
     "sparse_linear",
+    "sumsq",
+    "support_index",
     "topk_mask",
 ]

@@ -58,12 +58,21 @@ _SIGNATURES: dict[str, list] = {
     "sc_ce_bwd": [_f32p, _f32p, _f32p, _i64, _i64, ctypes.c_float, _f32p, _i32],
     # logits, out, bias, table, idx, rows, n, threads
     "sc_add_logit_tables": [_f32p, _f32p, _f32p, _f32p, _f32p, _i64, _i64, _i32],
+    # n, idx (or null), g, threads -> sum of squares (double)
+    "sc_sumsq": [_i64, _f32p, _f32p, _i32],
+    # n, idx, g, w, m, v, hyper-parameters (8 floats), threads
+    "sc_adamw_at": [_i64, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _i32],
     # x, w, rows, n, eps, y, rstd, threads
     "sc_rmsnorm_fwd": [_f32p, _f32p, _i64, _i64, ctypes.c_float, _f32p, _f32p, _i32],
     # x, w, rstd, dy, ld, rows, n, dx, dw, threads
     "sc_rmsnorm_bwd": [_f32p, _f32p, _f32p, _f32p, _i64, _i64, _i64, _f32p, _f32p, _i32],
 }  # fmt: skip
-_RESTYPES = {"sc_csr_count": _i64, "sc_attn_fwd": _i32, "sc_attn_bwd": _i32}
+_RESTYPES = {
+    "sc_csr_count": _i64,
+    "sc_sumsq": ctypes.c_double,
+    "sc_attn_fwd": _i32,
+    "sc_attn_bwd": _i32,
+}
 
 
 def library_path() -> Path | None:

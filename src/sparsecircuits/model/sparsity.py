@@ -106,7 +106,7 @@ class WeightSparsity:
         self.params = {n: params[n] for n in names}
         self.min_per_neuron = min_per_neuron
         self.masks: dict[str, torch.Tensor] = {}  # kept supports of the last projection
-        self.sizes: dict[int, int] = {}  # their sizes by parameter id (support_sizes)
+        self.index: dict[str, torch.Tensor] = {}  # their flat indices (support_index)
         # Per parameter, the share of its squared gradient on its support at the last
         # regrowth step (the fast mode estimates the full gradient RMS with it in between).
         self.grad_shares: dict[str, float] = {}
@@ -120,25 +120,30 @@ class WeightSparsity:
         """Project every sparse parameter to its budget at ``frac`` (no-op when dense) and
         remember the kept supports for ``keep_support_``."""
         if frac >= 1.0:
-            self.masks, self.sizes = {}, {}
+            self.masks, self.index = {}, {}
             return
         self.masks = {
             n: project_topk_(self.params[n].data, k, min_per_neuron=self.min_per_neuron)
             for n, k in self.budgets(frac).items()
         }
-        self.sizes = {}
+        self.index = {}
 
     @torch.no_grad()
     def adopt_supports_(self, frac: float) -> None:
         """Take each parameter's nonzeros as its support (a resumed run's last projection)."""
         self.masks = {} if frac >= 1.0 else {n: p != 0 for n, p in self.params.items()}
-        self.sizes = {}
+        self.index = {}
+
+    def support_index(self) -> dict[str, torch.Tensor]:
+        """``{name: flat int64 indices of its support}`` for the supports of the last
+        projection (computed once per projection)."""
+        if len(self.index) != len(self.masks):
+            self.index = {n: kernels.support_index(m) for n, m in self.masks.items()}
+        return self.index
 
     def support_sizes(self) -> dict[int, int]:
         """``{id(parameter): entries in its support}`` for the supports of the last projection."""
-        if len(self.sizes) != len(self.masks):
-            self.sizes = {id(self.params[n]): int(m.sum()) for n, m in self.masks.items()}
-        return self.sizes
+        return {id(self.params[n]): i.numel() for n, i in self.support_index().items()}
 
     @torch.no_grad()
     def keep_support_(self, *, skip: frozenset[int] = frozenset()) -> None:

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from sparsecircuits import kernels
 from sparsecircuits.train.config import OptimConfig
 
 
@@ -28,66 +29,90 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def control_grad_rms_(
+def grad_rms_scale(
     params: list[nn.Parameter], cfg: OptimConfig, *, sq: float | None = None
-) -> float:
-    """Rescale all gradients together by their global RMS; returns the RMS before scaling.
+) -> tuple[float, float]:
+    """(global gradient RMS, the factor the gradients are to be multiplied by).
 
     RMS = ||g||_2 / sqrt(N) over every parameter element. "normalize" always rescales to
-    ``cfg.grad_rms``; "clip" only when above it. ``sq`` replaces the measured ||g||^2 (the
-    fast mode's estimate of the full gradient's, see ``estimated_sq``).
+    ``cfg.grad_rms``; "clip" only when above it; "none" never (factor 1). ``sq`` replaces
+    the measured ||g||^2 (the fast mode's estimate of the full gradient's, see
+    ``estimated_sq``).
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
+        return 0.0, 1.0
     n = sum(g.numel() for g in grads)
     if sq is None:
-        sq = float(torch.stack([g.float().pow(2).sum() for g in grads]).sum())
+        sq = sum(_sq(g) for g in grads)
     rms = math.sqrt(sq / n)
     if cfg.grad_rms_mode == "none" or rms == 0.0:
-        return rms
+        return rms, 1.0
     if cfg.grad_rms_mode == "normalize" or rms > cfg.grad_rms:
-        scale = cfg.grad_rms / rms
-        for g in grads:
-            g.mul_(scale)
+        return rms, cfg.grad_rms / rms
+    return rms, 1.0
+
+
+@torch.no_grad()
+def rescale_grads_(
+    params: list[nn.Parameter], scale: float, *, skip: frozenset[int] = frozenset()
+) -> None:
+    """Multiply every gradient by ``scale`` in place, except those of the parameters whose
+    id is in ``skip`` (the fast mode's support-only weights: their scaling is folded into
+    the support AdamW step, which touches only their support)."""
+    if scale == 1.0:
+        return
+    for p in params:
+        if p.grad is not None and id(p) not in skip:
+            p.grad.mul_(scale)
+
+
+@torch.no_grad()
+def control_grad_rms_(
+    params: list[nn.Parameter], cfg: OptimConfig, *, sq: float | None = None
+) -> float:
+    """Rescale all gradients together by their global RMS (``grad_rms_scale``); returns the
+    RMS before scaling."""
+    rms, scale = grad_rms_scale(params, cfg, sq=sq)
+    rescale_grads_(params, scale)
     return rms
 
 
-def _on_mask_sq(grad: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    g2 = grad.float().pow(2)
-    return float(torch.where(mask, g2, 0.0).sum()), float(g2.sum())
+def _sq(g: torch.Tensor, index: torch.Tensor | None = None) -> float:
+    """||g||^2 (of the entries at flat ``index`` only, when given)."""
+    return kernels.sumsq(g.float(), index)
 
 
 @torch.no_grad()
 def support_shares(
-    params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]
+    params: dict[str, nn.Parameter], supports: dict[str, torch.Tensor]
 ) -> dict[str, float]:
-    """For each masked parameter, the share of its squared gradient on its mask (measured on a
-    dense-gradient step; 1.0 when the gradient is zero)."""
+    """For each parameter with a support ({name: flat int64 indices}), the share of its
+    squared gradient on the support (measured on a dense-gradient step; 1.0 when the
+    gradient is zero)."""
     shares = {}
-    for name, mask in masks.items():
+    for name, index in supports.items():
         g = params[name].grad
         if g is not None:
-            on, total = _on_mask_sq(g, mask)
+            on, total = _sq(g, index), _sq(g)
             shares[name] = on / total if total > 0 else 1.0
     return shares
 
 
 @torch.no_grad()
 def estimated_sq(
-    params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor], shares: dict[str, float]
+    params: dict[str, nn.Parameter], supports: dict[str, torch.Tensor], shares: dict[str, float]
 ) -> float:
     """||g||^2 of the dense gradient, estimated on a step whose weight gradients may be
-    support-only: each masked parameter's on-mask part divided by its measured share, every
-    other parameter whole. Right whether or not a gradient was actually restricted (embedding
-    gradients and dense-path layers are never)."""
+    support-only: each supported parameter's on-support part ({name: flat int64 indices})
+    divided by its measured share, every other parameter whole. Right whether or not a
+    gradient was actually restricted (embedding gradients and dense-path layers are never)."""
     sq = 0.0
     for name, p in params.items():
         if p.grad is None:
             continue
-        if name in masks:
-            on, _ = _on_mask_sq(p.grad, masks[name])
-            sq += on / max(shares.get(name, 1.0), 1e-12)
+        if name in supports:
+            sq += _sq(p.grad, supports[name]) / max(shares.get(name, 1.0), 1e-12)
         else:
-            sq += float(p.grad.float().pow(2).sum())
+            sq += _sq(p.grad)
     return sq

@@ -17,7 +17,12 @@ from sparsecircuits.model.layers import (
 from sparsecircuits.model.sparsity import WeightSparsity
 from sparsecircuits.train import distributed as D
 from sparsecircuits.train.config import OptimConfig
-from sparsecircuits.train.optim import control_grad_rms_, estimated_sq, support_shares
+from sparsecircuits.train.optim import (
+    estimated_sq,
+    grad_rms_scale,
+    rescale_grads_,
+    support_shares,
+)
 from sparsecircuits.train.support_adamw import SupportAdamW
 
 StepMode = Literal["exact", "regrow", "support"]
@@ -59,17 +64,22 @@ def train_step(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     D.average_gradients_(params, dist)
     named = dict(model.named_parameters())
+    index = sparsity.support_index() if support or mode == "regrow" else {}
     if mode == "regrow":
-        sparsity.grad_shares = support_shares(named, sparsity.masks)
-    sq = estimated_sq(named, sparsity.masks, sparsity.grad_shares) if support else None
-    grad_rms = control_grad_rms_(params, optim, sq=sq)
-    by_id = {id(sparsity.params[n]): m for n, m in sparsity.masks.items()}
-    if support_opt is None:
-        optimizer.step()
-    elif support:  # support-only weights: AdamW on their nonzeros, moments' decay deferred
-        support_opt.step({id(w): by_id[id(w)] for w in restricted if id(w) in by_id})
+        sparsity.grad_shares = support_shares(named, index)
+    sq = estimated_sq(named, index, sparsity.grad_shares) if support else None
+    grad_rms, scale = grad_rms_scale(params, optim, sq=sq)
+    if support_opt is not None and support:
+        # support-only weights: AdamW on their supports with the RMS factor folded in (their
+        # dense gradients are never swept); the moments' decay off the support is deferred
+        by_id = {id(sparsity.params[n]): i for n, i in index.items()}
+        on_support = {id(w): by_id[id(w)] for w in restricted if id(w) in by_id}
+        rescale_grads_(params, scale, skip=frozenset(on_support))
+        support_opt.step(on_support, grad_scale=scale)
     else:
-        support_opt.catch_up(by_id)  # a dense step: bring every moment up to date first
+        rescale_grads_(params, scale)
+        if support_opt is not None:  # a dense step: bring every moment up to date first
+            support_opt.catch_up({id(sparsity.params[n]): m for n, m in sparsity.masks.items()})
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if support:

@@ -10,10 +10,10 @@ step or checkpoint. The result equals dense AdamW + re-zeroing up to float round
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+from sparsecircuits.kernels.optim import adamw_at_
 
 
 class SupportAdamW:
@@ -23,19 +23,20 @@ class SupportAdamW:
     def __init__(self, optimizer: torch.optim.AdamW) -> None:
         self.opt = optimizer
         self.skipped: dict[int, int] = {}  # id(param) -> support steps since its moments' decay
-        self._flat: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (mask, flat idx)
 
     @torch.no_grad()
-    def step(self, supports: dict[int, torch.Tensor]) -> None:
-        """One AdamW step; parameters with an entry in ``supports`` ({id(param): bool mask})
-        are updated on their mask only."""
+    def step(self, supports: dict[int, torch.Tensor], *, grad_scale: float = 1.0) -> None:
+        """One AdamW step; parameters with an entry in ``supports`` ({id(param): flat int64
+        indices of its support}) are updated there only, with their gradient times
+        ``grad_scale`` (the gradient-RMS control's factor, applied here instead of on the
+        whole dense gradient). The other parameters' gradients are used as they are."""
         hidden: list[tuple[nn.Parameter, torch.Tensor]] = []
         for group in self.opt.param_groups:
             for p in group["params"]:
-                mask = supports.get(id(p))
-                if mask is None or p.grad is None:
+                index = supports.get(id(p))
+                if index is None or p.grad is None:
                     continue
-                self._update(p, group, self._flat_of(p, mask))
+                self._update(p, group, index, grad_scale)
                 self.skipped[id(p)] = self.skipped.get(id(p), 0) + 1
                 hidden.append((p, p.grad))
                 p.grad = None  # the optimizer skips it
@@ -58,33 +59,18 @@ class SupportAdamW:
                 off = ~masks[id(p)]
                 state["exp_avg"].mul_(torch.where(off, beta1**s, 1.0))
                 state["exp_avg_sq"].mul_(torch.where(off, beta2**s, 1.0))
-        self._flat.clear()
 
-    def _flat_of(self, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        cached = self._flat.get(id(p))
-        if cached is None or cached[0] is not mask:
-            cached = (mask, mask.reshape(-1).nonzero().squeeze(1))
-            self._flat[id(p)] = cached
-        return cached[1]
-
-    def _update(self, p: nn.Parameter, group: dict, idx: torch.Tensor) -> None:
-        """torch's single-tensor AdamW arithmetic on the entries ``idx`` of ``p``."""
+    def _update(self, p: nn.Parameter, group: dict, index: torch.Tensor, scale: float) -> None:
+        """torch's single-tensor AdamW arithmetic on the entries ``index`` of ``p``."""
         state = self.opt.state[p]
         if not state:  # first step of this parameter: torch's own initial state
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] += 1
-        step = float(state["step"])
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        pf, mf, vf = p.view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
-        g = p.grad.reshape(-1)[idx]
-        w, m, v = pf[idx], mf[idx], vf[idx]
-        w.mul_(1 - lr * wd)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step_size = lr / (1 - beta1**step)
-        denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-        w.addcdiv_(m, denom, value=-step_size)
-        pf[idx], mf[idx], vf[idx] = w, m, v
+        adamw_at_(
+            p.data, state["exp_avg"], state["exp_avg_sq"], p.grad, index,
+            step=int(state["step"]), lr=group["lr"], weight_decay=group["weight_decay"],
+            beta1=beta1, beta2=beta2, eps=group["eps"], grad_scale=scale,
+        )  # fmt: skip
