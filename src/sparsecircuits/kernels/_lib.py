@@ -32,10 +32,10 @@ _SIGNATURES: dict[str, list] = {
     "sc_abstopk": [_f32p, _i64, _f32p, _i64, _f32p, _i64, _i64, _i64, _i32],
     # w, mask, rows, cols, k, floor, threads
     "sc_project_topk": [_f32p, _f32p, _i64, _i64, _i64, _i64, _i32],
-    # N, in, out, crow, col, val, x, bias, y, threads
-    "sc_spmm": [_i64, _i64, _i64, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _i32],
-    # N, in, out, crow, col, dy, x, dval, threads
-    "sc_sddmm": [_i64, _i64, _i64, _f32p, _f32p, _f32p, _f32p, _f32p, _i32],
+    # N, in, out, crow, col, val, x, bias, y, xsum, threads
+    "sc_spmm": [_i64, _i64, _i64, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _i32],
+    # N, in, out, crow, col, dy, x, dval, flat, threads
+    "sc_sddmm": [_i64, _i64, _i64, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _i32],
     # w, rows, cols, crow, threads -> nnz
     "sc_csr_count": [_f32p, _i64, _i64, _f32p, _i32],
     # w, rows, cols, crow, col, val, flat, threads

@@ -41,19 +41,24 @@ def spmm(
     x: torch.Tensor,
     bias: torch.Tensor | None,
     out_features: int,
+    *,
+    x_col_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x (N, in) @ W^T (+ bias) for W in CSR (out_features rows) -> (N, out_features)."""
+    """x (N, in) @ W^T (+ bias) for W in CSR (out_features rows) -> (N, out_features).
+    ``x_col_sum`` (in,): filled with x.sum(0) on the way (the bias gradient when x is dy)."""
     N, n_in = x.shape
-    if _cpp(x, val, bias):
+    if _cpp(x, val, bias) and (x_col_sum is None or x_col_sum.is_contiguous()):
         x, val = x.contiguous(), val.contiguous()
         y = torch.empty(N, out_features, dtype=x.dtype)
         b = bias.contiguous() if bias is not None else None
         lib().sc_spmm(
             N, n_in, out_features, crow.data_ptr(), col.data_ptr(), val.data_ptr(),
             x.data_ptr(), b.data_ptr() if b is not None else 0, y.data_ptr(),
-            torch.get_num_threads(),
+            x_col_sum.data_ptr() if x_col_sum is not None else 0, torch.get_num_threads(),
         )  # fmt: skip
         return y
+    if x_col_sum is not None:
+        x_col_sum.copy_(x.sum(0))
     if col.numel() == 0:
         y = x.new_zeros(N, out_features)
     else:  # stock torch SpMM (PERF.md §1, e1): each output row is a weighted bag of x^T rows
@@ -64,15 +69,20 @@ def spmm(
     return y + bias if bias is not None else y
 
 
-def sddmm(pattern: CSRPattern, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Weight gradient at the nonzeros: dval[j] = sum_n dy[n, row_j] * x[n, col_j] -> (nnz,)."""
+def sddmm(
+    pattern: CSRPattern, dy: torch.Tensor, x: torch.Tensor, *, dense_out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weight gradient at the nonzeros: dval[j] = sum_n dy[n, row_j] * x[n, col_j] -> (nnz,).
+    With ``dense_out`` (a zeroed contiguous (rows, cols) tensor): written into it at the
+    nonzeros' positions instead, and returned."""
     N = x.shape[0]
-    if _cpp(x, dy):
+    if _cpp(x, dy) and (dense_out is None or dense_out.is_contiguous()):
         dy, x = dy.contiguous(), x.contiguous()
-        dval = torch.empty(pattern.nnz, dtype=x.dtype)
+        dval = torch.empty(pattern.nnz, dtype=x.dtype) if dense_out is None else dense_out
+        flat = pattern.flat.data_ptr() if dense_out is not None else 0
         lib().sc_sddmm(
             N, pattern.cols, pattern.rows, pattern.crow.data_ptr(), pattern.col.data_ptr(),
-            dy.data_ptr(), x.data_ptr(), dval.data_ptr(), torch.get_num_threads(),
+            dy.data_ptr(), x.data_ptr(), dval.data_ptr(), flat, torch.get_num_threads(),
         )  # fmt: skip
         return dval
     rows, cols = pattern.row_index().to(x.device), pattern.col.long().to(x.device)
@@ -81,7 +91,11 @@ def sddmm(pattern: CSRPattern, dy: torch.Tensor, x: torch.Tensor) -> torch.Tenso
         (dy[:, rows[i : i + chunk]] * x[:, cols[i : i + chunk]]).sum(0)
         for i in range(0, pattern.nnz, chunk)
     ]
-    return torch.cat(parts) if parts else x.new_zeros(0)
+    dval = torch.cat(parts) if parts else x.new_zeros(0)
+    if dense_out is None:
+        return dval
+    dense_out.view(-1)[pattern.flat] = dval
+    return dense_out
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -98,17 +112,19 @@ class _SparseLinear(torch.autograd.Function):
         x, weight, val = ctx.saved_tensors
         p: CSRPattern = ctx.pattern
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = spmm(p.crow_t, p.col_t, val[p.perm].contiguous(), dy, None, p.cols)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = torch.empty(p.rows, dtype=dy.dtype, device=dy.device)
+        if ctx.needs_input_grad[0]:  # the bias gradient comes with it (the same pass over dy)
+            val_t = val[p.perm].contiguous()
+            dx = spmm(p.crow_t, p.col_t, val_t, dy, None, p.cols, x_col_sum=db)
+        elif db is not None:
+            db = dy.sum(0)
         if ctx.needs_input_grad[1]:
             if ctx.grad_mode == "dense":
                 dw = dy.t().mm(x)
             else:
-                dw = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
-                dw[p.flat] = sddmm(p, dy, x)
-                dw = dw.view_as(weight)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum(0)
+                dw = torch.zeros_like(weight)
+                sddmm(p, dy, x, dense_out=dw)
         return dx, dw, db, None, None
 
 

@@ -122,31 +122,53 @@ void spmm_rows(const int64_t* crow, const int32_t* col, const float* val, const 
   }
 }
 
+// Adds sum over the tile's tokens of xt[i] to colsum[i] for i < in (padding tokens are 0).
+void add_col_sums(const float* xt, int64_t in, float* colsum) {
+  for (int64_t i = 0; i < in; ++i) {
+    const float* r = xt + i * TW;
+    colsum[i] += hsum8((load8(r) + load8(r + 8)) + (load8(r + 16) + load8(r + 24)));
+  }
+}
+
 }  // namespace
 
+// y = x W^T (+ bias); with xsum non-null also xsum[i] = sum over tokens of x[n, i] (the bias
+// gradient when x is dy: it costs a few adds per tile row here, a pass over x in torch).
 SC_EXPORT void sc_spmm(int64_t N, int64_t in, int64_t out, const int64_t* crow,
                        const int32_t* col, const float* val, const float* x, const float* bias,
-                       float* y, int threads) {
+                       float* y, float* xsum, int threads) {
   const int64_t ntiles = (N + TW - 1) / TW;
   if (ntiles >= threads || threads <= 1) {
+    // per-thread column sums, added in thread order: the result does not depend on timing
+    std::vector<float> sums(xsum ? static_cast<size_t>(threads) * in : 0, 0.0f);
 #pragma omp parallel num_threads(threads)
     {
       std::vector<float> xt(in * TW), yt(out * TW);
+      float* mine = xsum ? sums.data() + omp_get_thread_num_safe() * in : nullptr;
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < ntiles; ++t) {
         const int64_t t0 = t * TW, nt = std::min(TW, N - t0);
         load_tile(x, in, t0, nt, xt.data());
+        if (mine) add_col_sums(xt.data(), in, mine);
         spmm_rows(crow, col, val, bias, xt.data(), yt.data(), 0, out);
         store_tile(yt.data(), out, t0, nt, y);
       }
     }
+    if (xsum)
+      for (int64_t i = 0; i < in; ++i) {
+        float s = 0.0f;
+        for (int t = 0; t < threads; ++t) s += sums[static_cast<int64_t>(t) * in + i];
+        xsum[i] = s;
+      }
     return;
   }
   // Few tokens (decoding): one tile at a time, output rows split over the threads.
   std::vector<float> xt(in * TW), yt(out * TW);
+  if (xsum) std::memset(xsum, 0, sizeof(float) * in);
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t t0 = t * TW, nt = std::min(TW, N - t0);
     load_tile(x, in, t0, nt, xt.data());
+    if (xsum) add_col_sums(xt.data(), in, xsum);
 #pragma omp parallel num_threads(threads)
     {
       const int nth = omp_get_num_threads_safe(), me = omp_get_thread_num_safe();
@@ -158,9 +180,11 @@ SC_EXPORT void sc_spmm(int64_t N, int64_t in, int64_t out, const int64_t* crow,
   }
 }
 
+// The weight gradient on W's support: dval[j] for j < nnz, or, with `flat` non-null, written
+// at dval[flat[j]] (straight into a dense gradient, flat[j] the nonzero's flat index in W).
 SC_EXPORT void sc_sddmm(int64_t N, int64_t in, int64_t out, const int64_t* crow,
                         const int32_t* col, const float* dy, const float* x, float* dval,
-                        int threads) {
+                        const int64_t* flat, int threads) {
   const int64_t nnz = crow[out];
   const int64_t ntiles = (N + TW - 1) / TW;
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, ntiles)));
@@ -200,7 +224,7 @@ SC_EXPORT void sc_sddmm(int64_t N, int64_t in, int64_t out, const int64_t* crow,
   for (int64_t j = 0; j < nnz; ++j) {
     float s = 0.0f;
     for (int t = 0; t < threads; ++t) s += acc[static_cast<int64_t>(t) * nnz + j];
-    dval[j] = s;
+    dval[flat ? flat[j] : j] = s;
   }
 }
 
