@@ -18,6 +18,7 @@ from sparsecircuits.kernels import (
     topk_mask,
 )
 from sparsecircuits.kernels._lib import ENV, library_path
+from sparsecircuits.kernels.select import magnitude_keys
 
 BACKENDS = ["torch"] + (["cpp"] if library_path() is not None else [])
 
@@ -70,6 +71,48 @@ def test_abstopk_matches_the_stable_reference_fwd_and_bwd(seed, rows, n, kfrac, 
         assert torch.equal(xx.grad, torch.where(want_mask, gy, 0.0)), name
         outs.append(y)
     assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.sampled_from([9, 64, 257, 1024]),
+    kfrac=st.sampled_from([0.05, 0.25, 0.5]),
+    noise=st.sampled_from([0.0, 1e-3, 0.05, 0.3]),
+    quantize=st.booleans(),
+    special=st.sampled_from(["none", "sparse_rows", "nan_inf", "zero_rows", "scale_jumps"]),
+)
+def test_abstopk_over_many_similar_rows(seed, n, kfrac, noise, quantize, special) -> None:
+    """Rows drawn around one base row (how an activation tensor looks), where the kernel
+    reuses each row's threshold to bracket the next: ties at the threshold (quantized rows),
+    rows that jump scale, sparse, zero and NaN/inf rows in between, against the reference."""
+    g = torch.Generator().manual_seed(seed)
+    rows = 96
+    base = torch.randn(n, generator=g)
+    x = base[torch.stack([torch.randperm(n, generator=g) for _ in range(rows)])]
+    x = x * (1 + noise * torch.randn(rows, n, generator=g))
+    if quantize:
+        x = (x * 4).round() / 4
+    if special == "sparse_rows":
+        x[::3] *= torch.rand(n, generator=g) < 0.1
+    elif special == "nan_inf":
+        x[5, 0], x[6, 1], x[40, :3] = float("nan"), float("inf"), float("-inf")
+    elif special == "zero_rows":
+        x[10:20] = 0.0
+    elif special == "scale_jumps":
+        x[::7] *= 1e3
+        x[1::11] *= 1e-30
+    k = max(1, round(kfrac * n))
+    want_mask = reference_mask(magnitude_keys(x), k)
+    for name in BACKENDS:
+        _with_backend(name)
+        y = abstopk(x.clone().requires_grad_(True), k)
+        want = torch.where(want_mask, x, 0.0)
+        assert torch.equal(y.isnan(), want.isnan()), name
+        assert torch.equal(y.nan_to_num(), want.nan_to_num()), name
+        z = x.clone()
+        abstopk_(z, k)
+        assert torch.equal(z.nan_to_num(), y.detach().nan_to_num()), name
 
 
 @pytest.mark.parametrize("name", BACKENDS)

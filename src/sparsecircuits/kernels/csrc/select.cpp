@@ -3,8 +3,11 @@
 // Both find the k largest |x| exactly without sorting: |x| as a uint32 ("key") orders like
 // the float for non-negative values, so one 4096-bin histogram of the key's top 12 bits
 // (sign 0, 8 exponent bits, 3 mantissa bits) brackets the threshold, and an nth_element over
-// the few keys in the boundary bin pins it down. Ties at the threshold go to the lowest
-// index, so results are deterministic and equal to a stable top-k.
+// the few keys in the boundary bin pins it down. AbsTopK rows first try a cheaper route: the
+// previous row's threshold brackets this row's, one vector pass counts the keys above the
+// bracket and gathers those inside it, and the count proves (or refutes) the bracket. Ties
+// at the threshold go to the lowest index, so results are deterministic and equal to a
+// stable top-k, whichever route a row takes.
 //
 // Plain C ABI (called through ctypes with tensor data pointers): no torch headers, so the
 // library builds in seconds with any C++ compiler and needs no torch at build time.
@@ -147,9 +150,10 @@ int64_t count_nonzero(const uint32_t* keys, int64_t n) {
 }
 
 // mask[i] = 1 for the kept entries under `cut` (ties: lowest index first), and
-// y[i] = x[i] there, 0 elsewhere (mask, or x and y, may be null).
+// y[i] = x[i] there, 0 elsewhere (mask, or x and y, may be null; keys null: from x).
 inline void apply_cut(const float* x, const uint32_t* keys, int64_t n, Cut cut, uint8_t* mask,
                       float* y) {
+  auto key = [&](int64_t i) { return keys ? keys[i] : sc_simd::key_of(x[i]); };
   if (cut.T < 0) {
     if (mask) std::memset(mask, 1, n);
     if (y) std::memcpy(y, x, sizeof(float) * n);
@@ -160,7 +164,7 @@ inline void apply_cut(const float* x, const uint32_t* keys, int64_t n, Cut cut, 
     std::vector<std::pair<int64_t, float>> ties;
     int64_t need = cut.need;
     for (int64_t i = 0; i < n && need > 0; ++i)
-      if (keys[i] == t) {
+      if (key(i) == t) {
         ties.emplace_back(i, x[i]);
         --need;
       }
@@ -174,12 +178,95 @@ inline void apply_cut(const float* x, const uint32_t* keys, int64_t n, Cut cut, 
   keep_above(x, keys, n, t, mask, y);
   int64_t need = cut.need;
   for (int64_t i = 0; i < n && need > 0; ++i) {
-    if (keys[i] == t) {
+    if (key(i) == t) {
       if (mask) mask[i] = 1;
       if (y) y[i] = x[i];  // in place with t == 0: the kept ties are zeros, y[i] is already 0
       --need;
     }
   }
+}
+
+// The previous row's threshold as a guess for the next (rows of one activation tensor have
+// similar magnitude distributions): a bracket of relative half-width `rel` around it, widened
+// after a miss and narrowed slowly after each hit.
+struct Guess {
+  uint32_t T = 0;  // 0: no guess yet
+  float rel = 0.05f;
+};
+
+inline uint32_t scaled_key(uint32_t key, float f) {
+  float v;
+  std::memcpy(&v, &key, 4);
+  return sc_simd::key_of(v * f);
+}
+
+// The kk-th largest of band[0..m) (1 <= kk <= m), keys in (lo, hi]: a histogram of at most
+// 64 bins linear in the key over (lo, hi], then a rank among the boundary bin's keys.
+uint32_t kth_in_band(const uint32_t* band, int64_t m, int64_t kk, uint32_t lo, uint32_t hi,
+                     std::vector<uint32_t>& tmp) {
+  if (m <= 16) return kth_by_rank(band, m, kk);
+  int sh = 0;  // keys lo+1..hi -> bins 0..63 by a shift (a division per key costs more)
+  while (((hi - lo - 1) >> sh) >= 64) ++sh;
+  auto bin = [&](uint32_t key) { return static_cast<int64_t>((key - lo - 1) >> sh); };
+  uint32_t h[64] = {0};
+  for (int64_t j = 0; j < m; ++j) h[bin(band[j])]++;
+  int64_t acc = 0, b = 63;
+  for (; b > 0; --b) {
+    if (acc + h[b] >= kk) break;
+    acc += h[b];
+  }
+  tmp.resize(m + 8);
+  int64_t c = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    tmp[c] = band[j];
+    c += bin(band[j]) == b;
+  }
+  kk -= acc;
+  if (c <= RANK_BELOW) return kth_by_rank(tmp.data(), c, kk);
+  std::nth_element(tmp.begin(), tmp.begin() + (kk - 1), tmp.begin() + c,
+                   std::greater<uint32_t>());
+  return tmp[kk - 1];
+}
+
+// The cut for the k largest |x| of a row (0 < k < n) from a bracket around g.T: one counting
+// pass and a selection among the band's keys, instead of keys, a histogram and a bin. Returns
+// false (the caller selects the usual way) when the k-th largest key is not in the bracket.
+// Exact either way: the counts prove the bracket.
+bool bracket_cut(const float* x, int64_t n, int64_t k, Guess& g, std::vector<uint32_t>& band,
+                 std::vector<uint32_t>& tmp, Cut* cut) {
+  if (g.T == 0 || !(g.rel > 0.0f)) return false;
+  const uint32_t lo = scaled_key(g.T, 1.0f - g.rel), hi = scaled_key(g.T, 1.0f + g.rel);
+  if (!(lo < g.T && g.T < hi) || hi >= 0x7f800000u) return false;  // inf/NaN: no bracket
+  band.resize(n + 8);
+  int64_t above, nz;
+  const int64_t m = sc_simd::bracket(x, n, lo, hi, band.data(), &above, &nz);
+  if (nz <= k) {  // at most k nonzeros: all of them and the first zeros
+    *cut = Cut{0, k - nz};
+    return true;
+  }
+  if (above >= k || above + m < k) {  // the threshold lies outside: widen the next bracket
+    g.rel = std::min(0.5f, g.rel * 1.5f);
+    return false;
+  }
+  // Misses cost a pass; wide bands cost little (a histogram over the band), so the bracket
+  // shrinks slowly after each hit: about one row in fifteen misses.
+  g.rel *= 0.97f;
+  const int64_t kk = k - above;
+  const uint32_t T = kth_in_band(band.data(), m, kk, lo, hi, tmp);
+  int64_t gt = 0, eq = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    gt += band[j] > T;
+    eq += band[j] == T;
+  }
+  *cut = eq == kk - gt ? Cut{static_cast<int64_t>(T) - 1, 0}
+                       : Cut{static_cast<int64_t>(T), kk - gt};
+  g.T = T;
+  return true;
+}
+
+// The k-th largest key under a cut (what the next row's bracket is centred on).
+inline uint32_t cut_key(Cut c) {
+  return static_cast<uint32_t>(c.need > 0 ? c.T : c.T + 1);
 }
 
 }  // namespace
@@ -198,17 +285,23 @@ SC_EXPORT void sc_abstopk(const float* x, int64_t ld, float* y, int64_t ldy, uin
 #pragma omp parallel num_threads(threads)
   {
     std::vector<uint32_t> keys(n), hist(4 * BINS, 0), cand, tmp;
+    Guess guess;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* xr = x + r * ld;
-      const auto [mn, mx] = make_keys(xr, n, keys.data());
       Cut cut{-1, 0};
+      if (k < n && bracket_cut(xr, n, k, guess, cand, tmp, &cut)) {
+        apply_cut(xr, nullptr, n, cut, mask ? mask + r * n : nullptr, y + r * ldy);
+        continue;
+      }
+      const auto [mn, mx] = make_keys(xr, n, keys.data());
       if (k < n) {
         // Rows with at most k nonzeros (q, k, v of a weight-sparse model are mostly exact
         // zeros): keep every nonzero and the first zeros, without a selection.
         const int64_t nz = mn == 0 ? count_nonzero(keys.data(), n) : n;
         cut = nz <= k ? Cut{0, k - nz}
                       : select_cut(keys.data(), n, k, mn, mx, hist.data(), cand, tmp);
+        if (nz > k) guess.T = cut_key(cut);
       }
       apply_cut(xr, keys.data(), n, cut, mask ? mask + r * n : nullptr, y + r * ldy);
     }

@@ -100,7 +100,53 @@ inline int64_t gather_bin(const uint32_t* keys, int64_t n, int shift, uint32_t v
   return m;
 }
 
-// mask[i] = keys[i] > t; y[i] = mask[i] ? x[i] : 0 (mask or y may be null).
+// One pass over a row of x (keys computed on the fly) for a guessed bracket lo < hi of the
+// threshold key: *above = #(key > hi), *nz = #(key > 0), and band[0..m) = the keys with
+// lo < key <= hi in index order; returns m. `band` must hold n + 8 entries.
+inline int64_t bracket(const float* x, int64_t n, uint32_t lo, uint32_t hi, uint32_t* band,
+                       int64_t* above, int64_t* nz) {
+  int64_t m = 0, i = 0, a = 0, z = 0;
+#if defined(__AVX2__)
+  const Tables& t = tables();
+  // keys are < 2^31, so signed compares order them
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff), zero = _mm256_setzero_si256();
+  const __m256i vlo = _mm256_set1_epi32(static_cast<int>(lo));
+  const __m256i vhi = _mm256_set1_epi32(static_cast<int>(hi));
+  __m256i ca = zero, cz = zero;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i k = _mm256_and_si256(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), absmask);
+    const __m256i gh = _mm256_cmpgt_epi32(k, vhi);
+    const __m256i in = _mm256_andnot_si256(gh, _mm256_cmpgt_epi32(k, vlo));
+    ca = _mm256_sub_epi32(ca, gh);
+    cz = _mm256_sub_epi32(cz, _mm256_cmpgt_epi32(k, zero));
+    const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(in));
+    const __m256i p = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.perm[bits]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(band + m), _mm256_permutevar8x32_epi32(k, p));
+    m += __builtin_popcount(static_cast<unsigned>(bits));
+  }
+  alignas(32) int32_t va[8], vz[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(va), ca);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(vz), cz);
+  for (int l = 0; l < 8; ++l) {
+    a += va[l];
+    z += vz[l];
+  }
+#endif
+  for (; i < n; ++i) {
+    const uint32_t k = key_of(x[i]);
+    a += k > hi;
+    z += k > 0;
+    band[m] = k;
+    m += k > lo && k <= hi;
+  }
+  *above = a;
+  *nz = z;
+  return m;
+}
+
+// mask[i] = keys[i] > t; y[i] = mask[i] ? x[i] : 0 (mask or y may be null; keys null: taken
+// from x on the fly).
 inline void keep_above(const float* x, const uint32_t* keys, int64_t n, uint32_t t,
                        uint8_t* mask, float* y) {
   int64_t i = 0;
@@ -109,7 +155,10 @@ inline void keep_above(const float* x, const uint32_t* keys, int64_t n, uint32_t
   const __m256i bias = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   const __m256i tt = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(t)), bias);
   for (; i + 8 <= n; i += 8) {
-    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i));
+    const __m256i k =
+        keys ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i))
+             : _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)),
+                                _mm256_set1_epi32(0x7fffffff));
     // unsigned k > t via signed compare of both with the sign bit flipped
     const __m256i gt = _mm256_cmpgt_epi32(_mm256_xor_si256(k, bias), tt);
     const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(gt));
@@ -121,7 +170,7 @@ inline void keep_above(const float* x, const uint32_t* keys, int64_t n, uint32_t
   }
 #endif
   for (; i < n; ++i) {
-    const bool keep = keys[i] > t;
+    const bool keep = (keys ? keys[i] : key_of(x[i])) > t;
     if (mask) mask[i] = keep;
     if (y) y[i] = keep ? x[i] : 0.0f;
   }
