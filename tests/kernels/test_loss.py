@@ -45,6 +45,31 @@ def test_matches_torch_in_loss_and_gradient(seed, rows, vocab, scale, ignored) -
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_gradient_for_unit_upstream_and_repeated_backwards(name: str) -> None:
+    """The gradient the forward prepares (upstream 1) is right, is handed out once, and a
+    second backward through a retained graph recomputes it instead of reusing a buffer the
+    first caller may have modified."""
+    os.environ[ENV] = name
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(33, 70, generator=g) * 4
+    t = torch.randint(0, 70, (33,), generator=g)
+    t[5] = -1
+    ref = x.double().requires_grad_(True)
+    F.cross_entropy(ref, t, ignore_index=-1).backward()
+    xx = x.clone().requires_grad_(True)
+    loss = cross_entropy(xx, t)
+    loss.backward(retain_graph=True)
+    first = xx.grad.clone()
+    torch.testing.assert_close(first.double(), ref.grad, rtol=1e-5, atol=1e-7)
+    xx.grad.mul_(100.0)  # a caller scribbling on the gradient it was given
+    xx.grad = None
+    loss.backward()
+    torch.testing.assert_close(xx.grad, first, rtol=1e-6, atol=1e-8)
+    with torch.no_grad():  # no gradient wanted: nothing prepared
+        assert torch.isclose(cross_entropy(x, t), loss.detach())
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_all_ignored_gives_nan_and_bad_targets_are_refused(name: str) -> None:
     os.environ[ENV] = name
     x = torch.randn(3, 5)

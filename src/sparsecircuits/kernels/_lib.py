@@ -52,8 +52,8 @@ _SIGNATURES: dict[str, list] = {
     "sc_mask_grad": [_f32p, _i64, _f32p, _f32p, _i64, _i64, _i32],
     # x, gy, ld, mask, gx, rows, n, threads
     "sc_gelu_topk_grad": [_f32p, _f32p, _i64, _f32p, _f32p, _i64, _i64, _i32],
-    # logits, targets, rows, n, lse, loss, threads
-    "sc_ce_fwd": [_f32p, _f32p, _i64, _i64, _f32p, _f32p, _i32],
+    # logits, targets, rows, n, lse, loss, grad (or null), scale, threads
+    "sc_ce_fwd": [_f32p, _f32p, _i64, _i64, _f32p, _f32p, _f32p, ctypes.c_float, _i32],
     # logits, targets, lse, rows, n, scale, grad, threads
     "sc_ce_bwd": [_f32p, _f32p, _f32p, _i64, _i64, ctypes.c_float, _f32p, _i32],
     # logits, out, bias, table, idx, rows, n, threads

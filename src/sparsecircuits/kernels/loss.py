@@ -1,7 +1,8 @@
 """The last steps of the forward, fused: the logit tables' additions and the loss.
 
-Next-token cross-entropy in two passes over the logits (forward: max and sum of exp per
-row; backward: the softmax minus the one-hot, written once). torch's version writes the
+Next-token cross-entropy reading the logits once per step: per row, the max, then the
+exponentials summed and (in training) stored as the gradient's row and rescaled while in
+cache, so the backward has nothing left to compute. torch's version writes the
 log-softmax, zero-fills a gradient buffer and reads both back: at a 2,048-token vocabulary
 and 4,096 tokens per step those passes cost as much as a sparse layer."""
 
@@ -17,23 +18,33 @@ from sparsecircuits.kernels._lib import lib
 
 
 class _CrossEntropy(torch.autograd.Function):
+    """The forward also writes the gradient for an upstream gradient of 1 when the logits
+    need one (the training step's ``loss.backward()``): the backward then hands it out
+    (scaled if the upstream gradient is not 1) instead of reading the logits again."""
+
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         n_rows, n = logits.shape
         lse = torch.empty(n_rows)
         loss = torch.empty(n_rows)
+        counted = int((targets >= 0).sum())
+        scale = 1.0 / counted if counted else float("nan")
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         lib().sc_ce_fwd(
             logits.data_ptr(), targets.data_ptr(), n_rows, n, lse.data_ptr(), loss.data_ptr(),
+            None if grad is None else grad.data_ptr(), ctypes.c_float(scale),
             torch.get_num_threads(),
         )  # fmt: skip
-        counted = int((targets >= 0).sum())
         ctx.save_for_backward(logits, targets, lse)
-        ctx.counted = counted
+        ctx.counted, ctx.grad = counted, grad
         # mean over counted rows; no counted row gives NaN, as F.cross_entropy does
         return loss.double().sum().float() / counted if counted else loss.sum() / 0.0
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        grad, ctx.grad = ctx.grad, None  # handed out once; a second backward recomputes it
+        if grad is not None:
+            return (grad if float(g) == 1.0 else grad.mul_(float(g))), None
         logits, targets, lse = ctx.saved_tensors
         n_rows, n = logits.shape
         grad = torch.empty_like(logits)
