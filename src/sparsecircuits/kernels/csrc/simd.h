@@ -1,4 +1,5 @@
-// Vector helpers of the selection kernels: an AVX2 path and a portable scalar one.
+// Vector helpers of the selection, product and attention kernels: an AVX2 path and a portable
+// scalar one.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -17,6 +18,26 @@ inline uint32_t key_of(float v) {
 }
 
 #if defined(__AVX2__)
+// r[0..8) rows -> columns (the usual unpack / shuffle / lane-permute sequence).
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
 // Shuffle indices that move the set lanes of an 8-bit mask to the front (stream compaction),
 // and byte masks that spread 8 bits over 8 bytes.
 struct Tables {
@@ -42,6 +63,48 @@ inline const Tables& tables() {
   return t;
 }
 #endif
+
+// dst[c * ds + r] = src[r * ss + c] for an 8 x 8 block (row strides ss, ds in floats).
+inline void transpose8x8(const float* src, int64_t ss, float* dst, int64_t ds) {
+#if defined(__AVX2__)
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ss);
+  transpose8(r);
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * ds, r[i]);
+#else
+  for (int i = 0; i < 8; ++i)
+    for (int c = 0; c < 8; ++c) dst[c * ds + i] = src[i * ss + c];
+#endif
+}
+
+// The nonzero entries of x[0..n) (n a multiple of 8), scaled: val[m] = x[i] * scale and
+// idx[m] = i in index order; returns m. val and idx must hold n entries.
+inline int compress_nonzero(const float* x, int n, float scale, float* val, int* idx) {
+  int m = 0;
+#if defined(__AVX2__)
+  const Tables& t = tables();
+  for (int i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const int bits = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    const __m256i p = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.perm[bits]));
+    const __m256i lanes = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm256_set1_epi32(i));
+    const __m256 vs = _mm256_mul_ps(v, _mm256_set1_ps(scale));
+    // m + 8 <= n holds at every store: m counts the nonzeros before i, at most i
+    _mm256_storeu_ps(val + m, _mm256_permutevar8x32_ps(vs, p));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + m),
+                        _mm256_permutevar8x32_epi32(lanes, p));
+    m += __builtin_popcount(static_cast<unsigned>(bits));
+  }
+#else
+  for (int i = 0; i < n; ++i) {
+    idx[m] = i;
+    val[m] = x[i] * scale;
+    m += x[i] != 0.0f;
+  }
+#endif
+  return m;
+}
 
 // keys[i] = |x[i]| as uint32 (ordered like |x|); returns (min key, max key).
 inline std::pair<uint32_t, uint32_t> make_keys(const float* x, int64_t n, uint32_t* keys) {

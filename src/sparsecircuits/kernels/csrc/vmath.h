@@ -33,8 +33,9 @@ static inline v8f exp8(v8f x) {
 // integer n, then 2^f for f = x - n in [-1/2, 1/2] by its degree-6 Taylor polynomial
 // (relative error < 2e-8) and 2^n from the exponent bits. Cheaper than exp8: no Cody-Waite
 // split and one clamp. Below -126 it returns ~2^-126; callers zero masked lanes explicitly.
+// NaN stays NaN (a score from an infinite or NaN input poisons its row, as in torch).
 static inline v8f exp2_neg8(v8f x) {
-  x = x > splat(-126.0f) ? x : splat(-126.0f);
+  x = x < splat(-126.0f) ? splat(-126.0f) : x;
   const v8f magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const v8f t = x + magic;
   const v8f f = x - (t - magic);
