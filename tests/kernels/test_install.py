@@ -47,3 +47,22 @@ def test_without_the_library_everything_uses_the_fallback(monkeypatch) -> None:
             _lib.lib()
     finally:
         _lib._load.cache_clear()
+
+
+def test_a_stale_or_foreign_library_is_refused_with_a_reason(monkeypatch, tmp_path) -> None:
+    """A library without this package's symbols (built from older sources, or not ours at
+    all) is not used: the fallback runs, and forcing cpp names the file and the reason."""
+    import ctypes.util
+
+    libm = ctypes.util.find_library("m")
+    if libm is None:
+        pytest.skip("no libm to stand in for a foreign library")
+    monkeypatch.setattr(_lib, "library_path", lambda: Path(libm))
+    _lib._load.cache_clear()
+    try:
+        assert _lib.backend() == "torch"
+        monkeypatch.setenv(_lib.ENV, "cpp")
+        with pytest.raises(Exception, match="no sc_isa"):
+            _lib.lib()
+    finally:
+        _lib._load.cache_clear()

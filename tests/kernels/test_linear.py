@@ -158,3 +158,20 @@ def test_mixed_dtypes_inference_tensors_and_cpu_autocast_stay_correct(monkeypatc
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = sparse_linear(x, w, None, LinearKernelState())
     assert y.dtype == torch.bfloat16  # autocast's own F.linear, not the float32 kernels
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_support_gradient_of_a_transposed_weight(name: str) -> None:
+    """A non-contiguous weight (a transposed view) in support mode: the gradient buffer is
+    contiguous whatever the weight's strides, on both backends."""
+    os.environ[ENV] = name
+    g = torch.Generator().manual_seed(4)
+    wp = torch.randn(40, 24, generator=g) * (torch.rand(40, 24, generator=g) < 0.1)
+    w = wp.t().requires_grad_(True)  # (24, 40), strides (1, 24)
+    x = torch.randn(7, 40, generator=g)
+    state = LinearKernelState(grad_mode="support")
+    sparse_linear(x, w, None, state).sum().backward()
+    assert state.used_sparse
+    want = (torch.ones(7, 24).t() @ x) * (wp.t() != 0)
+    assert_close(w.grad, want)
+    os.environ.pop(ENV, None)

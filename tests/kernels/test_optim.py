@@ -33,9 +33,22 @@ def test_sumsq_matches_float64(seed, shape, density) -> None:
         assert part == pytest.approx(float(x.double()[mask].pow(2).sum()), rel=1e-12, abs=1e-12)
 
 
-def test_sumsq_refuses_a_narrow_index() -> None:
+def test_sumsq_refuses_a_narrow_index_and_reads_strided_indices() -> None:
     with pytest.raises(TypeError, match="int64"):
         sumsq(torch.ones(4), torch.tensor([0, 1], dtype=torch.int32))
+    g = torch.randn(300_000, generator=torch.Generator().manual_seed(0))
+    idx = torch.arange(300_000).repeat_interleave(2)[::2]  # a strided view of 0, 1, 2, ...
+    for name in BACKENDS:
+        os.environ[ENV] = name
+        for _ in range(3):  # the compiled path must keep its contiguous copy alive
+            assert sumsq(g, idx) == pytest.approx(float(g.double().pow(2).sum()), rel=1e-12)
+
+
+def test_adamw_at_refuses_a_mask_for_an_index() -> None:
+    w = torch.zeros(5)
+    with pytest.raises(TypeError, match="int64"):
+        adamw_at_(w, w.clone(), w.clone(), w.clone(), torch.ones(5, dtype=torch.bool), step=1,
+                  lr=0.1, weight_decay=0.0, beta1=0.9, beta2=0.95, eps=1e-8)  # fmt: skip
 
 
 @settings(max_examples=25, deadline=None)

@@ -105,12 +105,17 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return None, f"{path}: cannot load ({e})"
+    if not hasattr(lib, "sc_isa"):
+        return None, f"{path} is not a sparsecircuits kernel library (no sc_isa)"
     lib.sc_isa.restype = ctypes.c_char_p
     isa = lib.sc_isa().decode()
     if isa == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
         return None, f"{path} needs AVX2+FMA, which this CPU lacks"
     for name, args in _SIGNATURES.items():
-        fn = getattr(lib, name)
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:  # a library built from older sources than this package
+            return None, f"{path} has no {name}: rebuild it (reinstall the package)"
         fn.argtypes = args
         fn.restype = _RESTYPES.get(name)
     return lib, ""

@@ -94,7 +94,9 @@ def sddmm(
     dval = torch.cat(parts) if parts else x.new_zeros(0)
     if dense_out is None:
         return dval
-    dense_out.view(-1)[pattern.flat] = dval
+    if not dense_out.is_contiguous():
+        raise ValueError("sddmm: dense_out must be contiguous (it is written by flat index)")
+    dense_out.view(-1)[pattern.flat.to(dense_out.device)] = dval
     return dense_out
 
 
@@ -123,7 +125,8 @@ class _SparseLinear(torch.autograd.Function):
             if ctx.grad_mode == "dense":
                 dw = dy.t().mm(x)
             else:
-                dw = torch.zeros_like(weight)
+                # contiguous whatever the weight's strides: sddmm writes it by flat index
+                dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
                 sddmm(p, dy, x, dense_out=dw)
         return dx, dw, db, None, None
 

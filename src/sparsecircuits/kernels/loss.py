@@ -20,7 +20,8 @@ from sparsecircuits.kernels._lib import lib
 class _CrossEntropy(torch.autograd.Function):
     """The forward also writes the gradient for an upstream gradient of 1 when the logits
     need one (the training step's ``loss.backward()``): the backward then hands it out
-    (scaled if the upstream gradient is not 1) instead of reading the logits again."""
+    (scaled if the upstream gradient is not 1) instead of reading the logits again. That
+    buffer (the logits' size) lives as long as the graph does, backward or not."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

@@ -32,8 +32,9 @@ def sumsq(g: torch.Tensor, index: torch.Tensor | None = None) -> float:
     if index is not None and index.dtype != torch.int64:
         raise TypeError(f"sumsq: index must be int64, got {index.dtype}")
     if _cpp(g) and (index is None or index.device.type == "cpu"):
+        index = None if index is None else index.contiguous()  # held while the kernel reads it
         n = g.numel() if index is None else index.numel()
-        ptr = 0 if index is None else index.contiguous().data_ptr()
+        ptr = 0 if index is None else index.data_ptr()
         return float(lib().sc_sumsq(n, ptr, g.data_ptr(), torch.get_num_threads()))
     flat = g.reshape(-1) if index is None else g.reshape(-1)[index]
     wide = torch.float32 if flat.device.type == "mps" else torch.float64  # MPS has no float64
@@ -59,10 +60,12 @@ def adamw_at_(
     """One AdamW step (``step`` counts from 1) on the entries at flat ``index`` of ``w`` and
     its moments, in place, with the gradient ``grad * grad_scale``; torch's single-tensor
     AdamW arithmetic, entries outside ``index`` untouched."""
+    if index.dtype != torch.int64:  # a bool mask would silently become indices 0 and 1
+        raise TypeError(f"adamw_at_: index must be int64 flat indices, got {index.dtype}")
     step_size = lr / (1 - beta1**step)
     bc2_sqrt = math.sqrt(1 - beta2**step)
     if _cpp(w, exp_avg, exp_avg_sq, grad) and index.device.type == "cpu":
-        index = index.to(torch.int64).contiguous()
+        index = index.contiguous()
         hp = (ctypes.c_float * 8)(
             grad_scale, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, step_size,
             bc2_sqrt, eps,

@@ -107,6 +107,7 @@ class WeightSparsity:
         self.min_per_neuron = min_per_neuron
         self.masks: dict[str, torch.Tensor] = {}  # kept supports of the last projection
         self.index: dict[str, torch.Tensor] = {}  # their flat indices (support_index)
+        self._index_of: dict[str, torch.Tensor] | None = None  # the masks `index` was made from
         # Per parameter, the share of its squared gradient on its support at the last
         # regrowth step (the fast mode estimates the full gradient RMS with it in between).
         self.grad_shares: dict[str, float] = {}
@@ -137,8 +138,9 @@ class WeightSparsity:
     def support_index(self) -> dict[str, torch.Tensor]:
         """``{name: flat int64 indices of its support}`` for the supports of the last
         projection (computed once per projection)."""
-        if len(self.index) != len(self.masks):
+        if self._index_of is not self.masks:  # a new projection (or adopted supports)
             self.index = {n: kernels.support_index(m) for n, m in self.masks.items()}
+            self._index_of = self.masks
         return self.index
 
     def support_sizes(self) -> dict[int, int]:

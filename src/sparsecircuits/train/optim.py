@@ -43,8 +43,10 @@ def grad_rms_scale(
     if not grads:
         return 0.0, 1.0
     n = sum(g.numel() for g in grads)
-    if sq is None:
+    if sq is None and all(g.device.type == "cpu" for g in grads):
         sq = sum(_sq(g) for g in grads)
+    elif sq is None:  # one device sync for all of them
+        sq = float(torch.stack([g.float().pow(2).sum() for g in grads]).sum())
     rms = math.sqrt(sq / n)
     if cfg.grad_rms_mode == "none" or rms == 0.0:
         return rms, 1.0

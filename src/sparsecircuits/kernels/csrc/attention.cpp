@@ -256,10 +256,13 @@ float bwd_head(int64_t T, Head q, Head k, Head v, Head y, Head dy, const float* 
         }
       }
       for (int c = 0; c < 4; ++c) {
-        v8f p = exp2_neg8(a[c] - lsev);
-        if (j + c >= i0) p = LANE >= splat(static_cast<float>(j + c - i0)) ? p : v8f{};
-        store8(pb + (j + c) * 8, p);
-        store8(dsb + (j + c) * 8, p * (b[c] - delta));
+        // lanes that are a query of the tile seeing key j + c; the others are zeroed by a
+        // select, not a product, so that a NaN score there (0 * inf) reaches no gradient
+        v8u seen = (v8u)(LANE < splat(static_cast<float>(nq)));
+        if (j + c >= i0) seen &= (v8u)(LANE >= splat(static_cast<float>(j + c - i0)));
+        const v8f p = exp2_neg8(a[c] - lsev);
+        store8(pb + (j + c) * 8, (v8f)((v8u)p & seen));
+        store8(dsb + (j + c) * 8, (v8f)((v8u)(p * (b[c] - delta)) & seen));
       }
     }
     for (int g = 0; g < nq; g += QG) {

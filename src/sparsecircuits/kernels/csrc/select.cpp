@@ -236,7 +236,11 @@ bool bracket_cut(const float* x, int64_t n, int64_t k, Guess& g, std::vector<uin
                  std::vector<uint32_t>& tmp, Cut* cut) {
   if (g.T == 0 || !(g.rel > 0.0f)) return false;
   const uint32_t lo = scaled_key(g.T, 1.0f - g.rel), hi = scaled_key(g.T, 1.0f + g.rel);
-  if (!(lo < g.T && g.T < hi) || hi >= 0x7f800000u) return false;  // inf/NaN: no bracket
+  if (hi >= 0x7f800000u) return false;  // near inf/NaN: no bracket
+  if (!(lo < g.T && g.T < hi)) {        // narrower than an ulp (denormals): widen it
+    g.rel = std::min(0.5f, g.rel * 2.0f);
+    return false;
+  }
   band.resize(n + 8);
   int64_t above, nz;
   const int64_t m = sc_simd::bracket(x, n, lo, hi, band.data(), &above, &nz);
@@ -250,7 +254,7 @@ bool bracket_cut(const float* x, int64_t n, int64_t k, Guess& g, std::vector<uin
   }
   // Misses cost a pass; wide bands cost little (a histogram over the band), so the bracket
   // shrinks slowly after each hit: about one row in fifteen misses.
-  g.rel *= 0.97f;
+  g.rel = std::max(1e-6f, g.rel * 0.97f);  // identical rows would shrink it below an ulp
   const int64_t kk = k - above;
   const uint32_t T = kth_in_band(band.data(), m, kk, lo, hi, tmp);
   int64_t gt = 0, eq = 0;
