@@ -59,6 +59,17 @@ bool transpose_keys(int64_t T, Head k, float* kt, int64_t Tp) {
   return true;
 }
 
+// K transposed on first use (a head whose query tiles all take the dense path never needs it),
+// and whether the sparse scores may be used with it (every key finite).
+template <int D>
+struct LazyKeys {
+  int state = -1;  // -1: not built yet; 0: some key is not finite; 1: built and finite
+  bool usable(int64_t T, Head k, float* kt, int64_t Tp) {
+    if (state < 0) state = transpose_keys<D>(T, k, kt, Tp) ? 1 : 0;
+    return state == 1;
+  }
+};
+
 // The nonzero channels of the tile's queries (scaled), per query: the queries are AbsTopK
 // outputs, so a quarter of a head's channels or fewer are usually nonzero. Returns the total.
 template <int D>
@@ -119,7 +130,7 @@ void fwd_head(int64_t T, Head q, Head k, Head v, float sink, bool has_sink, floa
   }
   std::memset(kl + T * D, 0, sizeof(float) * (T4 - T) * D);
   const int64_t Tp = (T + 63) & ~int64_t{63};
-  const bool finite_k = transpose_keys<D>(T, k, kt, Tp);
+  LazyKeys<D> keys;
   const v8f ninf = splat(-INFINITY);
   const float scale2 = scale * LOG2E, sink2 = sink * LOG2E;  // scores in log2 units: 2^x
   alignas(32) float qt[D * 8];
@@ -127,7 +138,8 @@ void fwd_head(int64_t T, Head q, Head k, Head v, float sink, bool has_sink, floa
   for (int64_t i0 = 0; i0 < T; i0 += 8) {
     const int64_t nq = T - i0 < 8 ? T - i0 : 8;
     const int64_t nk = i0 + nq;  // keys 0..nk-1 are visible to some query of the tile
-    if (finite_k && SparseTile<D>::pays(sparse.gather(q, i0, nq, scale2), nq)) {
+    if (SparseTile<D>::pays(sparse.gather(q, i0, nq, scale2), nq) &&
+        keys.usable(T, k, kt, Tp)) {
       sparse.scores(nk, kt, Tp, rows, st);
     } else {
       for (int d = 0; d < D; ++d)
@@ -202,7 +214,7 @@ float bwd_head(int64_t T, Head q, Head k, Head v, Head y, Head dy, const float* 
   std::memset(dkl, 0, sizeof(float) * T4 * D);
   std::memset(dvl, 0, sizeof(float) * T4 * D);
   const int64_t Tp = (T + 63) & ~int64_t{63};
-  const bool finite_k = transpose_keys<D>(T, k, kt, Tp);
+  LazyKeys<D> keys;
   alignas(32) float qt[D * 8], gt[D * 8], qr[8 * D], gr[8 * D];
   SparseTile<D> sparse;
   float dsink = 0.0f;
@@ -233,8 +245,9 @@ float bwd_head(int64_t T, Head q, Head k, Head v, Head y, Head dy, const float* 
     }
     for (int d = 0; d < D * 8; d += 8) store8(qt + d, load8(qt + d) * LOG2E);
     // S from the queries' nonzero channels when they are sparse (see SparseTile), into pb
-    const bool sparse_s =
-        finite_k && SparseTile<D>::pays(sparse.gather(q, i0, nq, scale * LOG2E), nq);
+    // (from the rows just copied to qr, already scaled: q is read once per tile)
+    const bool sparse_s = SparseTile<D>::pays(sparse.gather(Head{qr, D}, 0, nq, LOG2E), nq) &&
+                          keys.usable(T, k, kt, Tp);
     if (sparse_s) sparse.scores(nk, kt, Tp, rows, pb);
     for (int64_t j = 0; j < nk; j += 4) {
       v8f a[4] = {}, b[4] = {};
