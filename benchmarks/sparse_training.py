@@ -12,8 +12,9 @@ on random tokens. Variants, timed round-robin (medians):
 - ``ours exact``: the CSR kernels below the measured crossover, fast AbsTopK and projection,
   dense weight gradients every step (the paper's exact top-k training);
 - ``ours fast``: the same with support-only weight gradients and AdamW on the supports, a
-  regrowth step every 10 steps (timed as 1 regrowth + 9 support steps): the trainer's
-  ``weight_grad: fast`` path, on its own copy of the model.
+  regrowth step every ``regrow_every`` steps (10: timed as 1 regrowth + 9 support steps) at
+  the default ``regrow_precision``: the trainer's ``weight_grad: fast`` path, on its own copy
+  of the model.
 
     python benchmarks/sparse_training.py [--widths 256,1024] [--rounds 3] [--inference]
 """
@@ -43,11 +44,12 @@ from sparsecircuits.model import (  # noqa: E402
     WeightSparsity,
     sparse_parameter_names,
 )
-from sparsecircuits.train.config import OptimConfig  # noqa: E402
+from sparsecircuits.train.config import OptimConfig, SparsityConfig  # noqa: E402
 from sparsecircuits.train.optim import build_optimizer  # noqa: E402
 from sparsecircuits.train.support_adamw import SupportAdamW  # noqa: E402
 from sparsecircuits.train.trainer import train_step  # noqa: E402
 
+SPARSITY = SparsityConfig()  # the trainer's defaults: regrowth interval and precision
 L0S = {"1": 1.0, "1/16": 1 / 16, "1/64": 1 / 64, "1/256": 1 / 256}
 _FAST_ABSTOPK = layers.abstopk
 _FAST_ABSTOPK_ = layers.abstopk_
@@ -120,7 +122,8 @@ class Run:
     def step(self, mode: str = "exact") -> None:
         x, y = self.xy[:, :-1], self.xy[:, 1:]
         kw = dict(lr=1e-3, frac=self.frac, optim=OptimConfig(), support_opt=self.support_opt)
-        train_step(self.model, self.opt, self.sp, x, y, mode=mode, **kw)
+        regrow = SPARSITY.regrow_precision  # the trainer's default
+        train_step(self.model, self.opt, self.sp, x, y, mode=mode, regrow_precision=regrow, **kw)
 
 
 def _timed(fn: Callable[[], None]) -> float:
@@ -142,7 +145,8 @@ def training(width: int, rounds: int, batch: int) -> list[dict]:
 
             def fast(run=fast_run) -> float:
                 t = _timed(lambda: run.step("regrow"))
-                return (t + sum(_timed(lambda: run.step("support")) for _ in range(9))) / 10
+                R = SPARSITY.regrow_every
+                return (t + sum(_timed(lambda: run.step("support")) for _ in range(R - 1))) / R
 
             variants["ours fast"] = fast
         for name, fn in variants.items():  # warm-up (crossover measurement, first touch)

@@ -49,6 +49,7 @@ def instrument() -> None:
     functions = [
         (linear, "spmm", "CSR products (fwd, dx)"),
         (linear, "sddmm", "support weight gradient"),
+        (linear, "fused_support_backward", "CSR backward (dx + support dW)"),
         (select, "abstopk_forward", "AbsTopK forward"),
         (select, "abstopk_", "AbsTopK forward"),  # in place, without gradients
         (layers, "abstopk_", "AbsTopK forward"),

@@ -33,8 +33,9 @@ class Linear(nn.Linear):
 
 
 def set_weight_grad(model: nn.Module, mode: GradMode) -> None:
-    """Weight-gradient mode of every ``Linear`` in ``model``: ``"dense"`` (exact, the default)
-    or ``"support"`` (only at the current nonzeros; see ``kernels/linear.py``)."""
+    """Weight-gradient mode of every ``Linear`` in ``model``: ``"dense"`` (exact, the default),
+    ``"support"`` (only at the current nonzeros) or ``"regrow"`` (exact on the nonzeros, a
+    bfloat16 product elsewhere where that is native; see ``kernels/linear.py``)."""
     for m in model.modules():
         if isinstance(m, Linear):
             m.kernel.grad_mode = mode

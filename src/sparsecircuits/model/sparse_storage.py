@@ -47,7 +47,8 @@ class _CSRProduct(torch.autograd.Function):
     def backward(ctx, dy):  # type: ignore[override]
         (values,) = ctx.saved_tensors
         p = ctx.module.pattern  # transposed indices are built on the first backward only
-        dx = spmm(p.crow_t, p.col_t, values[p.perm].contiguous(), dy.contiguous(), None, p.cols)
+        val_t = torch.index_select(values, 0, p.perm)
+        dx = spmm(p.crow_t, p.col_t, val_t, dy.contiguous(), None, p.cols)
         return dx, None, None, None
 
 

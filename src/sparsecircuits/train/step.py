@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from sparsecircuits.kernels import GradMode
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.layers import (
     set_weight_grad,
@@ -26,6 +27,7 @@ from sparsecircuits.train.optim import (
 from sparsecircuits.train.support_adamw import SupportAdamW
 
 StepMode = Literal["exact", "regrow", "support"]
+RegrowPrecision = Literal["fp32", "bf16"]
 
 
 def train_step(
@@ -42,6 +44,7 @@ def train_step(
     optim: OptimConfig,
     dist: D.DistInfo = D.SINGLE_PROCESS,
     precision: str = "fp32",
+    regrow_precision: RegrowPrecision = "fp32",
 ) -> tuple[float, float]:
     """One optimizer step on (x, y) (B, T): forward/backward, gradient averaging over ranks,
     RMS control, AdamW at ``lr``, then the top-k projection at L0 fraction ``frac``.
@@ -51,11 +54,18 @@ def train_step(
     the supports) and "support" steps (weight gradients only on the current supports, which
     are kept instead of projected again; the gradient RMS is estimated with that share).
     ``support_opt`` (fast mode) steps AdamW on the support entries only where it can.
+    ``regrow_precision`` "bf16": "regrow" steps take the off-support weight gradients from a
+    bfloat16 product where the CPU has one (``kernels/linear.py``).
     Returns (this rank's loss in nats/token, gradient RMS before rescaling)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     support = mode == "support" and bool(sparsity.masks)
-    set_weight_grad(model, "support" if support else "dense")
+    grad_mode: GradMode = "dense"
+    if support:
+        grad_mode = "support"
+    elif mode == "regrow" and regrow_precision == "bf16":
+        grad_mode = "regrow"
+    set_weight_grad(model, grad_mode)
     with autocast_context(precision, x.device):
         _, loss = model(x, y)  # the loss itself is computed in fp32 (see GPT.forward)
     loss.backward()

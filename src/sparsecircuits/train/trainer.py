@@ -260,6 +260,7 @@ class Trainer:
                 optim=cfg.optim,
                 dist=self.dist,
                 precision=cfg.precision,
+                regrow_precision=sp.regrow_precision,
             )
             loss_val = self._global_mean(loss)
             state = TrainState(

@@ -113,6 +113,66 @@ void add_col_sums(const float* xt, int64_t in, float* colsum) {
   }
 }
 
+// The support weight gradient's contribution of one tile: mine[j] += sum over the tile's
+// tokens of dyt[row(j)] * xt[col(j)] (padding tokens are 0 in both).
+void sddmm_tile(const int64_t* crow, const int32_t* col, int64_t out, const float* dyt,
+                const float* xt, float* mine) {
+  for (int64_t o = 0; o < out; ++o) {
+    if (crow[o] == crow[o + 1]) continue;
+    const float* dr = dyt + o * TW;
+    const v8f d0 = load8(dr), d1 = load8(dr + 8), d2 = load8(dr + 16), d3 = load8(dr + 24);
+    auto dot = [&](int64_t j) {
+      const float* xr = xt + static_cast<int64_t>(col[j]) * TW;
+      return d0 * load8(xr) + d1 * load8(xr + 8) + d2 * load8(xr + 16) + d3 * load8(xr + 24);
+    };
+    int64_t j = crow[o];
+#if defined(__AVX2__)
+    for (; j + 8 <= crow[o + 1]; j += 8) {  // 8 horizontal sums at once
+      v8f sv[8];
+      for (int q = 0; q < 8; ++q) sv[q] = dot(j + q);
+      store8(mine + j, load8(mine + j) + hsum8x8(sv));
+    }
+#endif
+    for (; j < crow[o + 1]; ++j) mine[j] += hsum8(dot(j));
+  }
+}
+
+// Per-thread partial sums of n floats, added in thread order at the end: the result does not
+// depend on which thread finishes first. n = 0: nothing is kept (mine() is null).
+class PerThread {
+ public:
+  PerThread(int64_t n, int threads) : n_(n), threads_(threads), acc_(n * threads, 0.0f) {}
+  float* mine() { return n_ ? acc_.data() + omp_get_thread_num_safe() * n_ : nullptr; }
+  float total(int64_t i) const {
+    float s = 0.0f;
+    for (int t = 0; t < threads_; ++t) s += acc_[t * n_ + i];
+    return s;
+  }
+
+ protected:
+  int64_t n_;
+  int threads_;
+  std::vector<float> acc_;
+};
+
+// Column sums (the bias gradient): out[i] = the sum of the threads' partials.
+struct ColumnSums : PerThread {
+  using PerThread::PerThread;
+  void write(float* out) const {
+    if (out)
+      for (int64_t i = 0; i < n_; ++i) out[i] = total(i);
+  }
+};
+
+// The support weight gradient: dval[j], or dval[flat[j]] with `flat` non-null.
+struct SupportGrad : PerThread {
+  using PerThread::PerThread;
+  void write(float* dval, const int64_t* flat) const {
+#pragma omp parallel for num_threads(threads_) schedule(static)
+    for (int64_t j = 0; j < n_; ++j) dval[flat ? flat[j] : j] = total(j);
+  }
+};
+
 }  // namespace
 
 // y = x W^T (+ bias); with xsum non-null also xsum[i] = sum over tokens of x[n, i] (the bias
@@ -122,12 +182,11 @@ SC_EXPORT void sc_spmm(int64_t N, int64_t in, int64_t out, const int64_t* crow,
                        float* y, float* xsum, int threads) {
   const int64_t ntiles = (N + TW - 1) / TW;
   if (ntiles >= threads || threads <= 1) {
-    // per-thread column sums, added in thread order: the result does not depend on timing
-    std::vector<float> sums(xsum ? static_cast<size_t>(threads) * in : 0, 0.0f);
+    ColumnSums sums(xsum ? in : 0, threads);
 #pragma omp parallel num_threads(threads)
     {
       std::vector<float> xt(in * TW), yt(out * TW);
-      float* mine = xsum ? sums.data() + omp_get_thread_num_safe() * in : nullptr;
+      float* mine = sums.mine();
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < ntiles; ++t) {
         const int64_t t0 = t * TW, nt = std::min(TW, N - t0);
@@ -137,12 +196,7 @@ SC_EXPORT void sc_spmm(int64_t N, int64_t in, int64_t out, const int64_t* crow,
         store_tile(yt.data(), out, t0, nt, y);
       }
     }
-    if (xsum)
-      for (int64_t i = 0; i < in; ++i) {
-        float s = 0.0f;
-        for (int t = 0; t < threads; ++t) s += sums[static_cast<int64_t>(t) * in + i];
-        xsum[i] = s;
-      }
+    sums.write(xsum);
     return;
   }
   // Few tokens (decoding): one tile at a time, output rows split over the threads.
@@ -168,47 +222,60 @@ SC_EXPORT void sc_spmm(int64_t N, int64_t in, int64_t out, const int64_t* crow,
 SC_EXPORT void sc_sddmm(int64_t N, int64_t in, int64_t out, const int64_t* crow,
                         const int32_t* col, const float* dy, const float* x, float* dval,
                         const int64_t* flat, int threads) {
-  const int64_t nnz = crow[out];
   const int64_t ntiles = (N + TW - 1) / TW;
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, ntiles)));
-  // One accumulator per thread, summed in thread order afterwards: the result does not depend
-  // on which thread finishes first.
-  std::vector<float> acc(static_cast<size_t>(threads) * nnz, 0.0f);
+  SupportGrad g(crow[out], threads);
 #pragma omp parallel num_threads(threads)
   {
-    float* mine = acc.data() + static_cast<int64_t>(omp_get_thread_num_safe()) * nnz;
+    float* mine = g.mine();
     std::vector<float> xt(in * TW), dyt(out * TW);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < ntiles; ++t) {
       const int64_t t0 = t * TW, nt = std::min(TW, N - t0);
       load_tile(x, in, t0, nt, xt.data());
       load_tile(dy, out, t0, nt, dyt.data());
-      for (int64_t o = 0; o < out; ++o) {
-        if (crow[o] == crow[o + 1]) continue;
-        const float* dr = dyt.data() + o * TW;
-        const v8f d0 = load8(dr), d1 = load8(dr + 8), d2 = load8(dr + 16), d3 = load8(dr + 24);
-        auto dot = [&](int64_t j) {
-          const float* xr = xt.data() + static_cast<int64_t>(col[j]) * TW;
-          return d0 * load8(xr) + d1 * load8(xr + 8) + d2 * load8(xr + 16) + d3 * load8(xr + 24);
-        };
-        int64_t j = crow[o];
-#if defined(__AVX2__)
-        for (; j + 8 <= crow[o + 1]; j += 8) {  // 8 horizontal sums at once
-          v8f sv[8];
-          for (int q = 0; q < 8; ++q) sv[q] = dot(j + q);
-          store8(mine + j, load8(mine + j) + hsum8x8(sv));
-        }
-#endif
-        for (; j < crow[o + 1]; ++j) mine[j] += hsum8(dot(j));
-      }
+      sddmm_tile(crow, col, out, dyt.data(), xt.data(), mine);
     }
   }
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t j = 0; j < nnz; ++j) {
-    float s = 0.0f;
-    for (int t = 0; t < threads; ++t) s += acc[static_cast<int64_t>(t) * nnz + j];
-    dval[flat ? flat[j] : j] = s;
+  g.write(dval, flat);
+}
+
+// The backward of y = x W^T + b on W's support in one pass over dy's tiles: dx = dy W (W^T's
+// CSR: crow_t, col_t, val_t), dbias = dy.sum(0) if non-null, and the support weight gradient as
+// sc_sddmm writes it. Each tile of dy is loaded once instead of twice; the results are
+// bitwise those of sc_spmm + sc_sddmm (same tiles, same threads, same summation order).
+SC_EXPORT void sc_linear_bwd(int64_t N, int64_t in, int64_t out, const int64_t* crow,
+                             const int32_t* col, const int64_t* crow_t, const int32_t* col_t,
+                             const float* val_t, const float* dy, const float* x, float* dx,
+                             float* dbias, float* dval, const int64_t* flat, int threads) {
+  const int64_t ntiles = (N + TW - 1) / TW;
+  if (ntiles < threads && threads > 1) {  // few tokens: the unfused kernels split other ways
+    sc_spmm(N, out, in, crow_t, col_t, val_t, dy, nullptr, dx, dbias, threads);
+    sc_sddmm(N, in, out, crow, col, dy, x, dval, flat, threads);
+    return;
   }
+  SupportGrad g(crow[out], threads);
+  ColumnSums sums(dbias ? out : 0, threads);
+#pragma omp parallel num_threads(threads)
+  {
+    float* mine = g.mine();
+    float* my_sums = sums.mine();
+    // x's tile reuses dx's buffer once dx's tile is stored: the two never live together, so a
+    // thread's buffers stay within L2 for 4096-wide layers
+    std::vector<float> dyt(out * TW), buf(in * TW);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t t0 = t * TW, nt = std::min(TW, N - t0);
+      load_tile(dy, out, t0, nt, dyt.data());
+      if (my_sums) add_col_sums(dyt.data(), out, my_sums);
+      spmm_rows(crow_t, col_t, val_t, nullptr, dyt.data(), buf.data(), 0, in);
+      store_tile(buf.data(), in, t0, nt, dx);
+      load_tile(x, in, t0, nt, buf.data());
+      sddmm_tile(crow, col, out, dyt.data(), buf.data(), mine);
+    }
+  }
+  sums.write(dbias);
+  g.write(dval, flat);
 }
 
 // CSR of a dense (rows, cols) matrix's nonzeros, in two calls: count (fills crow, returns nnz),
