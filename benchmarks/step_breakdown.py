@@ -24,7 +24,14 @@ import sparse_training as st  # noqa: E402
 import torch  # noqa: E402
 from _timing import machine  # noqa: E402
 
-from sparsecircuits.kernels import attention, linear, loss, norm, select  # noqa: E402
+from sparsecircuits.kernels import (  # noqa: E402
+    attention,
+    linear,
+    linear_topk,
+    loss,
+    norm,
+    select,
+)
 from sparsecircuits.model import layers  # noqa: E402
 from sparsecircuits.train import step as step_mod  # noqa: E402
 from sparsecircuits.train import support_adamw  # noqa: E402
@@ -48,9 +55,11 @@ def instrument() -> None:
     (Module functions are wrapped where their callers look them up at call time.)"""
     functions = [
         (linear, "spmm", "CSR products (fwd, dx)"),
+        (linear_topk, "spmm", "CSR products (fwd, dx)"),
         (linear, "sddmm", "support weight gradient"),
-        (linear, "fused_support_backward", "CSR backward (dx + support dW)"),
+        (linear, "fused_support_backward", "CSR backward (AbsTopK bwd, dx, dW)"),
         (select, "abstopk_forward", "AbsTopK forward"),
+        (linear_topk, "abstopk_forward", "AbsTopK forward"),  # after the products
         (select, "abstopk_", "AbsTopK forward"),  # in place, without gradients
         (layers, "abstopk_", "AbsTopK forward"),
         (support_adamw.SupportAdamW, "step", "support AdamW"),

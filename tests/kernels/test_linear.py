@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from sparsecircuits.kernels import LinearKernelState, build_pattern, sparse_linear
 from sparsecircuits.kernels._lib import ENV, library_path
 from sparsecircuits.kernels.crossover import ENV as BELOW
+from sparsecircuits.kernels.csr import gather
 from sparsecircuits.kernels.linear import sddmm, spmm
 
 BACKENDS = ["torch"] + (["cpp"] if library_path() is not None else [])
@@ -126,6 +127,16 @@ def test_fused_backward_equals_the_separate_products(n_tok: int) -> None:
     dx = spmm(p.crow_t, p.col_t, val[p.perm].contiguous(), dy, None, 64, x_col_sum=db)
     dw = sddmm(p, dy, x.detach(), dense_out=torch.zeros(96, 64))
     assert torch.equal(x.grad, dx) and torch.equal(w.grad, dw) and torch.equal(b.grad, db)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("n", [0, 5, 20000])  # one thread below 16384 indices, all above
+def test_gather_equals_indexing(name: str, n: int, monkeypatch) -> None:
+    monkeypatch.setenv(ENV, name)
+    w = torch.randn(300, 200)
+    idx = torch.randint(0, w.numel(), (n,))
+    assert torch.equal(gather(w, idx), w.reshape(-1)[idx])
+    assert torch.equal(gather(w.t(), idx), w.t().reshape(-1)[idx])  # strided: logical order
 
 
 def test_pattern_is_identical_on_both_backends_and_transposes(monkeypatch) -> None:

@@ -49,6 +49,24 @@ def _use_cpp(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype == torch.float32 and lib() is not None
 
 
+def gather(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``src.reshape(-1)[index]`` (index int64, 1-D) -> (len(index),): a pattern's values from
+    its weight (``pattern.flat``) or W^T's from W's (``pattern.perm``)."""
+    if (
+        _use_cpp(src)
+        and src.is_contiguous()
+        and index.is_contiguous()
+        and index.dtype == torch.int64
+    ):
+        out = torch.empty(index.numel(), dtype=src.dtype)
+        lib().sc_gather(
+            src.data_ptr(), index.data_ptr(), index.numel(), out.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+    return torch.index_select(src.reshape(-1), 0, index)
+
+
 @torch.no_grad()
 def build_pattern(w: torch.Tensor) -> CSRPattern:
     """CSR pattern of the nonzeros of a 2-D float tensor (one O(numel) scan)."""

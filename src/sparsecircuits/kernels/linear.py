@@ -27,7 +27,8 @@ from torch.autograd.function import once_differentiable
 
 from sparsecircuits.kernels._lib import lib
 from sparsecircuits.kernels.crossover import sparse_below
-from sparsecircuits.kernels.csr import CSRPattern, build_pattern
+from sparsecircuits.kernels.csr import CSRPattern, build_pattern, gather
+from sparsecircuits.kernels.select import as_rows, gelu_abstopk_grad, masked_grad
 
 GradMode = Literal["dense", "support", "regrow"]
 _SDDMM_ELEMENTS = 1 << 24  # (tokens x nonzeros) per chunk of the torch fallback's gather
@@ -123,36 +124,115 @@ def sddmm(
     return dense_out
 
 
+@dataclass(frozen=True)
+class DySegment:
+    """A column segment of a product's output gradient dy, given by what the AbsTopK after the
+    product returns to it: dy = g where ``mask`` is set (times GELU'(h) when ``h``, the GELU's
+    input, is given), 0 elsewhere; without a mask, dy = g. Tensors (N, width); g with unit
+    column stride, mask (bool) and h contiguous."""
+
+    g: torch.Tensor
+    mask: torch.Tensor | None = None
+    h: torch.Tensor | None = None
+
+    def materialise(self) -> torch.Tensor:
+        """dy of this segment as a tensor (N, width)."""
+        if self.mask is None:
+            return self.g
+        if self.h is not None:
+            return gelu_abstopk_grad(self.g, self.h, self.mask)
+        return masked_grad(self.g, self.mask)
+
+
 def fused_support_backward(
     pattern: CSRPattern,
     val: torch.Tensor,
-    dy: torch.Tensor,
+    dy: list[DySegment],
     x: torch.Tensor,
     dw: torch.Tensor,
     db: torch.Tensor | None,
 ) -> torch.Tensor:
     """The support-mode backward of ``y = x W^T + b`` in one pass over dy's tiles (compiled
-    path only): returns dx (N, in); writes the support gradient into ``dw`` (a zeroed
-    contiguous (out, in) tensor) at the nonzeros and, if given, dy.sum(0) into ``db`` (out,).
-    Bitwise what ``spmm`` on W^T, ``sddmm`` and the bias sum give separately."""
+    path only), dy given as column segments: returns dx (N, in); writes the support gradient
+    into ``dw`` (a zeroed contiguous (out, in) tensor) at the nonzeros and, if given,
+    dy.sum(0) into ``db`` (out,). Bitwise what the segments' AbsTopK backward, then ``spmm``
+    on W^T, ``sddmm`` and the bias sum give separately."""
     p = pattern
-    dy, x = dy.contiguous(), x.contiguous()
+    x = x.contiguous()
+    segs = [DySegment(as_rows(s.g), s.mask, s.h) for s in dy]  # keep the buffers alive
+    rows = (
+        torch.tensor(
+            [
+                [s.g.shape[1], s.g.data_ptr(), s.g.stride(0)]
+                + [t.data_ptr() if t is not None else 0 for t in (s.mask, s.h)]
+                for s in segs
+            ],
+            dtype=torch.int64,
+        )
+        .t()
+        .contiguous()
+    )  # (5, nseg): widths, g, row strides, masks, GELU inputs
     dx = torch.empty(x.shape, dtype=x.dtype)
-    val_t = torch.index_select(val, 0, p.perm)
+    val_t = gather(val, p.perm)
     lib().sc_linear_bwd(
-        dy.shape[0], p.cols, p.rows, p.crow.data_ptr(), p.col.data_ptr(), p.crow_t.data_ptr(),
-        p.col_t.data_ptr(), val_t.data_ptr(), dy.data_ptr(), x.data_ptr(), dx.data_ptr(),
-        db.data_ptr() if db is not None else 0, dw.data_ptr(), p.flat.data_ptr(),
-        torch.get_num_threads(),
+        x.shape[0], p.cols, p.rows, p.crow.data_ptr(), p.col.data_ptr(), p.crow_t.data_ptr(),
+        p.col_t.data_ptr(), val_t.data_ptr(), len(segs), *(r.data_ptr() for r in rows),
+        x.data_ptr(), dx.data_ptr(), db.data_ptr() if db is not None else 0, dw.data_ptr(),
+        p.flat.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return dx
+
+
+def fusable(x: torch.Tensor, val: torch.Tensor, dy: list[DySegment]) -> bool:
+    """Whether ``fused_support_backward`` takes these tensors: the compiled library, float32
+    CPU tensors, masks (bool) and GELU inputs contiguous."""
+    floats = [x, val, *(s.g for s in dy), *(s.h for s in dy if s.h is not None)]
+    masks = [s.mask for s in dy if s.mask is not None]
+    return (
+        lib() is not None
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in floats)
+        and all(m.dtype == torch.bool and m.is_contiguous() for m in masks)
+        and all(s.h.is_contiguous() for s in dy if s.h is not None)
+    )
+
+
+def linear_backward(
+    ctx, dy: list[DySegment]
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dW, db) of ``y = x W^T + b`` for a ``ctx`` that saved (x, weight, val) and holds
+    ``pattern``, ``grad_mode``, ``has_bias`` and ``needs_input_grad`` (inputs x, weight, bias
+    first); dy as column segments (a single plain one for a bare product)."""
+    x, weight, val = ctx.saved_tensors[:3]
+    p: CSRPattern = ctx.pattern
+    needs = ctx.needs_input_grad
+    dx = dw = db = None
+    if ctx.has_bias and needs[2]:
+        db = torch.empty(p.rows, dtype=x.dtype, device=x.device)
+    support = ctx.grad_mode == "support" and needs[1]
+    if support:  # contiguous whatever the weight's strides: written by flat index
+        dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    if support and needs[0] and fusable(x, val, dy):
+        return fused_support_backward(p, val, dy, x, dw, db), dw, db
+    g = dy[0].materialise() if len(dy) == 1 else torch.cat([s.materialise() for s in dy], -1)
+    g = g.reshape(-1, p.rows)
+    if needs[0]:  # the bias gradient comes with it (the same pass over dy)
+        dx = spmm(p.crow_t, p.col_t, gather(val, p.perm), g, None, p.cols, x_col_sum=db)
+    elif db is not None:
+        db = g.sum(0)
+    if needs[1]:
+        if ctx.grad_mode == "dense":
+            dw = g.t().mm(x)
+        elif ctx.grad_mode == "regrow":
+            dw = regrow_weight_grad(p, g, x)
+        else:
+            sddmm(p, g, x, dense_out=dw)
+    return dx, dw, db
 
 
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pattern: CSRPattern, grad_mode: GradMode):  # type: ignore[override]
-        # index_select, not [...]: advanced indexing is ~10x slower on these 1-D gathers
-        val = torch.index_select(weight.detach().reshape(-1), 0, pattern.flat)
+        val = gather(weight.detach(), pattern.flat)
         ctx.save_for_backward(x, weight, val)
         ctx.pattern, ctx.grad_mode, ctx.has_bias = pattern, grad_mode, bias is not None
         return spmm(pattern.crow, pattern.col, val, x, bias, pattern.rows)
@@ -160,29 +240,7 @@ class _SparseLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        x, weight, val = ctx.saved_tensors
-        p: CSRPattern = ctx.pattern
-        dx = dw = db = None
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = torch.empty(p.rows, dtype=dy.dtype, device=dy.device)
-        support = ctx.grad_mode == "support" and ctx.needs_input_grad[1]
-        if support:  # contiguous whatever the weight's strides: written by flat index
-            dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-        if support and ctx.needs_input_grad[0] and _cpp(dy, x, val):
-            return fused_support_backward(p, val, dy, x, dw, db), dw, db, None, None
-        if ctx.needs_input_grad[0]:  # the bias gradient comes with it (the same pass over dy)
-            val_t = torch.index_select(val, 0, p.perm)
-            dx = spmm(p.crow_t, p.col_t, val_t, dy, None, p.cols, x_col_sum=db)
-        elif db is not None:
-            db = dy.sum(0)
-        if ctx.needs_input_grad[1]:
-            if ctx.grad_mode == "dense":
-                dw = dy.t().mm(x)
-            elif ctx.grad_mode == "regrow":
-                dw = regrow_weight_grad(p, dy, x)
-            else:
-                sddmm(p, dy, x, dense_out=dw)
-        return dx, dw, db, None, None
+        return *linear_backward(ctx, [DySegment(dy)]), None, None
 
 
 @dataclass
@@ -233,6 +291,33 @@ def _key(weight: torch.Tensor) -> tuple[int, int] | None:
     return (weight.data_ptr(), weight._version)
 
 
+def sparse_pattern(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: LinearKernelState
+) -> CSRPattern | None:
+    """The weight's CSR pattern when ``x @ weight.T (+ bias)`` should run the CSR kernels (CPU
+    float32, density below the measured crossover for its shape), else None. Sets
+    ``state.used_sparse`` accordingly."""
+    state.used_sparse = False
+    if (
+        x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or (bias is not None and bias.dtype != torch.float32)
+        or torch.is_autocast_enabled(x.device.type)
+    ):
+        return None
+    out_f, in_f = weight.shape
+    limit = sparse_below(out_f, in_f)
+    if limit <= 0.0:
+        return None
+    if state.density_of(weight) >= limit:
+        state.pattern = None  # a dense weight: drop a stale pattern
+        return None
+    pattern = state.pattern_for(weight)
+    state.used_sparse = True
+    return pattern
+
+
 def sparse_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -242,24 +327,10 @@ def sparse_linear(
     """``F.linear(x, weight, bias)``, through the CSR kernels when the weight's density is
     below the measured crossover for its shape (CPU float32; elsewhere plain ``F.linear``).
     x (..., in) -> (..., out)."""
-    state.used_sparse = False
-    if (
-        x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or weight.dtype != torch.float32
-        or (bias is not None and bias.dtype != torch.float32)
-        or torch.is_autocast_enabled(x.device.type)
-    ):
+    pattern = sparse_pattern(x, weight, bias, state)
+    if pattern is None:
         return F.linear(x, weight, bias)
     out_f, in_f = weight.shape
-    limit = sparse_below(out_f, in_f)
-    if limit <= 0.0:
-        return F.linear(x, weight, bias)
-    if state.density_of(weight) >= limit:
-        state.pattern = None  # a dense weight: drop a stale pattern
-        return F.linear(x, weight, bias)
-    pattern = state.pattern_for(weight)
-    state.used_sparse = True
     lead = x.shape[:-1]
     y = _SparseLinear.apply(x.reshape(-1, in_f), weight, bias, pattern, state.grad_mode)
     return y.view(*lead, out_f)

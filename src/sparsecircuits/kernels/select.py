@@ -123,15 +123,21 @@ class _GeluAbsTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         x, mask = ctx.saved_tensors
-        if not _use_cpp(gy) or gy.numel() == 0 or not (x.is_contiguous() and mask.is_contiguous()):
-            return torch.where(mask, torch.ops.aten.gelu_backward(gy, x), 0.0), None
-        g2 = as_rows(gy)
-        out = torch.empty(gy.shape, dtype=gy.dtype)
-        lib().sc_gelu_topk_grad(
-            x.data_ptr(), g2.data_ptr(), g2.stride(0), mask.data_ptr(), out.data_ptr(),
-            g2.shape[0], g2.shape[1], torch.get_num_threads(),
-        )  # fmt: skip
-        return out, None
+        return gelu_abstopk_grad(gy, x, mask), None
+
+
+def gelu_abstopk_grad(gy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The backward of AbsTopK(GELU(x)): ``gy * GELU'(x)`` where ``mask`` (the kept entries,
+    bool) is set, 0 elsewhere, in one pass on the compiled path. Same shapes in and out."""
+    if not _use_cpp(gy) or gy.numel() == 0 or not (x.is_contiguous() and mask.is_contiguous()):
+        return torch.where(mask, torch.ops.aten.gelu_backward(gy, x), 0.0)
+    g2 = as_rows(gy)
+    out = torch.empty(gy.shape, dtype=gy.dtype)
+    lib().sc_gelu_topk_grad(
+        x.data_ptr(), g2.data_ptr(), g2.stride(0), mask.data_ptr(), out.data_ptr(),
+        g2.shape[0], g2.shape[1], torch.get_num_threads(),
+    )  # fmt: skip
+    return out
 
 
 def abstopk_(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -39,13 +39,11 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         sp = self.sparsify
         x = hk("act_in", sp(x, "attn_in"))  # (B, T, d_model)
-        q, k, v = self.c_attn(x).split(self.n_head * self.d_head, dim=2)
+        q, k, v = sp.linear(self.c_attn, x, ("attn_q", "attn_k", "attn_v"))  # (B, T, d_attn)
         key_pos = torch.arange(T, device=x.device)
         if query_pos is not None:
             q = q[torch.arange(B, device=x.device), query_pos][:, None]  # (B, 1, d_attn)
-        q = hk("q", sp(q, "attn_q"))  # (B, Tq, n_head*d_head)
-        k = hk("k", sp(k, "attn_k"))  # (B, T, n_head*d_head)
-        v = hk("v", sp(v, "attn_v"))
+        q, k, v = hk("q", q), hk("k", k), hk("v", v)  # q (B, Tq, n_head*d_head)
         Tq = q.shape[1]
         q = q.view(B, Tq, self.n_head, self.d_head).transpose(1, 2)
         k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (k, v))
@@ -59,7 +57,7 @@ class CausalSelfAttention(nn.Module):
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
         y = hk("y", y.transpose(1, 2).reshape(B, Tq, self.n_head * self.d_head))
-        return sp(self.c_proj(y), "attn_out")  # (B, Tq, d_model)
+        return sp.linear(self.c_proj, y, ("attn_out",))[0]  # (B, Tq, d_model)
 
 
 class MLP(nn.Module):
@@ -73,10 +71,12 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, hk: Hooks) -> torch.Tensor:
         sp = self.sparsify
         x = hk("act_in", sp(x, "mlp_in"))  # (B, T, d_model)
-        h = self.c_fc(x)
-        h = sp.gelu(h, "mlp_neuron") if self.gelu else sp(torch.relu(h), "mlp_neuron")
+        if self.gelu:
+            (h,) = sp.linear(self.c_fc, x, ("mlp_neuron",), gelu=True)
+        else:
+            h = sp(torch.relu(self.c_fc(x)), "mlp_neuron")
         x = hk("post_act", h)  # (B, T, d_mlp)
-        return sp(self.c_proj(x), "mlp_out")  # (B, T, d_model)
+        return sp.linear(self.c_proj, x, ("mlp_out",))[0]  # (B, T, d_model)
 
 
 class Block(nn.Module):

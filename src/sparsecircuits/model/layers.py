@@ -16,6 +16,7 @@ from sparsecircuits.kernels import (
     rms_norm,
     sparse_linear,
 )
+from sparsecircuits.kernels.linear_topk import Segment, sparse_linear_topk
 from sparsecircuits.model.config import GPTConfig
 
 
@@ -82,6 +83,25 @@ class ActSparsity:
         if loc not in self.locs:
             return F.gelu(x)
         return gelu_abstopk(x, int(self.afrac * x.shape[-1]))
+
+    def linear(
+        self, module: nn.Module, x: torch.Tensor, locs: tuple[str, ...], *, gelu: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """``module(x)`` cut into ``len(locs)`` equal column segments, each through AbsTopK at
+        its location (after a GELU with ``gelu``). On the sparse training path the product and
+        the AbsTopKs are one autograd node whose backward applies the masks as it reads the
+        gradients (``kernels/linear_topk.py``); elsewhere the ops run one by one, with the
+        same results. x (..., in) -> tuple of (..., out / len(locs)). ``module``: a
+        ``Linear`` or anything with ``out_features`` (e.g. a sparse-storage ``CSRLinear``)."""
+        width = module.out_features // len(locs)
+        if isinstance(module, Linear) and self.locs.issuperset(locs):
+            segs = tuple(Segment(width, int(self.afrac * width), gelu) for _ in locs)
+            fused = sparse_linear_topk(x, module.weight, module.bias, module.kernel, segs)
+            if fused is not None:
+                return fused
+        parts = module(x).split(width, dim=-1)
+        act = self.gelu if gelu else self
+        return tuple(act(p, loc) for p, loc in zip(parts, locs, strict=True))
 
 
 class LayerNorm(nn.Module):

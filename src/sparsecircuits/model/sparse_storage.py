@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sparsecircuits.kernels import CSRPattern
+from sparsecircuits.kernels.csr import gather
 from sparsecircuits.kernels.linear import spmm
 from sparsecircuits.model.layers import Linear
 
@@ -47,7 +48,7 @@ class _CSRProduct(torch.autograd.Function):
     def backward(ctx, dy):  # type: ignore[override]
         (values,) = ctx.saved_tensors
         p = ctx.module.pattern  # transposed indices are built on the first backward only
-        val_t = torch.index_select(values, 0, p.perm)
+        val_t = gather(values, p.perm)
         dx = spmm(p.crow_t, p.col_t, val_t, dy.contiguous(), None, p.cols)
         return dx, None, None, None
 

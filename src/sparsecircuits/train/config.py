@@ -28,7 +28,7 @@ class SparsityConfig(StrictModel):
     # in both paired runs (+0.42%, +0.60%) at 1.3-1.6x the post-anneal tokens/s
     # (benchmarks/README.md).
     weight_grad: Literal["exact", "fast"] = "fast"
-    regrow_every: int = 10
+    regrow_every: int = 20
     # The regrowth steps' off-support weight gradients only rank candidates for regrowth:
     # "bf16" takes them from a bfloat16 product on CPUs that have one natively (~2x faster; the
     # support's gradients stay exact float32), "fp32" always computes them in float32.

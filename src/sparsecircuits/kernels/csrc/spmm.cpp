@@ -10,6 +10,7 @@
 
 #include "common.h"
 #include "simd.h"
+#include "vmath.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -62,6 +63,76 @@ void store_tile(const float* tile, int64_t d, int64_t t0, int64_t nt, float* a) 
   for (int64_t r = 0; r < nt; ++r) {
     float* ar = a + (t0 + r) * d;
     for (int64_t i = r < n8 ? d8 : 0; i < d; ++i) ar[i] = tile[i * TW + r];
+  }
+}
+
+// dy of a layer whose output went through AbsTopK in column segments (q, k, v of c_attn; one
+// segment elsewhere): dy[:, seg] = g where mask is set (times GELU'(h) after a GELU), else 0,
+// from the upstream gradient g (row stride ld), the kept mask (rows x width uint8) and the
+// GELU's input h (rows x width), each null when absent. The AbsTopK backward's pass over
+// memory (read g and the mask, write dy, read dy again here) becomes part of the tile load.
+struct DySeg {
+  int64_t width;
+  const float* g;
+  int64_t ld;
+  const uint8_t* mask;
+  const float* h;
+
+  // 8 entries of row r from column i: the same expression as sc_mask_grad and
+  // sc_gelu_topk_grad, so that dy rounds exactly as theirs.
+  v8f load(int64_t r, int64_t i) const {
+    v8f d = load8(g + r * ld + i);
+    if (h) d = gelu_grad8(load8(h + r * width + i)) * d;
+    if (!mask) return d;
+    uint64_t bits;
+    std::memcpy(&bits, mask + r * width + i, 8);
+    typedef uint8_t v8b __attribute__((vector_size(8)));
+    v8b mb;
+    std::memcpy(&mb, &bits, 8);
+    return (v8f)((v8i)d & (__builtin_convertvector(mb, v8i) != 0));
+  }
+  // Row r's entries i..width (fewer than 8) through a zero-padded vector, rounding as the body.
+  void load_tail(int64_t r, int64_t i, float* out) const {
+    float gt[8] = {0}, ht[8] = {0};
+    uint8_t mt[8] = {0};
+    for (int64_t j = i; j < width; ++j) {
+      gt[j - i] = g[r * ld + j];
+      if (h) ht[j - i] = h[r * width + j];
+      mt[j - i] = mask ? mask[r * width + j] : 1;
+    }
+    const DySeg pad{8, gt, 0, mask ? mt : nullptr, h ? ht : nullptr};
+    store8(out, pad.load(0, 0));
+  }
+};
+
+// Rows t0..t0+nt of dy (the segments side by side) -> tile (out, TW), as load_tile does for a
+// materialised dy.
+void load_dy_tile(const DySeg* segs, int nseg, int64_t out, int64_t t0, int64_t nt, float* tile) {
+  if (nt < TW) std::memset(tile, 0, sizeof(float) * out * TW);
+  int64_t c0 = 0;
+  for (int s = 0; s < nseg; ++s) {
+    const DySeg& sg = segs[s];
+    const int64_t n8 = nt / V * V, w8 = sg.width / V * V;
+#if defined(__AVX2__)
+    for (int64_t r0 = 0; r0 < n8; r0 += 8)
+      for (int64_t i0 = 0; i0 < w8; i0 += 8) {
+        __m256 r[8];
+        for (int k = 0; k < 8; ++k) r[k] = (__m256)sg.load(t0 + r0 + k, i0);
+        transpose8(r);
+        for (int m = 0; m < 8; ++m) _mm256_storeu_ps(tile + (c0 + i0 + m) * TW + r0, r[m]);
+      }
+#endif
+    for (int64_t r = 0; r < nt; ++r) {
+      alignas(32) float v[8];
+      for (int64_t i = r < n8 ? w8 : 0; i < sg.width; i += 8) {
+        if (i + 8 <= sg.width)
+          store8(v, sg.load(t0 + r, i));
+        else
+          sg.load_tail(t0 + r, i, v);
+        for (int64_t j = i; j < std::min(i + 8, sg.width); ++j) tile[(c0 + j) * TW + r] = v[j - i];
+      }
+    }
+    c0 += sg.width;
   }
 }
 
@@ -242,18 +313,26 @@ SC_EXPORT void sc_sddmm(int64_t N, int64_t in, int64_t out, const int64_t* crow,
 
 // The backward of y = x W^T + b on W's support in one pass over dy's tiles: dx = dy W (W^T's
 // CSR: crow_t, col_t, val_t), dbias = dy.sum(0) if non-null, and the support weight gradient as
-// sc_sddmm writes it. Each tile of dy is loaded once instead of twice; the results are
-// bitwise those of sc_spmm + sc_sddmm (same tiles, same threads, same summation order).
+// sc_sddmm writes it. dy comes as nseg column segments (DySeg: widths, upstream gradients, row
+// strides, AbsTopK masks, GELU inputs; arrays of nseg, pointers as int64), so an AbsTopK (or
+// GELU + AbsTopK) backward is applied on the way in. Each tile of dy is read once; results
+// are bitwise those of the AbsTopK backward, then sc_spmm + sc_sddmm (same tiles, same
+// threads, same summation order).
 SC_EXPORT void sc_linear_bwd(int64_t N, int64_t in, int64_t out, const int64_t* crow,
                              const int32_t* col, const int64_t* crow_t, const int32_t* col_t,
-                             const float* val_t, const float* dy, const float* x, float* dx,
-                             float* dbias, float* dval, const int64_t* flat, int threads) {
+                             const float* val_t, int64_t nseg, const int64_t* seg_width,
+                             const int64_t* seg_g, const int64_t* seg_ld, const int64_t* seg_mask,
+                             const int64_t* seg_h, const float* x, float* dx, float* dbias,
+                             float* dval, const int64_t* flat, int threads) {
+  std::vector<DySeg> segs(nseg);
+  for (int64_t s = 0; s < nseg; ++s)
+    segs[s] = DySeg{seg_width[s], reinterpret_cast<const float*>(seg_g[s]), seg_ld[s],
+                    reinterpret_cast<const uint8_t*>(seg_mask[s]),
+                    reinterpret_cast<const float*>(seg_h[s])};
   const int64_t ntiles = (N + TW - 1) / TW;
-  if (ntiles < threads && threads > 1) {  // few tokens: the unfused kernels split other ways
-    sc_spmm(N, out, in, crow_t, col_t, val_t, dy, nullptr, dx, dbias, threads);
-    sc_sddmm(N, in, out, crow, col, dy, x, dval, flat, threads);
-    return;
-  }
+  // as sc_sddmm; with fewer tiles than threads each thread has one tile, so the bias sums are
+  // added in sc_spmm's order too
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, ntiles)));
   SupportGrad g(crow[out], threads);
   ColumnSums sums(dbias ? out : 0, threads);
 #pragma omp parallel num_threads(threads)
@@ -266,7 +345,7 @@ SC_EXPORT void sc_linear_bwd(int64_t N, int64_t in, int64_t out, const int64_t* 
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < ntiles; ++t) {
       const int64_t t0 = t * TW, nt = std::min(TW, N - t0);
-      load_tile(dy, out, t0, nt, dyt.data());
+      load_dy_tile(segs.data(), static_cast<int>(nseg), out, t0, nt, dyt.data());
       if (my_sums) add_col_sums(dyt.data(), out, my_sums);
       spmm_rows(crow_t, col_t, val_t, nullptr, dyt.data(), buf.data(), 0, in);
       store_tile(buf.data(), in, t0, nt, dx);
@@ -276,6 +355,16 @@ SC_EXPORT void sc_linear_bwd(int64_t N, int64_t in, int64_t out, const int64_t* 
   }
   sums.write(dbias);
   g.write(dval, flat);
+}
+
+// out[j] = src[idx[j]] for j < n: a CSR's values from the dense weight (idx: the nonzeros' flat
+// indices) or W^T's values from W's (idx: the permutation). torch's index_select runs these
+// 16-65K-element gathers on one thread with per-call overheads several times the work.
+SC_EXPORT void sc_gather(const float* src, const int64_t* idx, int64_t n, float* out,
+                         int threads) {
+  threads = n < 16384 ? 1 : threads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t j = 0; j < n; ++j) out[j] = src[idx[j]];
 }
 
 // CSR of a dense (rows, cols) matrix's nonzeros, in two calls: count (fills crow, returns nnz),

@@ -1,0 +1,82 @@
+"""The fused product + AbsTopK node against the ops one by one: bitwise equal, both ways."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsecircuits.kernels import LinearKernelState, abstopk, gelu_abstopk, sparse_linear
+from sparsecircuits.kernels._lib import library_path
+from sparsecircuits.kernels.crossover import ENV as BELOW
+from sparsecircuits.kernels.linear_topk import Segment, sparse_linear_topk
+
+pytestmark = pytest.mark.skipif(library_path() is None, reason="needs the compiled kernels")
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(BELOW, "1.01")  # every weight takes the sparse path
+    yield
+
+
+def _inputs(seed: int, n_tok: int, in_f: int, out_f: int, bias: bool):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * (torch.rand(out_f, in_f, generator=g) < 0.2)
+    w[::5] = 0.0  # empty rows
+    x = torch.randn(n_tok, in_f, generator=g)
+    b = torch.randn(out_f, generator=g) if bias else None
+    return w, x, b
+
+
+def _run(fused: bool, w, x, b, segs, grads, mode):
+    w, x = w.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    b = b.clone().requires_grad_(True) if b is not None else None
+    state = LinearKernelState(grad_mode=mode)
+    if fused:
+        outs = sparse_linear_topk(x, w, b, state, segs)
+        assert outs is not None and state.used_sparse
+    else:
+        parts = sparse_linear(x, w, b, state).split([s.width for s in segs], dim=-1)
+        outs = [
+            gelu_abstopk(p, s.k) if s.gelu else abstopk(p, s.k)
+            for p, s in zip(parts, segs, strict=True)
+        ]
+    loss = sum((o * g).sum() for o, g in zip(outs, grads, strict=True) if g is not None)
+    loss.backward()
+    return [o.detach() for o in outs], [t.grad for t in (x, w, b) if t is not None]
+
+
+@pytest.mark.parametrize("mode", ["support", "dense", "regrow"])
+@pytest.mark.parametrize("n_tok", [1, 33, 300])
+@pytest.mark.parametrize(
+    "segs",
+    [
+        (Segment(24, 6), Segment(24, 6), Segment(24, 5)),  # q, k, v
+        (Segment(20, 5),),  # a width that is not a multiple of 8: the tails
+        (Segment(40, 10, gelu=True),),  # c_fc
+    ],
+)
+def test_fused_node_equals_the_ops_one_by_one(mode, n_tok, segs) -> None:
+    out_f = sum(s.width for s in segs)
+    w, x, b = _inputs(n_tok, n_tok, 19, out_f, bias=True)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(n_tok, s.width, generator=g) for s in segs]
+    if len(segs) > 1:
+        grads[1] = None  # an output without a gradient
+    outs_f, grads_f = _run(True, w, x, b, segs, grads, mode)
+    outs_u, grads_u = _run(False, w, x, b, segs, grads, mode)
+    for a, c in zip(outs_f + grads_f, outs_u + grads_u, strict=True):
+        assert torch.equal(a, c)
+
+
+def test_falls_back_where_it_does_not_apply(monkeypatch) -> None:
+    w, x, b = _inputs(0, 8, 16, 24, bias=False)
+    state = LinearKernelState()
+    segs = (Segment(24, 6),)
+    with torch.no_grad():  # nothing to fuse without a backward
+        assert sparse_linear_topk(x, w, b, state, segs) is None
+    xg = x.clone().requires_grad_(True)
+    assert sparse_linear_topk(xg, w, b, state, (Segment(24, 24),)) is None  # keeps everything
+    assert sparse_linear_topk(xg, w, b, state, (Segment(12, 3),)) is None  # widths != out
+    monkeypatch.setenv(BELOW, "0")  # dense weights take F.linear
+    assert sparse_linear_topk(xg, w, b, state, segs) is None
