@@ -12,9 +12,9 @@ on random tokens. Variants, timed round-robin (medians):
 - ``ours exact``: the CSR kernels below the measured crossover, fast AbsTopK and projection,
   dense weight gradients every step (the paper's exact top-k training);
 - ``ours fast``: the same with support-only weight gradients and AdamW on the supports, a
-  regrowth step every ``regrow_every`` steps (10: timed as 1 regrowth + 9 support steps) at
-  the default ``regrow_precision``: the trainer's ``weight_grad: fast`` path, on its own copy
-  of the model.
+  regrowth step every ``regrow_every`` steps (the default, 20: timed as 1 regrowth + 19
+  support steps) at the default ``regrow_precision``: the trainer's ``weight_grad: fast``
+  path, on its own copy of the model.
 
     python benchmarks/sparse_training.py [--widths 256,1024] [--rounds 3] [--inference]
 """

@@ -80,3 +80,50 @@ def test_falls_back_where_it_does_not_apply(monkeypatch) -> None:
     assert sparse_linear_topk(xg, w, b, state, (Segment(12, 3),)) is None  # widths != out
     monkeypatch.setenv(BELOW, "0")  # dense weights take F.linear
     assert sparse_linear_topk(xg, w, b, state, segs) is None
+
+
+def test_model_forward_hooks_still_run_and_fusion_changes_nothing(monkeypatch) -> None:
+    """A forward hook on a product module runs (the fused node is skipped for it); outputs and
+    every gradient equal the run with fusion disabled."""
+    import sparsecircuits.model.layers as layers
+    from sparsecircuits.model import GPT
+    from sparsecircuits.model.config import GPTConfig
+
+    cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, d_head=8, d_model=32)
+    xy = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(0))
+
+    def run(fuse: bool, hook: bool):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(torch.rand(p.shape) < 0.3)
+        seen = []
+        if hook:
+            model.transformer.h[0].attn.c_attn.register_forward_hook(
+                lambda m, i, o: seen.append(o.shape)
+            )
+        real = layers.sparse_linear_topk
+        fused = []
+
+        def spy(*a, **k):
+            out = real(*a, **k) if fuse else None
+            fused.append(out is not None)
+            return out
+
+        monkeypatch.setattr(layers, "sparse_linear_topk", spy)
+        _, loss = model(xy[:, :-1], xy[:, 1:])
+        loss.backward()
+        monkeypatch.undo()
+        monkeypatch.setenv(BELOW, "1.01")
+        return loss.detach(), [p.grad for p in model.parameters()], seen, fused
+
+    loss_f, grads_f, _, fused_f = run(True, False)
+    loss_u, grads_u, _, _ = run(False, False)
+    loss_h, grads_h, seen_h, fused_h = run(True, True)
+    assert fused_f == [True] * 4  # c_attn, attn c_proj, c_fc, mlp c_proj
+    assert len(seen_h) == 1 and fused_h == [True] * 3  # the hooked c_attn ran as a module
+    assert torch.equal(loss_f, loss_u) and torch.equal(loss_f, loss_h)
+    for a, b, c in zip(grads_f, grads_u, grads_h, strict=True):
+        assert (a is None and b is None) or (torch.equal(a, b) and torch.equal(a, c))

@@ -173,3 +173,34 @@ def test_fast_mode_run_keeps_budgets_and_resumes_exactly(small_corpus, cache_dir
     a, b = model.state_dict(), load_model(part / "model").state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_regrow_steps_take_the_bf16_product_only_for_projected_weights(monkeypatch) -> None:
+    """regrow_precision "bf16": the regrowth steps' projected weights go through the regrow
+    gradient (exact on their supports), every other weight keeps its exact dense gradient;
+    "fp32" never takes the regrow path."""
+    import sparsecircuits.kernels.linear as linear
+
+    monkeypatch.setenv("SPARSECIRCUITS_SPARSE_BELOW", "1.01")
+    calls: list[tuple[int, int]] = []
+    real = linear.regrow_weight_grad
+
+    def spy(pattern, dy, x):
+        calls.append((pattern.rows, pattern.cols))
+        return real(pattern, dy, x)
+
+    monkeypatch.setattr(linear, "regrow_weight_grad", spy)
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    opt = build_optimizer(model, OptimConfig(lr=1e-2))
+    names = [n for n in sparse_parameter_names(model) if "c_fc" not in n]  # c_fc stays dense
+    sp = WeightSparsity(model, names)
+    sp.project_(1 / 4)
+    xy = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
+    step = dict(lr=1e-2, frac=1 / 4, optim=OptimConfig(lr=1e-2), mode="regrow")
+    train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], regrow_precision="fp32", **step)
+    assert calls == []
+    train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], regrow_precision="bf16", **step)
+    c_fc = model.transformer.h[0].mlp.c_fc.weight
+    assert calls and tuple(c_fc.shape) not in calls  # c_fc: 128 x 32, unique in CFG
+    assert all(m.kernel.grad_mode == "dense" for m in model.modules() if hasattr(m, "kernel"))

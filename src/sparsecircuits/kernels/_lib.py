@@ -90,7 +90,8 @@ def library_path() -> Path | None:
     return Path(spec.origin) if spec is not None and spec.origin else None
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
@@ -115,7 +116,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"{path} is not a sparsecircuits kernel library (no sc_isa)"
     lib.sc_isa.restype = ctypes.c_char_p
     isa = lib.sc_isa().decode()
-    if isa == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
+    if isa == "avx2" and not {"avx2", "fma"} <= cpu_flags():
         return None, f"{path} needs AVX2+FMA, which this CPU lacks"
     for name, args in _SIGNATURES.items():
         try:

@@ -8,11 +8,12 @@ information:
   it costs a third of a dense layer's work.
 - ``support``: ``dW`` only at W's nonzeros (an SDDMM, O(nnz * tokens)); zeros elsewhere. The
   trainer's fast mode uses it on most steps and a dense step every R steps to let weights regrow.
-- ``regrow``: the fast mode's dense step with a cheaper product. Off the support, where the
-  gradient only ranks candidates for regrowth, ``dW`` comes from a bfloat16 product (float32
-  accumulation, ~3e-3 relative error) on CPUs with native bfloat16 dot products, where it runs
-  ~2x faster; on the support it is the exact float32 SDDMM, as in ``support`` steps. Elsewhere
-  it is ``dense``.
+- ``regrow``: the fast mode's dense step with a cheaper product. Off the support ``dW`` comes
+  from a bfloat16 product (float32 accumulation, ~3e-3 relative error) on CPUs with native
+  bfloat16 dot products, where it runs ~2x faster; on the support it is the exact float32
+  SDDMM, as in ``support`` steps. The off-support part feeds the projection's choice of
+  regrowing weights, that step's gradient-RMS factor and support share, and the AdamW moments
+  of weights that are zero now, all perturbed by ~3e-3. Elsewhere it is ``dense``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from sparsecircuits.kernels._lib import lib
+from sparsecircuits.kernels._lib import cpu_flags, lib
 from sparsecircuits.kernels.crossover import sparse_below
 from sparsecircuits.kernels.csr import CSRPattern, build_pattern, gather
 from sparsecircuits.kernels.select import as_rows, gelu_abstopk_grad, masked_grad
@@ -37,9 +38,14 @@ _SDDMM_ELEMENTS = 1 << 24  # (tokens x nonzeros) per chunk of the torch fallback
 @functools.cache
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so that a bfloat16
-    product beats a float32 one; emulated bfloat16 is slower."""
-    cpu = torch.cpu
-    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    product beats a float32 one; emulated bfloat16 is slower. torch's own probes where this
+    torch has them (private helpers), else the CPU's flags."""
+    probes = [
+        getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    if all(callable(f) for f in probes):
+        return any(bool(f()) for f in probes)
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def regrow_weight_grad(pattern: CSRPattern, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -97,8 +103,9 @@ def sddmm(
     pattern: CSRPattern, dy: torch.Tensor, x: torch.Tensor, *, dense_out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Weight gradient at the nonzeros: dval[j] = sum_n dy[n, row_j] * x[n, col_j] -> (nnz,).
-    With ``dense_out`` (a zeroed contiguous (rows, cols) tensor): written into it at the
-    nonzeros' positions instead, and returned."""
+    With ``dense_out`` (a contiguous (rows, cols) tensor): written into it at the nonzeros'
+    positions instead (overwriting them; the other entries are left as they are), and
+    returned."""
     N = x.shape[0]
     if _cpp(x, dy) and (dense_out is None or dense_out.is_contiguous()):
         dy, x = dy.contiguous(), x.contiguous()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,13 +35,29 @@ class Linear(nn.Linear):
         return sparse_linear(x, self.weight, self.bias, self.kernel)
 
 
-def set_weight_grad(model: nn.Module, mode: GradMode) -> None:
+def set_weight_grad(
+    model: nn.Module, mode: GradMode, *, only: Collection[nn.Parameter] | None = None
+) -> None:
     """Weight-gradient mode of every ``Linear`` in ``model``: ``"dense"`` (exact, the default),
     ``"support"`` (only at the current nonzeros) or ``"regrow"`` (exact on the nonzeros, a
-    bfloat16 product elsewhere where that is native; see ``kernels/linear.py``)."""
+    bfloat16 product elsewhere where that is native; see ``kernels/linear.py``). With
+    ``only``, layers whose weight is not among these get ``"dense"`` (weights that are not
+    projected to a support need their whole gradient)."""
+    keep = None if only is None else {id(p) for p in only}
     for m in model.modules():
         if isinstance(m, Linear):
-            m.kernel.grad_mode = mode
+            m.kernel.grad_mode = mode if keep is None or id(m.weight) in keep else "dense"
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward (pre-)hooks, its own or global ones."""
+    glob = torch.nn.modules.module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(glob, "_global_forward_hooks", None)
+        or getattr(glob, "_global_forward_pre_hooks", None)
+    )
 
 
 def support_only_weights(model: nn.Module) -> list[nn.Parameter]:
@@ -92,9 +110,10 @@ class ActSparsity:
         the AbsTopKs are one autograd node whose backward applies the masks as it reads the
         gradients (``kernels/linear_topk.py``); elsewhere the ops run one by one, with the
         same results. x (..., in) -> tuple of (..., out / len(locs)). ``module``: a
-        ``Linear`` or anything with ``out_features`` (e.g. a sparse-storage ``CSRLinear``)."""
+        ``Linear`` or anything with ``out_features`` (e.g. a sparse-storage ``CSRLinear``);
+        a module with forward hooks is called as a module, so that they run."""
         width = module.out_features // len(locs)
-        if isinstance(module, Linear) and self.locs.issuperset(locs):
+        if isinstance(module, Linear) and not _hooked(module) and self.locs.issuperset(locs):
             segs = tuple(Segment(width, int(self.afrac * width), gelu) for _ in locs)
             fused = sparse_linear_topk(x, module.weight, module.bias, module.kernel, segs)
             if fused is not None:

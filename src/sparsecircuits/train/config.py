@@ -25,13 +25,14 @@ class SparsityConfig(StrictModel):
     # "fast" = dW only on the current support, with a dense dW + projection (regrowth) every
     # `regrow_every` steps and on every step whose L0 budget changes (the anneal). The default
     # is fast: on the `small` preset its final validation loss was within 1% of exact mode's
-    # in both paired runs (+0.42%, +0.60%) at 1.3-1.6x the post-anneal tokens/s
-    # (benchmarks/README.md).
+    # in every paired run (+0.42%, +0.60%; +0.36% with bf16 regrowth at both 10 and 20 steps)
+    # at 1.3-1.9x the post-anneal tokens/s (docs/kernels.md).
     weight_grad: Literal["exact", "fast"] = "fast"
     regrow_every: int = 20
-    # The regrowth steps' off-support weight gradients only rank candidates for regrowth:
-    # "bf16" takes them from a bfloat16 product on CPUs that have one natively (~2x faster; the
-    # support's gradients stay exact float32), "fp32" always computes them in float32.
+    # The regrowth steps' off-support weight gradients: "bf16" takes them from a bfloat16
+    # product on CPUs that have one natively (~2x faster, ~3e-3 relative error in the regrowth
+    # choice, that step's RMS factor and the moments of zero weights; the support's gradients
+    # stay exact float32), "fp32" always computes them in float32 (docs/kernels.md).
     regrow_precision: Literal["fp32", "bf16"] = "bf16"
 
     @model_validator(mode="after")

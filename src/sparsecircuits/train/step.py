@@ -44,7 +44,7 @@ def train_step(
     optim: OptimConfig,
     dist: D.DistInfo = D.SINGLE_PROCESS,
     precision: str = "fp32",
-    regrow_precision: RegrowPrecision = "fp32",
+    regrow_precision: RegrowPrecision = "bf16",
 ) -> tuple[float, float]:
     """One optimizer step on (x, y) (B, T): forward/backward, gradient averaging over ranks,
     RMS control, AdamW at ``lr``, then the top-k projection at L0 fraction ``frac``.
@@ -65,7 +65,8 @@ def train_step(
         grad_mode = "support"
     elif mode == "regrow" and regrow_precision == "bf16":
         grad_mode = "regrow"
-    set_weight_grad(model, grad_mode)
+    # only the projected weights: any other Linear needs its whole, exact gradient
+    set_weight_grad(model, grad_mode, only=sparsity.params.values())
     with autocast_context(precision, x.device):
         _, loss = model(x, y)  # the loss itself is computed in fp32 (see GPT.forward)
     loss.backward()
