@@ -104,6 +104,9 @@ def test_model_forward_hooks_still_run_and_fusion_changes_nothing(monkeypatch) -
             model.transformer.h[0].attn.c_attn.register_forward_hook(
                 lambda m, i, o: seen.append(o.shape)
             )
+            model.transformer.h[0].mlp.c_proj.register_full_backward_hook(
+                lambda m, gi, go: seen.append(go[0].shape)
+            )
         real = layers.sparse_linear_topk
         fused = []
 
@@ -123,7 +126,8 @@ def test_model_forward_hooks_still_run_and_fusion_changes_nothing(monkeypatch) -
     loss_u, grads_u, _, _ = run(False, False)
     loss_h, grads_h, seen_h, fused_h = run(True, True)
     assert fused_f == [True] * 4  # c_attn, attn c_proj, c_fc, mlp c_proj
-    assert len(seen_h) == 1 and fused_h == [True] * 3  # the hooked c_attn ran as a module
+    # the hooked c_attn and mlp c_proj ran as modules: both hooks fired
+    assert len(seen_h) == 2 and fused_h == [True] * 2
     assert torch.equal(loss_f, loss_u) and torch.equal(loss_f, loss_h)
     for a, b, c in zip(grads_f, grads_u, grads_h, strict=True):
         assert (a is None and b is None) or (torch.equal(a, b) and torch.equal(a, c))

@@ -50,14 +50,11 @@ def set_weight_grad(
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run forward (pre-)hooks, its own or global ones."""
+    """Whether calling ``module`` would run hooks (forward or backward, pre or post), its own
+    or global ones."""
+    kinds = ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")
     glob = torch.nn.modules.module
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or getattr(glob, "_global_forward_hooks", None)
-        or getattr(glob, "_global_forward_pre_hooks", None)
-    )
+    return any(getattr(module, f"_{k}", None) or getattr(glob, f"_global_{k}", None) for k in kinds)
 
 
 def support_only_weights(model: nn.Module) -> list[nn.Parameter]:
@@ -111,7 +108,7 @@ class ActSparsity:
         gradients (``kernels/linear_topk.py``); elsewhere the ops run one by one, with the
         same results. x (..., in) -> tuple of (..., out / len(locs)). ``module``: a
         ``Linear`` or anything with ``out_features`` (e.g. a sparse-storage ``CSRLinear``);
-        a module with forward hooks is called as a module, so that they run."""
+        a module with hooks is called as a module, so that they run."""
         width = module.out_features // len(locs)
         if isinstance(module, Linear) and not _hooked(module) and self.locs.issuperset(locs):
             segs = tuple(Segment(width, int(self.afrac * width), gelu) for _ in locs)
