@@ -54,6 +54,7 @@ def _run(fused: bool, w, x, b, segs, grads, mode):
         (Segment(24, 6), Segment(24, 6), Segment(24, 5)),  # q, k, v
         (Segment(20, 5),),  # a width that is not a multiple of 8: the tails
         (Segment(40, 10, gelu=True),),  # c_fc
+        (Segment(140, 35, gelu=True),),  # GELU' packed 64 entries at a time unfused, plus tails
     ],
 )
 def test_fused_node_equals_the_ops_one_by_one(mode, n_tok, segs) -> None:

@@ -117,7 +117,19 @@ void load_dy_tile(const DySeg* segs, int nseg, int64_t out, int64_t t0, int64_t 
     for (int64_t r0 = 0; r0 < n8; r0 += 8)
       for (int64_t i0 = 0; i0 < w8; i0 += 8) {
         __m256 r[8];
-        for (int k = 0; k < 8; ++k) r[k] = (__m256)sg.load(t0 + r0 + k, i0);
+        if (sg.h && sg.mask) {  // GELU' on the kept entries only
+          const float *h[8], *g[8];
+          const uint8_t* m[8];
+          for (int k = 0; k < 8; ++k) {
+            const int64_t row = t0 + r0 + k;
+            h[k] = sg.h + row * sg.width + i0;
+            g[k] = sg.g + row * sg.ld + i0;
+            m[k] = sg.mask + row * sg.width + i0;
+          }
+          gelu_grad_kept8x8(h, g, m, reinterpret_cast<v8f*>(r));
+        } else {
+          for (int k = 0; k < 8; ++k) r[k] = (__m256)sg.load(t0 + r0 + k, i0);
+        }
         transpose8(r);
         for (int m = 0; m < 8; ++m) _mm256_storeu_ps(tile + (c0 + i0 + m) * TW + r0, r[m]);
       }
