@@ -84,3 +84,25 @@ def test_adamw_at_matches_torch_adamw_on_the_support(seed, n, steps, scale, wd) 
         torch.testing.assert_close(v[mask], st_["exp_avg_sq"][mask], rtol=1e-5, atol=1e-9)
         assert torch.equal(w[~mask], w0[~mask]), name
         assert not m[~mask].any() and not v[~mask].any(), name
+
+
+@pytest.mark.parametrize("n", [17, 70_000])  # the second runs the threaded path
+def test_adamw_at_with_compact_moments_equals_dense_moments(n: int) -> None:
+    """Moments held as (nnz,) copies in the index's order give bitwise the dense-moment
+    results, on both backends; a compact moment of the wrong size is refused."""
+    g = torch.Generator().manual_seed(n)
+    w0 = torch.randn(n, generator=g)
+    idx = support_index(torch.rand(n, generator=g) < 0.2)
+    grads = [torch.randn(n, generator=g) for _ in range(3)]
+    hp = dict(lr=0.01, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_scale=0.5)
+    for name in BACKENDS:
+        os.environ[ENV] = name
+        w, m, v = w0.clone(), torch.zeros(n), torch.zeros(n)
+        wc, mc, vc = w0.clone(), torch.zeros(idx.numel()), torch.zeros(idx.numel())
+        for i, gr in enumerate(grads, start=1):
+            adamw_at_(w, m, v, gr, idx, step=i, **hp)
+            adamw_at_(wc, mc, vc, gr, idx, step=i, compact=True, **hp)
+        assert torch.equal(w, wc), name
+        assert torch.equal(m[idx], mc) and torch.equal(v[idx], vc), name
+    with pytest.raises(ValueError, match="compact moments"):
+        adamw_at_(w, m, v, grads[0], idx, step=1, compact=True, **hp)

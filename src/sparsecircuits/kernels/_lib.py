@@ -66,8 +66,8 @@ _SIGNATURES: dict[str, list] = {
     "sc_add_logit_tables": [_f32p, _f32p, _f32p, _f32p, _f32p, _i64, _i64, _i32],
     # n, idx (or null), g, threads -> sum of squares (double)
     "sc_sumsq": [_i64, _f32p, _f32p, _i32],
-    # n, idx, g, w, m, v, hyper-parameters (8 floats), threads
-    "sc_adamw_at": [_i64, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _i32],
+    # n, idx, g, w, m, v, hyper-parameters (8 floats), compact moments, threads
+    "sc_adamw_at": [_i64, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _i32, _i32],
     # x, w, rows, n, eps, y, rstd, threads
     "sc_rmsnorm_fwd": [_f32p, _f32p, _i64, _i64, ctypes.c_float, _f32p, _f32p, _i32],
     # x, w, rstd, dy, ld, rows, n, dx, dw, threads

@@ -23,6 +23,9 @@ class SupportAdamW:
     def __init__(self, optimizer: torch.optim.AdamW) -> None:
         self.opt = optimizer
         self.skipped: dict[int, int] = {}  # id(param) -> support steps since its moments' decay
+        # id(param) -> (support index, exp_avg, exp_avg_sq at it): the support entries' moments
+        # while support steps run; the optimizer's own state is stale there until catch_up
+        self.compact: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def step(self, supports: dict[int, torch.Tensor], *, grad_scale: float = 1.0) -> None:
@@ -48,10 +51,13 @@ class SupportAdamW:
 
     @torch.no_grad()
     def catch_up(self, masks: dict[int, torch.Tensor]) -> None:
-        """Apply the deferred moment decay outside each parameter's support ({id: mask})."""
+        """Bring the optimizer's state up to date: the compact moments written back, and the
+        deferred moment decay applied outside each parameter's support ({id: mask}). Call it
+        before a dense step, a checkpoint, or anything else reading the optimizer's state."""
         for group in self.opt.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
+                self._write_back(p)
                 s = self.skipped.pop(id(p), 0)
                 if s == 0 or id(p) not in masks:
                     continue
@@ -67,10 +73,24 @@ class SupportAdamW:
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        held = self.compact.get(id(p))
+        if held is None or held[0] is not index:  # a new support: its moments, compact
+            self._write_back(p)
+            held = (index, state["exp_avg"].view(-1)[index], state["exp_avg_sq"].view(-1)[index])
+            self.compact[id(p)] = held
         state["step"] += 1
         beta1, beta2 = group["betas"]
         adamw_at_(
-            p.data, state["exp_avg"], state["exp_avg_sq"], p.grad, index,
+            p.data, held[1], held[2], p.grad, index,
             step=int(state["step"]), lr=group["lr"], weight_decay=group["weight_decay"],
-            beta1=beta1, beta2=beta2, eps=group["eps"], grad_scale=scale,
+            beta1=beta1, beta2=beta2, eps=group["eps"], grad_scale=scale, compact=True,
         )  # fmt: skip
+
+    def _write_back(self, p: nn.Parameter) -> None:
+        """The compact moments of ``p`` (if any) back into the optimizer's state."""
+        held = self.compact.pop(id(p), None)
+        if held is not None:
+            index, m, v = held
+            state = self.opt.state[p]
+            state["exp_avg"].view(-1)[index] = m
+            state["exp_avg_sq"].view(-1)[index] = v
