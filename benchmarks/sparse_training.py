@@ -14,9 +14,11 @@ on random tokens. Variants, timed round-robin (medians):
 - ``ours fast``: the same with support-only weight gradients and AdamW on the supports, a
   regrowth step every ``regrow_every`` steps (the default, 20: timed as 1 regrowth + 19
   support steps) at the default ``regrow_precision``: the trainer's ``weight_grad: fast``
-  path, on its own copy of the model.
+  path, on its own copy of the model. ``--regrow-every R`` adds a ``fast R=R`` row: the same
+  with another interval (a trade of loss for speed measured in ``docs/kernels.md``).
 
     python benchmarks/sparse_training.py [--widths 256,1024] [--rounds 3] [--inference]
+                                         [--regrow-every 40]
 """
 
 from __future__ import annotations
@@ -132,7 +134,14 @@ def _timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
-def training(width: int, rounds: int, batch: int) -> list[dict]:
+def _fast(run: Run, every: int) -> float:
+    """Average seconds per step of the fast mode: one regrowth step, then every - 1 support
+    steps."""
+    t = _timed(lambda: run.step("regrow"))
+    return (t + sum(_timed(lambda: run.step("support")) for _ in range(every - 1))) / every
+
+
+def training(width: int, rounds: int, batch: int, extra_every: list[int]) -> list[dict]:
     rows = []
     for label, frac in L0S.items():
         run = Run(width, frac, batch)
@@ -142,13 +151,11 @@ def training(width: int, rounds: int, batch: int) -> list[dict]:
         }
         if frac < 1.0:
             fast_run = Run(width, frac, batch, fast=True)
-
-            def fast(run=fast_run) -> float:
-                t = _timed(lambda: run.step("regrow"))
-                R = SPARSITY.regrow_every
-                return (t + sum(_timed(lambda: run.step("support")) for _ in range(R - 1))) / R
-
-            variants["ours fast"] = fast
+            every = SPARSITY.regrow_every
+            variants["ours fast"] = lambda run=fast_run, r=every: _fast(run, r)
+            for r in extra_every:  # other regrowth intervals, on their own copies
+                other = Run(width, frac, batch, fast=True)
+                variants[f"fast R={r}"] = lambda run=other, r=r: _fast(run, r)
         for name, fn in variants.items():  # warm-up (crossover measurement, first touch)
             use_path(name)
             fn()
@@ -208,6 +215,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="sequences of 256 tokens per step")
     ap.add_argument("--no-training", action="store_true")
     ap.add_argument("--inference", action="store_true", help="also time forward-only passes")
+    ap.add_argument(
+        "--regrow-every",
+        type=int,
+        action="append",
+        default=[],
+        help="also time the fast mode with this regrowth interval (repeatable; the default "
+        f"is the trainer's, {SPARSITY.regrow_every})",
+    )
     args = ap.parse_args()
     print(machine())
     widths = [int(w) for w in args.widths.split(",")]
@@ -218,7 +233,7 @@ def main() -> None:
             f"{'width':>6s} {'L0':>6s} {'variant':>13s} {'ms/step':>9s} {'tok/s':>8s} {'ratio':>7s}"
         )
         for w in widths:
-            for r in training(w, args.rounds, args.batch):
+            for r in training(w, args.rounds, args.batch, args.regrow_every):
                 res["training"].append(r)
                 print(
                     f"{r['width']:6d} {r['l0']:>6s} {r['variant']:>13s} {r['ms_per_step']:9.0f} "
