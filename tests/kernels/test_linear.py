@@ -111,12 +111,13 @@ def test_products_at_training_shapes(name: str, monkeypatch) -> None:
         assert_close(sddmm(p, dy, x), (dy64.t() @ x64).reshape(-1)[p.flat])
 
 
+@pytest.mark.parametrize("density", [1 / 16, 1 / 3])  # 1/3: rows of W and W^T past 8 entries
 @pytest.mark.parametrize("n_tok", [1, 33, 300])
-def test_fused_backward_equals_the_separate_products(n_tok: int) -> None:
-    """The support-mode backward's one pass over dy (dx, bias and support gradients) gives
-    bitwise the separate kernels' results."""
+def test_fused_backward_equals_the_separate_products(n_tok: int, density: float) -> None:
+    """The support-mode backward's one pass over dy (dx, bias and support gradients, the
+    latter summed in W^T's order) gives bitwise the separate kernels' results."""
     g = torch.Generator().manual_seed(n_tok)
-    w = _weight(n_tok, 96, 64, 1 / 16, "empty_rows").requires_grad_(True)
+    w = _weight(n_tok, 96, 64, density, "empty_rows").requires_grad_(True)
     b = torch.randn(96, generator=g, requires_grad=True)
     x = torch.randn(n_tok, 64, generator=g, requires_grad=True)
     dy = torch.randn(n_tok, 96, generator=g)

@@ -185,7 +185,7 @@ def fused_support_backward(
         x.shape[0], p.cols, p.rows, p.crow.data_ptr(), p.col.data_ptr(), p.crow_t.data_ptr(),
         p.col_t.data_ptr(), val_t.data_ptr(), len(segs), *(r.data_ptr() for r in rows),
         x.data_ptr(), dx.data_ptr(), db.data_ptr() if db is not None else 0, dw.data_ptr(),
-        p.flat.data_ptr(), torch.get_num_threads(),
+        p.flat.data_ptr(), p.perm.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return dx
 
