@@ -14,7 +14,7 @@ from sparsecircuits.kernels import LinearKernelState, build_pattern, sparse_line
 from sparsecircuits.kernels._lib import ENV, library_path
 from sparsecircuits.kernels.crossover import ENV as BELOW
 from sparsecircuits.kernels.csr import gather
-from sparsecircuits.kernels.linear import sddmm, spmm
+from sparsecircuits.kernels.linear import regrow_weight_grad, sddmm, spmm
 
 BACKENDS = ["torch"] + (["cpp"] if library_path() is not None else [])
 
@@ -111,22 +111,26 @@ def test_products_at_training_shapes(name: str, monkeypatch) -> None:
         assert_close(sddmm(p, dy, x), (dy64.t() @ x64).reshape(-1)[p.flat])
 
 
+@pytest.mark.parametrize("mode", ["support", "regrow"])
 @pytest.mark.parametrize("density", [1 / 16, 1 / 3])  # 1/3: rows of W and W^T past 8 entries
 @pytest.mark.parametrize("n_tok", [1, 33, 300])
-def test_fused_backward_equals_the_separate_products(n_tok: int, density: float) -> None:
-    """The support-mode backward's one pass over dy (dx, bias and support gradients, the
-    latter summed in W^T's order) gives bitwise the separate kernels' results."""
+def test_fused_backward_equals_the_separate_products(n_tok: int, density: float, mode) -> None:
+    """The support and regrowth backwards' one pass over dy (dx, bias and support gradients,
+    the latter summed in W^T's order) gives bitwise the separate kernels' results."""
     g = torch.Generator().manual_seed(n_tok)
     w = _weight(n_tok, 96, 64, density, "empty_rows").requires_grad_(True)
     b = torch.randn(96, generator=g, requires_grad=True)
     x = torch.randn(n_tok, 64, generator=g, requires_grad=True)
     dy = torch.randn(n_tok, 96, generator=g)
-    sparse_linear(x, w, b, LinearKernelState(grad_mode="support")).backward(dy)
+    sparse_linear(x, w, b, LinearKernelState(grad_mode=mode)).backward(dy)
     p = build_pattern(w.detach())
     val = w.detach().reshape(-1)[p.flat]
     db = torch.empty(96)
     dx = spmm(p.crow_t, p.col_t, val[p.perm].contiguous(), dy, None, 64, x_col_sum=db)
-    dw = sddmm(p, dy, x.detach(), dense_out=torch.zeros(96, 64))
+    if mode == "regrow":
+        dw = regrow_weight_grad(p, dy, x.detach())
+    else:
+        dw = sddmm(p, dy, x.detach(), dense_out=torch.zeros(96, 64))
     assert torch.equal(x.grad, dx) and torch.equal(w.grad, dw) and torch.equal(b.grad, db)
 
 

@@ -53,8 +53,12 @@ def regrow_weight_grad(pattern: CSRPattern, dy: torch.Tensor, x: torch.Tensor) -
     product off W's support where that is native, the float32 SDDMM on it."""
     if not native_bf16() or x.device.type != "cpu":
         return dy.t().mm(x)
-    dw = dy.to(torch.bfloat16).t().mm(x.to(torch.bfloat16)).float()
-    return sddmm(pattern, dy, x, dense_out=dw)  # overwrites the support's entries
+    return sddmm(pattern, dy, x, dense_out=_bf16_dw(dy, x))  # overwrites the support's entries
+
+
+def _bf16_dw(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dy^T x (out, in) as a bfloat16 product with float32 accumulation."""
+    return dy.to(torch.bfloat16).t().mm(x.to(torch.bfloat16)).float()
 
 
 def _cpp(*ts: torch.Tensor | None) -> bool:
@@ -203,6 +207,11 @@ def fusable(x: torch.Tensor, val: torch.Tensor, dy: list[DySegment]) -> bool:
     )
 
 
+def _bf16_regrowth(x: torch.Tensor, val: torch.Tensor, dy: list[DySegment]) -> bool:
+    """Whether a ``regrow`` backward takes the bfloat16 product and the one-pass kernel."""
+    return native_bf16() and x.device.type == "cpu" and fusable(x, val, dy)
+
+
 def linear_backward(
     ctx, dy: list[DySegment]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -222,6 +231,11 @@ def linear_backward(
         return fused_support_backward(p, val, dy, x, dw, db), dw, db
     g = dy[0].materialise() if len(dy) == 1 else torch.cat([s.materialise() for s in dy], -1)
     g = g.reshape(-1, p.rows)
+    if ctx.grad_mode == "regrow" and needs[0] and needs[1] and _bf16_regrowth(x, val, dy):
+        # the bfloat16 product off the support, then the one-pass backward for dx, the bias
+        # and the exact support entries (overwritten): what the separate kernels give
+        dw = _bf16_dw(g, x)
+        return fused_support_backward(p, val, dy, x, dw, db), dw, db
     if needs[0]:  # the bias gradient comes with it (the same pass over dy)
         dx = spmm(p.crow_t, p.col_t, gather(val, p.perm), g, None, p.cols, x_col_sum=db)
     elif db is not None:
