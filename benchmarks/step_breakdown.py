@@ -56,6 +56,7 @@ def instrument() -> None:
     functions = [
         (linear, "spmm", "CSR products (fwd, dx)"),
         (linear_topk, "spmm", "CSR products (fwd, dx)"),
+        (linear_topk, "spmm_topk", "CSR product + AbsTopK (one pass)"),
         (linear, "sddmm", "support weight gradient"),
         (linear, "fused_support_backward", "CSR backward (AbsTopK bwd, dx, dW)"),
         (select, "abstopk_forward", "AbsTopK forward"),

@@ -74,13 +74,39 @@ def test_falls_back_where_it_does_not_apply(monkeypatch) -> None:
     w, x, b = _inputs(0, 8, 16, 24, bias=False)
     state = LinearKernelState()
     segs = (Segment(24, 6),)
-    with torch.no_grad():  # nothing to fuse without a backward
-        assert sparse_linear_topk(x, w, b, state, segs) is None
+    with torch.no_grad():  # without a backward a GELU segment runs torch's GELU: not fused
+        assert sparse_linear_topk(x, w, b, state, (Segment(24, 6, gelu=True),)) is None
     xg = x.clone().requires_grad_(True)
     assert sparse_linear_topk(xg, w, b, state, (Segment(24, 24),)) is None  # keeps everything
     assert sparse_linear_topk(xg, w, b, state, (Segment(12, 3),)) is None  # widths != out
     monkeypatch.setenv(BELOW, "0")  # dense weights take F.linear
     assert sparse_linear_topk(xg, w, b, state, segs) is None
+
+
+@pytest.mark.parametrize("n_tok", [1, 33, 300])
+@pytest.mark.parametrize(
+    "segs",
+    [
+        (Segment(24, 6), Segment(24, 6), Segment(24, 5)),  # q, k, v
+        (Segment(20, 5),),  # a width that is not a multiple of 8
+        (Segment(20, 1), Segment(12, 11)),
+    ],
+)
+def test_inference_fused_forward_equals_the_ops_one_by_one(n_tok, segs) -> None:
+    """Without gradients the product and AbsTopKs run as one pass (no masks): bitwise the
+    plain product followed by each segment's AbsTopK, with and without a bias."""
+    out_f = sum(s.width for s in segs)
+    for bias in (True, False):
+        w, x, b = _inputs(n_tok + 5, n_tok, 19, out_f, bias=bias)
+        with torch.no_grad():
+            got = sparse_linear_topk(x[None], w, b, LinearKernelState(), segs)
+            parts = sparse_linear(x, w, b, LinearKernelState()).split(
+                [s.width for s in segs], dim=-1
+            )
+        assert got is not None
+        for o, p, s in zip(got, parts, segs, strict=True):
+            assert o.shape == (1, n_tok, s.width)
+            assert torch.equal(o[0], abstopk(p, s.k))
 
 
 def test_model_forward_hooks_still_run_and_fusion_changes_nothing(monkeypatch) -> None:

@@ -183,13 +183,18 @@ def test_regrow_steps_take_the_bf16_product_only_for_projected_weights(monkeypat
 
     monkeypatch.setenv("SPARSECIRCUITS_SPARSE_BELOW", "1.01")
     calls: list[tuple[int, int]] = []
-    real = linear.regrow_weight_grad
+    real, real_bf16 = linear.regrow_weight_grad, linear._bf16_dw
 
-    def spy(pattern, dy, x):
+    def spy(pattern, dy, x):  # the regrow gradient (CPUs without native bfloat16)
         calls.append((pattern.rows, pattern.cols))
         return real(pattern, dy, x)
 
+    def spy_bf16(dy, x):  # its bfloat16 product (the one-pass backward's path)
+        calls.append((dy.shape[1], x.shape[1]))
+        return real_bf16(dy, x)
+
     monkeypatch.setattr(linear, "regrow_weight_grad", spy)
+    monkeypatch.setattr(linear, "_bf16_dw", spy_bf16)
     torch.manual_seed(0)
     model = GPT(CFG)
     opt = build_optimizer(model, OptimConfig(lr=1e-2))

@@ -1,13 +1,15 @@
 """A sparse product followed by AbsTopK (or GELU, then AbsTopK) on column segments of its output,
 as one autograd node: ``c_attn`` -> q, k, v; ``c_fc`` -> GELU -> AbsTopK; ``c_proj`` -> AbsTopK.
 
-The forward is exactly the unfused ops' (the CSR product, torch's GELU, the AbsTopK kernel).
-The backward is where fusing pays: unfused, each AbsTopK backward reads its upstream gradient
-and mask and writes the masked gradient, the q/k/v split's backward concatenates three of them,
-and the product's backward reads the result again. Here the support-mode product backward
-(``fused_support_backward``) applies the masks (and GELU's derivative) while it loads each tile
-of the upstream gradients: one read of each, no intermediate. Results are bitwise the unfused
-ones.
+The forward gives exactly the unfused ops' results (the CSR product, torch's GELU, the AbsTopK
+kernel). Without a GELU it is one compiled pass (``sc_spmm_topk``, also used for inference):
+each tile's output rows are selected while in cache, so the product's output is never
+written out and read back. The backward is where fusing pays most: unfused, each AbsTopK
+backward reads its upstream gradient and mask and writes the masked gradient, the q/k/v
+split's backward concatenates three of them, and the product's backward reads the result
+again. Here the support-mode product backward (``fused_support_backward``) applies the masks
+(and GELU's derivative) while it loads each tile of the upstream gradients: one read of each,
+no intermediate. Results are bitwise the unfused ones.
 """
 
 from __future__ import annotations
@@ -41,20 +43,68 @@ class Segment:
     gelu: bool = False
 
 
+def spmm_topk(
+    pattern: CSRPattern,
+    val: torch.Tensor,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    segments: tuple[Segment, ...],
+    *,
+    with_mask: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """The product ``x W^T (+ bias)`` (W: ``pattern`` with values ``val``; x (N, in) float32
+    contiguous) and each segment's AbsTopK (no GELU) in one compiled pass: each tile's output
+    rows are selected while in cache, so the product's output is never written. Returns the
+    segments' outputs (N, width) and masks (bool, or None without ``with_mask``); bitwise
+    ``spmm`` then ``abstopk_forward``."""
+    n = x.shape[0]
+    outs = [torch.empty(n, s.width, dtype=x.dtype) for s in segments]
+    masks = [torch.empty(n, s.width, dtype=torch.bool) if with_mask else None for s in segments]
+    table = (
+        torch.tensor(
+            [
+                [s.width, s.k, o.data_ptr(), m.data_ptr() if m is not None else 0]
+                for s, o, m in zip(segments, outs, masks, strict=True)
+            ],
+            dtype=torch.int64,
+        )
+        .t()
+        .contiguous()
+    )  # (4, nseg): widths, k, outputs, masks
+    lib().sc_spmm_topk(
+        n, pattern.cols, pattern.rows, pattern.crow.data_ptr(), pattern.col.data_ptr(),
+        val.data_ptr(), x.data_ptr(), bias.contiguous().data_ptr() if bias is not None else 0,
+        len(segments), *(r.data_ptr() for r in table), torch.get_num_threads(),
+    )  # fmt: skip
+    return outs, masks
+
+
+def _fused_forward_applies(x: torch.Tensor, bias: torch.Tensor | None, segments) -> bool:
+    """Whether ``spmm_topk`` takes these: no GELU segment (torch's GELU stays torch's),
+    float32 CPU tensors (the caller's pattern guarantees the compiled library)."""
+    return not any(s.gelu for s in segments) and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, bias) if t is not None
+    )
+
+
 class _SparseLinearTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pattern: CSRPattern, grad_mode: GradMode, segments):  # type: ignore[override]
         val = gather(weight.detach(), pattern.flat)
-        y = spmm(pattern.crow, pattern.col, val, x, bias, pattern.rows)  # (N, out)
-        outs, masks, pre = [], [], []
-        c0 = 0
-        for seg in segments:
-            ys = y[:, c0 : c0 + seg.width]
-            c0 += seg.width
-            out, mask = abstopk_forward(F.gelu(ys) if seg.gelu else ys, seg.k)
-            outs.append(out)
-            masks.append(mask)
-            pre.append(ys if seg.gelu else None)
+        if _fused_forward_applies(x, bias, segments):
+            outs, masks = spmm_topk(pattern, val, x.contiguous(), bias, segments, with_mask=True)
+            pre = [None] * len(segments)
+        else:
+            y = spmm(pattern.crow, pattern.col, val, x, bias, pattern.rows)  # (N, out)
+            outs, masks, pre = [], [], []
+            c0 = 0
+            for seg in segments:
+                ys = y[:, c0 : c0 + seg.width]
+                c0 += seg.width
+                out, mask = abstopk_forward(F.gelu(ys) if seg.gelu else ys, seg.k)
+                outs.append(out)
+                masks.append(mask)
+                pre.append(ys if seg.gelu else None)
         ctx.save_for_backward(x, weight, val, *masks, *(h for h in pre if h is not None))
         ctx.pattern, ctx.grad_mode, ctx.has_bias = pattern, grad_mode, bias is not None
         ctx.gelu = [seg.gelu for seg in segments]
@@ -86,18 +136,29 @@ def sparse_linear_topk(
 ) -> tuple[torch.Tensor, ...] | None:
     """``AbsTopK`` (after ``GELU`` where asked) of each column segment of ``F.linear(x, weight,
     bias)``: x (..., in) -> one (..., width) tensor per segment; None where the fused node does
-    not apply (the product takes the dense path, no compiled kernels, no gradient to take, a
-    segment keeps every entry): the caller then runs the ops one by one."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return None  # inference: the in-place AbsTopK after the plain product is cheaper
+    not apply (the product takes the dense path, no compiled kernels, a segment keeps every
+    entry, or no gradient to take and a GELU): the caller then runs the ops one by one."""
     if lib() is None or sum(s.width for s in segments) != weight.shape[0]:
         return None
     if any(not 0 < s.k < s.width for s in segments):
         return None
+    lead = x.shape[:-1]
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        # inference: the fused forward without masks where it applies; elsewhere the plain
+        # product and the in-place AbsTopK (the caller's)
+        if not _fused_forward_applies(x, bias, segments):
+            return None
+        pattern = sparse_pattern(x, weight, bias, state)
+        if pattern is None:
+            return None
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        val = gather(weight.detach(), pattern.flat)
+        outs, _ = spmm_topk(pattern, val, x2, bias.detach() if bias is not None else None,
+                            segments, with_mask=False)  # fmt: skip
+        return tuple(o.view(*lead, o.shape[-1]) for o in outs)
     pattern = sparse_pattern(x, weight, bias, state)
     if pattern is None:
         return None
-    lead = x.shape[:-1]
     outs = _SparseLinearTopK.apply(
         x.reshape(-1, x.shape[-1]), weight, bias, pattern, state.grad_mode, segments
     )

@@ -20,6 +20,7 @@
 
 #include "common.h"
 #include "simd.h"
+#include "topk_rows.h"
 
 namespace {
 
@@ -275,6 +276,36 @@ inline uint32_t cut_key(Cut c) {
 
 }  // namespace
 
+struct AbsTopKRows::Impl {
+  int64_t n;
+  std::vector<uint32_t> keys, hist, cand, tmp;
+  Guess guess;
+  explicit Impl(int64_t n_) : n(n_), keys(n_), hist(4 * BINS, 0) {}
+};
+
+AbsTopKRows::AbsTopKRows(int64_t n) : impl_(new Impl(n)) {}
+AbsTopKRows::~AbsTopKRows() { delete impl_; }
+
+void AbsTopKRows::row(const float* xr, int64_t k, float* y, uint8_t* mask) {
+  Impl& s = *impl_;
+  const int64_t n = s.n;
+  Cut cut{-1, 0};
+  if (k < n && bracket_cut(xr, n, k, s.guess, s.cand, s.tmp, &cut)) {
+    apply_cut(xr, nullptr, n, cut, mask, y);
+    return;
+  }
+  const auto [mn, mx] = make_keys(xr, n, s.keys.data());
+  if (k < n) {
+    // Rows with at most k nonzeros (q, k, v of a weight-sparse model are mostly exact
+    // zeros): keep every nonzero and the first zeros, without a selection.
+    const int64_t nz = mn == 0 ? count_nonzero(s.keys.data(), n) : n;
+    cut = nz <= k ? Cut{0, k - nz}
+                  : select_cut(s.keys.data(), n, k, mn, mx, s.hist.data(), s.cand, s.tmp);
+    if (nz > k) s.guess.T = cut_key(cut);
+  }
+  apply_cut(xr, s.keys.data(), n, cut, mask, y);
+}
+
 // AbsTopK along rows: y = x where |x| is among the k largest of its row, else 0; mask marks
 // the kept entries. x: (rows, n) float32 with row stride ld (>= n, unit column stride);
 // y: (rows, n) float32 with row stride ldy, or x itself (in place, ldy == ld); mask:
@@ -288,27 +319,10 @@ SC_EXPORT void sc_abstopk(const float* x, int64_t ld, float* y, int64_t ldy, uin
   }
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<uint32_t> keys(n), hist(4 * BINS, 0), cand, tmp;
-    Guess guess;
+    AbsTopKRows topk(n);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = x + r * ld;
-      Cut cut{-1, 0};
-      if (k < n && bracket_cut(xr, n, k, guess, cand, tmp, &cut)) {
-        apply_cut(xr, nullptr, n, cut, mask ? mask + r * n : nullptr, y + r * ldy);
-        continue;
-      }
-      const auto [mn, mx] = make_keys(xr, n, keys.data());
-      if (k < n) {
-        // Rows with at most k nonzeros (q, k, v of a weight-sparse model are mostly exact
-        // zeros): keep every nonzero and the first zeros, without a selection.
-        const int64_t nz = mn == 0 ? count_nonzero(keys.data(), n) : n;
-        cut = nz <= k ? Cut{0, k - nz}
-                      : select_cut(keys.data(), n, k, mn, mx, hist.data(), cand, tmp);
-        if (nz > k) guess.T = cut_key(cut);
-      }
-      apply_cut(xr, keys.data(), n, cut, mask ? mask + r * n : nullptr, y + r * ldy);
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      topk.row(x + r * ld, k, y + r * ldy, mask ? mask + r * n : nullptr);
   }
 }
 

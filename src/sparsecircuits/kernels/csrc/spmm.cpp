@@ -10,6 +10,7 @@
 
 #include "common.h"
 #include "simd.h"
+#include "topk_rows.h"
 #include "vmath.h"
 
 #if defined(__AVX2__)
@@ -341,6 +342,49 @@ SC_EXPORT void sc_spmm(int64_t N, int64_t in, int64_t out, const int64_t* crow,
                 std::min(out, (me + 1) * per));
     }
     store_tile(yt.data(), out, t0, nt, y);
+  }
+}
+
+// y = x W^T (+ bias) cut into nseg column segments, each through AbsTopK (k_s of width_s
+// per row): y_s[n] = the kept entries of segment s of row n, mask_s[n] marks them (mask
+// pointers may be 0: no gradient). Arrays of nseg (pointers as int64). Each tile's output
+// rows go through the selection while they are in cache, from a per-thread buffer: the
+// product's output never reaches memory. Bitwise sc_spmm, then sc_abstopk per segment.
+SC_EXPORT void sc_spmm_topk(int64_t N, int64_t in, int64_t out, const int64_t* crow,
+                            const int32_t* col, const float* val, const float* x,
+                            const float* bias, int64_t nseg, const int64_t* seg_width,
+                            const int64_t* seg_k, const int64_t* seg_y,
+                            const int64_t* seg_mask, int threads) {
+  const int64_t ntiles = (N + TW - 1) / TW;
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, ntiles)));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> xt(in * TW), yt(out * TW), rows(TW * out);
+    std::vector<AbsTopKRows*> topk(nseg);
+    for (int64_t s = 0; s < nseg; ++s) topk[s] = new AbsTopKRows(seg_width[s]);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t t0 = t * TW, nt = std::min(TW, N - t0);
+      load_tile(x, in, t0, nt, xt.data());
+      spmm_rows(crow, col, val, bias, xt.data(), yt.data(), 0, out);
+      store_tile(yt.data(), out, 0, nt, rows.data());
+      for (int64_t r = 0; r < nt; ++r) {
+        int64_t c0 = 0;
+        for (int64_t s = 0; s < nseg; ++s) {
+          const int64_t w = seg_width[s], at = (t0 + r) * w;
+          float* y = reinterpret_cast<float*>(seg_y[s]) + at;
+          uint8_t* m = seg_mask[s] ? reinterpret_cast<uint8_t*>(seg_mask[s]) + at : nullptr;
+          if (seg_k[s] <= 0) {
+            std::memset(y, 0, sizeof(float) * w);
+            if (m) std::memset(m, 0, w);
+          } else {
+            topk[s]->row(rows.data() + r * out + c0, seg_k[s], y, m);
+          }
+          c0 += w;
+        }
+      }
+    }
+    for (AbsTopKRows* p : topk) delete p;
   }
 }
 
