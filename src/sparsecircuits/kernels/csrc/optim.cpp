@@ -19,11 +19,14 @@ SC_EXPORT double sc_sumsq(int64_t n, const int64_t* idx, const float* g, int thr
     const int64_t lo = n * me / nt, hi = n * (me + 1) / nt;
     double acc[4] = {0.0, 0.0, 0.0, 0.0};
     int64_t j = lo;
-    for (; j + 4 <= hi; j += 4)
+    for (; j + 4 <= hi; j += 4) {
+      if (idx && j + 36 < hi)  // scattered entries: fetch ahead (as in sc_adamw_at)
+        for (int u = 0; u < 4; ++u) __builtin_prefetch(g + idx[j + 32 + u]);
       for (int u = 0; u < 4; ++u) {
         const double v = idx ? g[idx[j + u]] : g[j + u];
         acc[u] += v * v;
       }
+    }
     for (; j < hi; ++j) {
       const double v = idx ? g[idx[j]] : g[j];
       acc[0] += v * v;
@@ -49,6 +52,10 @@ SC_EXPORT void sc_adamw_at(int64_t n, const int64_t* idx, const float* g, float*
   if (n < 65536) threads = 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t j = 0; j < n; ++j) {
+    if (j + 32 < n) {  // the entries are scattered: fetch ahead what no prefetcher predicts
+      __builtin_prefetch(g + idx[j + 32]);
+      __builtin_prefetch(w + idx[j + 32], 1);
+    }
     const int64_t i = idx[j], k = compact ? j : i;
     const float gi = g[i] * gscale;
     const float mi = m[k] + omb1 * (gi - m[k]);  // torch's lerp for a weight below 0.5

@@ -295,6 +295,8 @@ struct SupportGrad : PerThread {
   void write(float* dval, const int64_t* flat, const int64_t* perm = nullptr) const {
 #pragma omp parallel for num_threads(threads_) schedule(static)
     for (int64_t jt = 0; jt < n_; ++jt) {
+      if (flat && jt + 32 < n_)  // scattered writes into a dense gradient: fetch ahead
+        __builtin_prefetch(dval + flat[perm ? perm[jt + 32] : jt + 32], 1);
       const int64_t j = perm ? perm[jt] : jt;
       dval[flat ? flat[j] : j] = total(jt);
     }
@@ -462,7 +464,10 @@ SC_EXPORT void sc_gather(const float* src, const int64_t* idx, int64_t n, float*
                          int threads) {
   threads = n < 16384 ? 1 : threads;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t j = 0; j < n; ++j) out[j] = src[idx[j]];
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + 32 < n) __builtin_prefetch(src + idx[j + 32]);  // scattered reads: fetch ahead
+    out[j] = src[idx[j]];
+  }
 }
 
 // CSR of a dense (rows, cols) matrix's nonzeros, in two calls: count (fills crow, returns nnz),
