@@ -218,3 +218,29 @@ def test_support_gradient_of_a_transposed_weight(name: str) -> None:
     want = (torch.ones(7, 24).t() @ x) * (wp.t() != 0)
     assert_close(w.grad, want)
     os.environ.pop(ENV, None)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_support_sparse_mode_returns_the_support_gradient_as_coo(fused: bool) -> None:
+    """ "support_sparse": the weight gradient is a sparse COO tensor at the nonzeros, in flat
+    order, whose dense form is bitwise "support" mode's gradient; dx and the bias gradient
+    are unchanged. ``fused``: the one-pass backward (x needs a gradient), else the SDDMM."""
+    g = torch.Generator().manual_seed(3)
+    w0 = _weight(3, 96, 64, 1 / 8, "empty_rows")
+    b0 = torch.randn(96, generator=g)
+    x0 = torch.randn(40, 64, generator=g)
+    dy = torch.randn(40, 96, generator=g)
+    grads = {}
+    for mode in ("support", "support_sparse"):
+        w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        x = x0.clone().requires_grad_(fused)
+        sparse_linear(x, w, b, LinearKernelState(grad_mode=mode)).backward(dy)
+        grads[mode] = (w.grad, b.grad, x.grad)
+    coo = grads["support_sparse"][0]
+    assert coo.is_sparse and not grads["support"][0].is_sparse
+    flat = coo._indices()[0] * 64 + coo._indices()[1]
+    assert torch.equal(flat, torch.nonzero(w0.reshape(-1)).squeeze(1))  # nonzeros, in order
+    assert torch.equal(coo.to_dense(), grads["support"][0])
+    assert torch.equal(grads["support_sparse"][1], grads["support"][1])
+    if fused:
+        assert torch.equal(grads["support_sparse"][2], grads["support"][2])

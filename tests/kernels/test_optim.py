@@ -88,8 +88,8 @@ def test_adamw_at_matches_torch_adamw_on_the_support(seed, n, steps, scale, wd) 
 
 @pytest.mark.parametrize("n", [17, 70_000])  # the second runs the threaded path
 def test_adamw_at_with_compact_moments_equals_dense_moments(n: int) -> None:
-    """Moments held as (nnz,) copies in the index's order give bitwise the dense-moment
-    results, on both backends; a compact moment of the wrong size is refused."""
+    """Moments (and the gradient) held as (nnz,) copies in the index's order give bitwise the
+    dense-indexed results, on both backends; compact tensors of the wrong size are refused."""
     g = torch.Generator().manual_seed(n)
     w0 = torch.randn(n, generator=g)
     idx = support_index(torch.rand(n, generator=g) < 0.2)
@@ -99,10 +99,15 @@ def test_adamw_at_with_compact_moments_equals_dense_moments(n: int) -> None:
         os.environ[ENV] = name
         w, m, v = w0.clone(), torch.zeros(n), torch.zeros(n)
         wc, mc, vc = w0.clone(), torch.zeros(idx.numel()), torch.zeros(idx.numel())
+        wg, mg, vg = w0.clone(), torch.zeros(idx.numel()), torch.zeros(idx.numel())
         for i, gr in enumerate(grads, start=1):
             adamw_at_(w, m, v, gr, idx, step=i, **hp)
             adamw_at_(wc, mc, vc, gr, idx, step=i, compact=True, **hp)
-        assert torch.equal(w, wc), name
+            adamw_at_(wg, mg, vg, gr[idx], idx, step=i, compact=True, compact_grad=True, **hp)
+        assert torch.equal(w, wc) and torch.equal(w, wg), name
         assert torch.equal(m[idx], mc) and torch.equal(v[idx], vc), name
+        assert torch.equal(mg, mc) and torch.equal(vg, vc), name
     with pytest.raises(ValueError, match="compact moments"):
         adamw_at_(w, m, v, grads[0], idx, step=1, compact=True, **hp)
+    with pytest.raises(ValueError, match="compact gradient"):
+        adamw_at_(w, mc, vc, grads[0], idx, step=1, compact=True, compact_grad=True, **hp)

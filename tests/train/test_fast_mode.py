@@ -209,3 +209,36 @@ def test_regrow_steps_take_the_bf16_product_only_for_projected_weights(monkeypat
     c_fc = model.transformer.h[0].mlp.c_fc.weight
     assert calls and tuple(c_fc.shape) not in calls  # c_fc: 128 x 32, unique in CFG
     assert all(m.kernel.grad_mode == "dense" for m in model.modules() if hasattr(m, "kernel"))
+
+
+def test_support_steps_with_sparse_gradients_equal_dense_ones(monkeypatch) -> None:
+    """With the support AdamW, support steps take the weight gradients as sparse COO tensors
+    (no dense zeros); weights and AdamW moments come out bitwise as with dense gradients."""
+    monkeypatch.setenv("SPARSECIRCUITS_SPARSE_BELOW", "1.01")
+    import sparsecircuits.train.step as step_mod
+    from sparsecircuits.train.support_adamw import SupportAdamW
+
+    real = step_mod.set_weight_grad
+    results = []
+    for sparse in (True, False):
+        modes: list[str] = []
+
+        def spy(model, mode, *, only=None, sparse=sparse, modes=modes):
+            mode = mode if sparse or mode != "support_sparse" else "support"
+            modes.append(mode)
+            return real(model, mode, only=only)
+
+        monkeypatch.setattr(step_mod, "set_weight_grad", spy)
+        model, opt, sp, xy = _setup(4)
+        sup = SupportAdamW(opt)
+        step = dict(lr=1e-2, frac=1 / 8, optim=OptimConfig(lr=1e-2), support_opt=sup)
+        for i in range(4):
+            train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], mode="support" if i else "regrow",
+                       **step)  # fmt: skip
+        sup.catch_up({id(sp.params[n]): m for n, m in sp.masks.items()})
+        assert ("support_sparse" in modes) == sparse
+        moments = [t.clone() for s in opt.state.values() for k, t in s.items() if k != "step"]
+        results.append(([p.detach().clone() for p in model.parameters()], moments))
+    (pa, ma), (pb, mb) = results
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(ma, mb, strict=True))

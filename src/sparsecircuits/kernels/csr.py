@@ -7,6 +7,7 @@ checkpoint format stay exactly what they are for dense training.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,19 @@ class CSRPattern:
     def row_index(self) -> torch.Tensor:
         """(nnz,) int64 row of each nonzero."""
         return torch.div(self.flat, self.cols, rounding_mode="floor")
+
+    @functools.cached_property
+    def coo_indices(self) -> torch.Tensor:
+        """(2, nnz) int64 (row, column) of each nonzero, in CSR (= flat index) order."""
+        return torch.stack([self.row_index(), self.col.long()])
+
+    def coo(self, values: torch.Tensor) -> torch.Tensor:
+        """A sparse COO (rows, cols) tensor with ``values`` (nnz,) at the nonzeros (coalesced:
+        CSR order is row-major)."""
+        return torch.sparse_coo_tensor(
+            self.coo_indices, values, (self.rows, self.cols), is_coalesced=True,
+            check_invariants=False,
+        )  # fmt: skip
 
 
 def _use_cpp(w: torch.Tensor) -> bool:

@@ -8,6 +8,9 @@ information:
   it costs a third of a dense layer's work.
 - ``support``: ``dW`` only at W's nonzeros (an SDDMM, O(nnz * tokens)); zeros elsewhere. The
   trainer's fast mode uses it on most steps and a dense step every R steps to let weights regrow.
+- ``support_sparse``: ``support`` with the gradient returned as a sparse COO tensor (the
+  nonzeros' values only), for a consumer that steps on the support only (the trainer's
+  support AdamW): no dense zero-filled gradient, no scattered writes into one.
 - ``regrow``: the fast mode's dense step with a cheaper product. Off the support ``dW`` comes
   from a bfloat16 product (float32 accumulation, ~3e-3 relative error) on CPUs with native
   bfloat16 dot products, where it runs ~2x faster; on the support it is the exact float32
@@ -31,7 +34,7 @@ from sparsecircuits.kernels.crossover import sparse_below
 from sparsecircuits.kernels.csr import CSRPattern, build_pattern, gather
 from sparsecircuits.kernels.select import as_rows, gelu_abstopk_grad, masked_grad
 
-GradMode = Literal["dense", "support", "regrow"]
+GradMode = Literal["dense", "support", "support_sparse", "regrow"]
 _SDDMM_ELEMENTS = 1 << 24  # (tokens x nonzeros) per chunk of the torch fallback's gather
 
 
@@ -162,12 +165,15 @@ def fused_support_backward(
     x: torch.Tensor,
     dw: torch.Tensor,
     db: torch.Tensor | None,
+    *,
+    compact: bool = False,
 ) -> torch.Tensor:
     """The support-mode backward of ``y = x W^T + b`` in one pass over dy's tiles (compiled
     path only), dy given as column segments: returns dx (N, in); writes the support gradient
-    into ``dw`` (a zeroed contiguous (out, in) tensor) at the nonzeros and, if given,
-    dy.sum(0) into ``db`` (out,). Bitwise what the segments' AbsTopK backward, then ``spmm``
-    on W^T, ``sddmm`` and the bias sum give separately."""
+    into ``dw`` (a zeroed contiguous (out, in) tensor) at the nonzeros, or with ``compact``
+    into ``dw`` (nnz,) in the pattern's order, and, if given, dy.sum(0) into ``db`` (out,).
+    Bitwise what the segments' AbsTopK backward, then ``spmm`` on W^T, ``sddmm`` and the
+    bias sum give separately."""
     p = pattern
     x = x.contiguous()
     segs = [DySegment(as_rows(s.g), s.mask, s.h) for s in dy]  # keep the buffers alive
@@ -189,7 +195,7 @@ def fused_support_backward(
         x.shape[0], p.cols, p.rows, p.crow.data_ptr(), p.col.data_ptr(), p.crow_t.data_ptr(),
         p.col_t.data_ptr(), val_t.data_ptr(), len(segs), *(r.data_ptr() for r in rows),
         x.data_ptr(), dx.data_ptr(), db.data_ptr() if db is not None else 0, dw.data_ptr(),
-        p.flat.data_ptr(), p.perm.data_ptr(), torch.get_num_threads(),
+        0 if compact else p.flat.data_ptr(), p.perm.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return dx
 
@@ -224,10 +230,16 @@ def linear_backward(
     dx = dw = db = None
     if ctx.has_bias and needs[2]:
         db = torch.empty(p.rows, dtype=x.dtype, device=x.device)
-    support = ctx.grad_mode == "support" and needs[1]
-    if support:  # contiguous whatever the weight's strides: written by flat index
+    support = ctx.grad_mode in ("support", "support_sparse") and needs[1]
+    compact = ctx.grad_mode == "support_sparse"
+    if support and compact:  # the nonzeros' gradient, in the pattern's order
+        dval = torch.empty(p.nnz, dtype=weight.dtype, device=weight.device)
+    elif support:  # contiguous whatever the weight's strides: written by flat index
         dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     if support and needs[0] and fusable(x, val, dy):
+        if compact:
+            dx = fused_support_backward(p, val, dy, x, dval, db, compact=True)
+            return dx, p.coo(dval), db
         return fused_support_backward(p, val, dy, x, dw, db), dw, db
     g = dy[0].materialise() if len(dy) == 1 else torch.cat([s.materialise() for s in dy], -1)
     g = g.reshape(-1, p.rows)
@@ -245,6 +257,8 @@ def linear_backward(
             dw = g.t().mm(x)
         elif ctx.grad_mode == "regrow":
             dw = regrow_weight_grad(p, g, x)
+        elif compact:
+            dw = p.coo(sddmm(p, g, x))
         else:
             sddmm(p, g, x, dense_out=dw)
     return dx, dw, db

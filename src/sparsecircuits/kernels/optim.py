@@ -57,17 +57,24 @@ def adamw_at_(
     eps: float,
     grad_scale: float = 1.0,
     compact: bool = False,
+    compact_grad: bool = False,
 ) -> None:
     """One AdamW step (``step`` counts from 1) on the entries at flat ``index`` of ``w`` and
     its moments, in place, with the gradient ``grad * grad_scale``; torch's single-tensor
     AdamW arithmetic, entries outside ``index`` untouched. ``compact``: the moments hold the
-    support's entries only, (nnz,) in ``index`` order (cheaper: fewer scattered accesses)."""
+    support's entries only, (nnz,) in ``index`` order (cheaper: fewer scattered accesses);
+    ``compact_grad``: so does ``grad``."""
     if index.dtype != torch.int64:  # a bool mask would silently become indices 0 and 1
         raise TypeError(f"adamw_at_: index must be int64 flat indices, got {index.dtype}")
     if compact and not exp_avg.numel() == exp_avg_sq.numel() == index.numel():
         raise ValueError(
             f"adamw_at_: compact moments must have the index's {index.numel()} entries, got "
             f"{exp_avg.numel()} and {exp_avg_sq.numel()}"
+        )
+    if compact_grad and grad.numel() != index.numel():
+        raise ValueError(
+            f"adamw_at_: a compact gradient must have the index's {index.numel()} entries, "
+            f"got {grad.numel()}"
         )
     step_size = lr / (1 - beta1**step)
     bc2_sqrt = math.sqrt(1 - beta2**step)
@@ -79,11 +86,12 @@ def adamw_at_(
         )  # fmt: skip
         lib().sc_adamw_at(
             index.numel(), index.data_ptr(), grad.data_ptr(), w.data_ptr(), exp_avg.data_ptr(),
-            exp_avg_sq.data_ptr(), ctypes.addressof(hp), int(compact), torch.get_num_threads(),
+            exp_avg_sq.data_ptr(), ctypes.addressof(hp), int(compact) | 2 * int(compact_grad),
+            torch.get_num_threads(),
         )  # fmt: skip
         return
     pf, mf, vf = w.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1)
-    g = grad.reshape(-1)[index]
+    g = grad.reshape(-1) if compact_grad else grad.reshape(-1)[index]
     if grad_scale != 1.0:
         g = g * grad_scale
     p = pf[index]

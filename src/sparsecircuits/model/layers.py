@@ -39,7 +39,8 @@ def set_weight_grad(
     model: nn.Module, mode: GradMode, *, only: Collection[nn.Parameter] | None = None
 ) -> None:
     """Weight-gradient mode of every ``Linear`` in ``model``: ``"dense"`` (exact, the default),
-    ``"support"`` (only at the current nonzeros) or ``"regrow"`` (exact on the nonzeros, a
+    ``"support"`` (only at the current nonzeros; ``"support_sparse"``: the same as a sparse COO
+    gradient) or ``"regrow"`` (exact on the nonzeros, a
     bfloat16 product elsewhere where that is native; see ``kernels/linear.py``). With
     ``only``, layers whose weight is not among these get ``"dense"`` (weights that are not
     projected to a support need their whole gradient)."""
@@ -59,11 +60,13 @@ def _hooked(module: nn.Module) -> bool:
 
 def support_only_weights(model: nn.Module) -> list[nn.Parameter]:
     """Weights whose last gradient was support-only: ``Linear`` layers that ran the CSR kernels
-    in ``"support"`` mode (others, and embeddings, had dense gradients)."""
+    in a support mode (others, and embeddings, had dense gradients)."""
     return [
         m.weight
         for m in model.modules()
-        if isinstance(m, Linear) and m.kernel.used_sparse and m.kernel.grad_mode == "support"
+        if isinstance(m, Linear)
+        and m.kernel.used_sparse
+        and m.kernel.grad_mode in ("support", "support_sparse")
     ]
 
 

@@ -66,7 +66,9 @@ def average_gradients_(params: list[nn.Parameter], info: DistInfo) -> None:
     """All-reduce and average gradients over ranks in one flat buffer (no-op single-process)."""
     if not info.enabled:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    # a sparse gradient (support steps) has the same pattern on every rank (the weights are
+    # identical): its values are averaged
+    grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= info.world_size

@@ -81,7 +81,10 @@ def control_grad_rms_(
 
 
 def _sq(g: torch.Tensor, index: torch.Tensor | None = None) -> float:
-    """||g||^2 (of the entries at flat ``index`` only, when given)."""
+    """||g||^2 (of the entries at flat ``index`` only, when given). A sparse gradient (a
+    support step's) holds entries inside the support only: all of its values count."""
+    if g.is_sparse:
+        return kernels.sumsq(g._values().float())
     return kernels.sumsq(g.float(), index)
 
 

@@ -61,8 +61,8 @@ def train_step(
         group["lr"] = lr
     support = mode == "support" and bool(sparsity.masks)
     grad_mode: GradMode = "dense"
-    if support:
-        grad_mode = "support"
+    if support:  # the support AdamW reads sparse gradients directly: no dense zeros
+        grad_mode = "support_sparse" if support_opt is not None else "support"
     elif mode == "regrow" and regrow_precision == "bf16":
         grad_mode = "regrow"
     # only the projected weights: any other Linear needs its whole, exact gradient

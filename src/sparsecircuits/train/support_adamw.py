@@ -78,12 +78,20 @@ class SupportAdamW:
             self._write_back(p)
             held = (index, state["exp_avg"].view(-1)[index], state["exp_avg_sq"].view(-1)[index])
             self.compact[id(p)] = held
+        grad, compact_grad = p.grad, p.grad.is_sparse
+        if compact_grad:
+            # a sparse gradient holds the weight's nonzeros (its CSR pattern), which lie in
+            # the support: as many as the support's entries, they are those, in flat order
+            grad = grad._values()
+            if grad.numel() != index.numel():  # some support entry is exactly zero
+                grad, compact_grad = p.grad.to_dense(), False
         state["step"] += 1
         beta1, beta2 = group["betas"]
         adamw_at_(
-            p.data, held[1], held[2], p.grad, index,
+            p.data, held[1], held[2], grad, index,
             step=int(state["step"]), lr=group["lr"], weight_decay=group["weight_decay"],
             beta1=beta1, beta2=beta2, eps=group["eps"], grad_scale=scale, compact=True,
+            compact_grad=compact_grad,
         )  # fmt: skip
 
     def _write_back(self, p: nn.Parameter) -> None:
