@@ -83,7 +83,7 @@ def test_falls_back_where_it_does_not_apply(monkeypatch) -> None:
     assert sparse_linear_topk(xg, w, b, state, segs) is None
 
 
-@pytest.mark.parametrize("n_tok", [1, 33, 300])
+@pytest.mark.parametrize("extra", [5, 270])  # tokens past one 32-token tile per thread
 @pytest.mark.parametrize(
     "segs",
     [
@@ -92,18 +92,23 @@ def test_falls_back_where_it_does_not_apply(monkeypatch) -> None:
         (Segment(20, 1), Segment(12, 11)),
     ],
 )
-def test_inference_fused_forward_equals_the_ops_one_by_one(n_tok, segs) -> None:
+def test_inference_fused_forward_equals_the_ops_one_by_one(extra, segs) -> None:
     """Without gradients the product and AbsTopKs run as one pass (no masks): bitwise the
-    plain product followed by each segment's AbsTopK, with and without a bias."""
+    plain product followed by each segment's AbsTopK, with and without a bias (a strided
+    one too). Fewer tokens than a tile per thread take the ops one by one."""
     out_f = sum(s.width for s in segs)
+    n_tok = 32 * torch.get_num_threads() + extra
     for bias in (True, False):
         w, x, b = _inputs(n_tok + 5, n_tok, 19, out_f, bias=bias)
+        if b is not None:
+            b = torch.stack([b, b], dim=1)[:, 0]  # not contiguous
         with torch.no_grad():
             got = sparse_linear_topk(x[None], w, b, LinearKernelState(), segs)
+            few = sparse_linear_topk(x[None, :3], w, b, LinearKernelState(), segs)
             parts = sparse_linear(x, w, b, LinearKernelState()).split(
                 [s.width for s in segs], dim=-1
             )
-        assert got is not None
+        assert got is not None and few is None
         for o, p, s in zip(got, parts, segs, strict=True):
             assert o.shape == (1, n_tok, s.width)
             assert torch.equal(o[0], abstopk(p, s.k))

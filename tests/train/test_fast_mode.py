@@ -242,3 +242,30 @@ def test_support_steps_with_sparse_gradients_equal_dense_ones(monkeypatch) -> No
     (pa, ma), (pb, mb) = results
     assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
     assert all(torch.equal(x, y) for x, y in zip(ma, mb, strict=True))
+
+
+def test_support_adamw_brings_compact_moments_back_before_a_dense_update() -> None:
+    """A weight stepped on its support (moments held compact) and then by the optimizer
+    itself (no support given) is stepped with its current moments, as after a catch-up."""
+    from sparsecircuits.train.support_adamw import SupportAdamW
+
+    g = torch.Generator().manual_seed(5)
+    w0 = torch.randn(6, 5, generator=g)
+    mask = torch.rand(6, 5, generator=g) < 0.5
+    grads = [torch.randn(6, 5, generator=g) * mask, torch.randn(6, 5, generator=g)]
+    out = []
+    for early_catch_up in (False, True):
+        w = torch.nn.Parameter(w0 * mask)
+        opt = build_optimizer(torch.nn.ParameterList([w]), OptimConfig(lr=0.05))
+        sup = SupportAdamW(opt)
+        w.grad = grads[0].clone()
+        sup.step({id(w): support_index(mask)})
+        if early_catch_up:
+            sup.catch_up({})
+        w.grad = grads[1].clone()
+        sup.step({})  # no support: the optimizer's own dense step
+        sup.catch_up({})
+        st_ = opt.state[w]
+        out.append([w.detach().clone(), st_["exp_avg"].clone(), st_["exp_avg_sq"].clone()])
+    for a, b in zip(*out, strict=True):
+        assert torch.equal(a, b)

@@ -58,6 +58,7 @@ def spmm_topk(
     segments' outputs (N, width) and masks (bool, or None without ``with_mask``); bitwise
     ``spmm`` then ``abstopk_forward``."""
     n = x.shape[0]
+    b = bias.contiguous() if bias is not None else None  # alive through the call
     outs = [torch.empty(n, s.width, dtype=x.dtype) for s in segments]
     masks = [torch.empty(n, s.width, dtype=torch.bool) if with_mask else None for s in segments]
     table = (
@@ -73,7 +74,7 @@ def spmm_topk(
     )  # (4, nseg): widths, k, outputs, masks
     lib().sc_spmm_topk(
         n, pattern.cols, pattern.rows, pattern.crow.data_ptr(), pattern.col.data_ptr(),
-        val.data_ptr(), x.data_ptr(), bias.contiguous().data_ptr() if bias is not None else 0,
+        val.data_ptr(), x.data_ptr(), b.data_ptr() if b is not None else 0,
         len(segments), *(r.data_ptr() for r in table), torch.get_num_threads(),
     )  # fmt: skip
     return outs, masks
@@ -81,9 +82,16 @@ def spmm_topk(
 
 def _fused_forward_applies(x: torch.Tensor, bias: torch.Tensor | None, segments) -> bool:
     """Whether ``spmm_topk`` takes these: no GELU segment (torch's GELU stays torch's),
-    float32 CPU tensors (the caller's pattern guarantees the compiled library)."""
-    return not any(s.gelu for s in segments) and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, bias) if t is not None
+    float32 CPU tensors (the caller's pattern guarantees the compiled library), and a tile of
+    32 tokens per thread at least (it splits the work by tiles only; the plain product also
+    splits few tokens' rows over the threads)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return (
+        not any(s.gelu for s in segments)
+        and rows >= 32 * torch.get_num_threads()
+        and all(
+            t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, bias) if t is not None
+        )
     )
 
 
@@ -143,7 +151,8 @@ def sparse_linear_topk(
     if any(not 0 < s.k < s.width for s in segments):
         return None
     lead = x.shape[:-1]
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    wants_grad = any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if not (torch.is_grad_enabled() and wants_grad):
         # inference: the fused forward without masks where it applies; elsewhere the plain
         # product and the in-place AbsTopK (the caller's)
         if not _fused_forward_applies(x, bias, segments):

@@ -66,9 +66,19 @@ def average_gradients_(params: list[nn.Parameter], info: DistInfo) -> None:
     """All-reduce and average gradients over ranks in one flat buffer (no-op single-process)."""
     if not info.enabled:
         return
-    # a sparse gradient (support steps) has the same pattern on every rank (the weights are
-    # identical): its values are averaged
-    grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
+    with_grad = [p for p in params if p.grad is not None]
+    # A sparse gradient (support steps) has the same pattern on every rank, the weights being
+    # identical, and only its values are averaged. Whether a layer took the sparse kernels is
+    # decided per process (a measured crossover), so the ranks first agree on each gradient's
+    # form: where they differ, every rank makes that gradient dense.
+    code = torch.tensor([p.grad._nnz() if p.grad.is_sparse else -1 for p in with_grad])
+    lo, hi = code.clone(), code.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    for p, a, b in zip(with_grad, lo.tolist(), hi.tolist(), strict=True):
+        if a != b and p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
+    grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in with_grad]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= info.world_size

@@ -84,6 +84,10 @@ def _sq(g: torch.Tensor, index: torch.Tensor | None = None) -> float:
     """||g||^2 (of the entries at flat ``index`` only, when given). A sparse gradient (a
     support step's) holds entries inside the support only: all of its values count."""
     if g.is_sparse:
+        # one backward's gradient holds each entry once (AccumulateGrad marks it uncoalesced
+        # anyway); more entries than the support's mean accumulated contributions: add them up
+        if index is None or g._nnz() > index.numel():
+            g = g.coalesce()
         return kernels.sumsq(g._values().float())
     return kernels.sumsq(g.float(), index)
 

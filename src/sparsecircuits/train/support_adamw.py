@@ -37,6 +37,8 @@ class SupportAdamW:
         for group in self.opt.param_groups:
             for p in group["params"]:
                 index = supports.get(id(p))
+                if index is None and p.grad is not None:  # a dense step for it: its moments
+                    self._write_back(p)  # must be the current ones
                 if index is None or p.grad is None:
                     continue
                 self._update(p, group, index, grad_scale)
