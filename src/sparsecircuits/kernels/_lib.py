@@ -39,9 +39,9 @@ _SIGNATURES: dict[str, list] = {
     # N, in, out, crow, col, val, x, bias, nseg, seg widths, k, y, mask (int64 arrays), threads
     "sc_spmm_topk": [_i64, _i64, _i64, _f32p, _f32p, _f32p, _f32p, _f32p, _i64, _f32p, _f32p,
                      _f32p, _f32p, _i32],
-    # N, in, out, crow, col, crow_t, col_t, val_t, nseg, seg widths, g, ld, mask, h (int64
-    # arrays), x, dx, dbias, dval, flat, perm, threads
-    "sc_linear_bwd": [_i64, _i64, _i64, _f32p, _f32p, _f32p, _f32p, _f32p, _i64, _f32p, _f32p,
+    # N, in, out, crow (for nnz), crow_t, col_t, val_t, nseg, seg widths, g, ld, mask, h
+    # (int64 arrays), x, dx, dbias, dval, flat, perm, threads
+    "sc_linear_bwd": [_i64, _i64, _i64, _f32p, _f32p, _f32p, _f32p, _i64, _f32p, _f32p,
                       _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _i32],
     # src, idx, n, out, threads
     "sc_gather": [_f32p, _f32p, _i64, _f32p, _i32],

@@ -192,8 +192,8 @@ def fused_support_backward(
     dx = torch.empty(x.shape, dtype=x.dtype)
     val_t = gather(val, p.perm)
     lib().sc_linear_bwd(
-        x.shape[0], p.cols, p.rows, p.crow.data_ptr(), p.col.data_ptr(), p.crow_t.data_ptr(),
-        p.col_t.data_ptr(), val_t.data_ptr(), len(segs), *(r.data_ptr() for r in rows),
+        x.shape[0], p.cols, p.rows, p.crow.data_ptr(), p.crow_t.data_ptr(), p.col_t.data_ptr(),
+        val_t.data_ptr(), len(segs), *(r.data_ptr() for r in rows),
         x.data_ptr(), dx.data_ptr(), db.data_ptr() if db is not None else 0, dw.data_ptr(),
         0 if compact else p.flat.data_ptr(), p.perm.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip

@@ -415,13 +415,14 @@ SC_EXPORT void sc_sddmm(int64_t N, int64_t in, int64_t out, const int64_t* crow,
 
 // The backward of y = x W^T + b on W's support in one pass over dy's tiles: dx = dy W (W^T's
 // CSR: crow_t, col_t, val_t), dbias = dy.sum(0) if non-null, and the support weight gradient as
-// sc_sddmm writes it. dy comes as nseg column segments (DySeg: widths, upstream gradients, row
+// sc_sddmm writes it (W's crow gives its size; it is summed in W^T's order by bwd_rows and
+// written to W's entries through perm, and flat when non-null). dy comes as nseg column segments (DySeg: widths, upstream gradients, row
 // strides, AbsTopK masks, GELU inputs; arrays of nseg, pointers as int64), so an AbsTopK (or
 // GELU + AbsTopK) backward is applied on the way in. Each tile of dy is read once; results
 // are bitwise those of the AbsTopK backward, then sc_spmm + sc_sddmm (same tiles, same
 // threads, same summation order).
 SC_EXPORT void sc_linear_bwd(int64_t N, int64_t in, int64_t out, const int64_t* crow,
-                             const int32_t* col, const int64_t* crow_t, const int32_t* col_t,
+                             const int64_t* crow_t, const int32_t* col_t,
                              const float* val_t, int64_t nseg, const int64_t* seg_width,
                              const int64_t* seg_g, const int64_t* seg_ld, const int64_t* seg_mask,
                              const int64_t* seg_h, const float* x, float* dx, float* dbias,
