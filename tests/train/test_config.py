@@ -34,6 +34,8 @@ def test_overrides_merge_into_nested_sections_and_are_validated():
         preset_config("huge")
     with pytest.raises(ConfigError, match=r"sparsity\.anneal"):
         preset_config("tiny", sparsity={"anneal": "exp"})  # a near-miss spelling is an error
+    with pytest.raises(ConfigError, match="regrow_tokens"):
+        preset_config("tiny", sparsity={"regrow_tokens": 0.0})
 
 
 def test_device_auto_falls_back_to_cpu_without_cuda():

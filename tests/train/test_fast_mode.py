@@ -8,7 +8,12 @@ from sparsecircuits.kernels import support_index
 from sparsecircuits.model import GPT, WeightSparsity, sparse_parameter_names
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.train.config import OptimConfig
-from sparsecircuits.train.optim import build_optimizer, estimated_sq, support_shares
+from sparsecircuits.train.optim import (
+    build_optimizer,
+    corrected_sq,
+    estimated_sq,
+    support_shares,
+)
 from sparsecircuits.train.step import train_step
 
 CFG = GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, d_head=8, d_model=32)
@@ -85,6 +90,13 @@ def test_gradient_norm_estimate_by_hand() -> None:
     # A gradient that stayed dense (an embedding) is estimated from its on-mask part too.
     a.grad = torch.tensor([[6.0, 8.0], [0.0, 0.0]])
     assert abs(estimated_sq({"a": a}, idx, shares) - 100.0) < 1e-9
+    # A regrowth estimate whose off-support mass 16 holds 12 of token noise: share 9 / 13,
+    # and the noise is off the gradient norm (never below 0, never below the support's part).
+    a.grad = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert support_shares({"a": a, "b": b}, idx, excess={"a": 12.0}) == {"a": 9 / 13}
+    assert support_shares({"a": a}, idx, excess={"a": 100.0}) == {"a": 1.0}
+    assert corrected_sq({"a": a, "b": b}, {"a": 12.0}) == 13.0 + 1.0
+    assert corrected_sq({"a": a, "b": b}, {"b": 5.0}) == 25.0
 
 
 def test_support_steps_reuse_the_csr_patterns_and_stay_correct(monkeypatch) -> None:
@@ -185,9 +197,9 @@ def test_regrow_steps_take_the_bf16_product_only_for_projected_weights(monkeypat
     calls: list[tuple[int, int]] = []
     real, real_bf16 = linear.regrow_weight_grad, linear._bf16_dw
 
-    def spy(pattern, dy, x):  # the regrow gradient (CPUs without native bfloat16)
+    def spy(pattern, dy, x, regrowth):  # the regrow gradient (CPUs without native bfloat16)
         calls.append((pattern.rows, pattern.cols))
-        return real(pattern, dy, x)
+        return real(pattern, dy, x, regrowth)
 
     def spy_bf16(dy, x):  # its bfloat16 product (the one-pass backward's path)
         calls.append((dy.shape[1], x.shape[1]))
@@ -211,6 +223,36 @@ def test_regrow_steps_take_the_bf16_product_only_for_projected_weights(monkeypat
     assert all(m.kernel.grad_mode == "dense" for m in model.modules() if hasattr(m, "kernel"))
 
 
+def test_regrow_tokens_reach_the_regrowth_products(monkeypatch) -> None:
+    """regrow_tokens < 1 takes the regrow path even in float32: the projected weights'
+    off-support products read that share of the step's tokens; the layers are reset after."""
+    import sparsecircuits.kernels.linear as linear
+    from sparsecircuits.kernels import Regrowth
+
+    monkeypatch.setenv("SPARSECIRCUITS_SPARSE_BELOW", "1.01")
+    seen: list[tuple[float, bool, int, int]] = []
+    real = linear._off_support_dw
+
+    def spy(dy, x, regrowth, support):
+        seen.append((regrowth.share, regrowth.bf16, dy.shape[0], regrowth.rows(dy.shape[0])))
+        return real(dy, x, regrowth, support)
+
+    monkeypatch.setattr(linear, "_off_support_dw", spy)
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    opt = build_optimizer(model, OptimConfig(lr=1e-2))
+    sp = WeightSparsity(model, sparse_parameter_names(model))
+    sp.project_(1 / 4)
+    xy = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
+    step = dict(lr=1e-2, frac=1 / 4, optim=OptimConfig(lr=1e-2), mode="regrow")
+    train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], regrow_precision="fp32", **step)
+    assert seen == []  # float32 over every token: the exact dense gradient
+    train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], regrow_precision="fp32",
+               regrow_tokens=0.5, **step)  # fmt: skip
+    assert seen and all(s == (0.5, False, 64, 32) for s in seen)
+    assert all(m.kernel.regrowth == Regrowth() for m in model.modules() if hasattr(m, "kernel"))
+
+
 def test_support_steps_with_sparse_gradients_equal_dense_ones(monkeypatch) -> None:
     """With the support AdamW, support steps take the weight gradients as sparse COO tensors
     (no dense zeros); weights and AdamW moments come out bitwise as with dense gradients."""
@@ -223,10 +265,10 @@ def test_support_steps_with_sparse_gradients_equal_dense_ones(monkeypatch) -> No
     for sparse in (True, False):
         modes: list[str] = []
 
-        def spy(model, mode, *, only=None, sparse=sparse, modes=modes):
+        def spy(model, mode, *, only=None, regrowth=None, sparse=sparse, modes=modes):
             mode = mode if sparse or mode != "support_sparse" else "support"
             modes.append(mode)
-            return real(model, mode, only=only)
+            return real(model, mode, only=only, regrowth=regrowth)
 
         monkeypatch.setattr(step_mod, "set_weight_grad", spy)
         model, opt, sp, xy = _setup(4)

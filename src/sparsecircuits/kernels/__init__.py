@@ -16,7 +16,7 @@ errors, so ``model/`` and ``train/`` can use it.
 from sparsecircuits.kernels._lib import backend, library_path
 from sparsecircuits.kernels.attention import causal_attention
 from sparsecircuits.kernels.csr import CSRPattern, build_pattern
-from sparsecircuits.kernels.linear import GradMode, LinearKernelState, sparse_linear
+from sparsecircuits.kernels.linear import GradMode, LinearKernelState, Regrowth, sparse_linear
 from sparsecircuits.kernels.loss import add_logit_tables, cross_entropy
 from sparsecircuits.kernels.norm import rms_norm
 from sparsecircuits.kernels.optim import adamw_at_, sumsq, support_index
@@ -32,6 +32,7 @@ __all__ = [
     "CSRPattern",
     "GradMode",
     "LinearKernelState",
+    "Regrowth",
     "abstopk",
     "abstopk_",
     "adamw_at_",

@@ -17,11 +17,15 @@ information:
   SDDMM, as in ``support`` steps. The off-support part feeds the projection's choice of
   regrowing weights, that step's gradient-RMS factor and support share, and the AdamW moments
   of weights that are zero now, all perturbed by ~3e-3. Elsewhere it is ``dense``.
+  ``Regrowth`` says which product (bfloat16 or float32) and how many tokens it reads: with
+  ``share`` < 1 only the first ``share`` of the rows, scaled up by 1 / share (an unbiased
+  estimate of the off-support gradient, at ``share`` of the product's cost).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,12 +55,68 @@ def native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def regrow_weight_grad(pattern: CSRPattern, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The ``regrow`` weight gradient: dy (N, out), x (N, in) -> dW (out, in), a bfloat16
-    product off W's support where that is native, the float32 SDDMM on it."""
-    if not native_bf16() or x.device.type != "cpu":
-        return dy.t().mm(x)
-    return sddmm(pattern, dy, x, dense_out=_bf16_dw(dy, x))  # overwrites the support's entries
+@dataclass(frozen=True)
+class Regrowth:
+    """How a ``regrow`` backward estimates the weight gradient off W's support: a bfloat16
+    product where ``bf16`` and the CPU has native bfloat16 (else float32), over the first
+    ``share`` (0 < share <= 1) of the tokens, scaled by 1 / share."""
+
+    bf16: bool = True
+    share: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.share <= 1.0:
+            raise ValueError(f"Regrowth.share must be in (0, 1], got {self.share}")
+
+    def rows(self, n: int) -> int:
+        """The number of leading rows (of n) the product reads: ceil(share * n), >= 1."""
+        return max(1, min(n, math.ceil(self.share * n - 1e-9)))
+
+
+def regrow_weight_grad(
+    pattern: CSRPattern, dy: torch.Tensor, x: torch.Tensor, regrowth: Regrowth = Regrowth()
+) -> tuple[torch.Tensor, float]:
+    """The ``regrow`` weight gradient: dy (N, out), x (N, in) -> (dW (out, in), excess):
+    ``regrowth``'s estimate off W's support, the exact float32 SDDMM on it; ``excess`` as
+    ``_off_support_dw`` gives it."""
+    bf16 = regrowth.bf16 and native_bf16() and x.device.type == "cpu"
+    if not bf16 and regrowth.share >= 1.0:
+        return dy.t().mm(x), 0.0  # exact everywhere: no SDDMM needed
+    dw, excess = _off_support_dw(dy, x, regrowth, pattern.flat)
+    return sddmm(pattern, dy, x, dense_out=dw), excess
+
+
+def _off_support_dw(
+    dy: torch.Tensor, x: torch.Tensor, regrowth: Regrowth, support: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """``regrowth``'s estimate of dy^T x (out, in) from dy (N, out), x (N, in), and how much
+    its squared norm off ``support`` (flat indices) exceeds, in expectation, that of the
+    product over all N tokens (0.0 for share 1).
+
+    From m < N tokens the estimate carries N / m times the token noise of the full product,
+    and the gradient-RMS control (and the support shares it uses between regrowths) would
+    read that noise as gradient. Two independent halves of the m tokens, of h and m - h,
+    measure it: with a and b their per-token mean gradients, E[(a - b)^2] = v (1/h +
+    1/(m - h)) for the per-token variance v, and the excess is v (1/m - 1/N) per entry."""
+    n = dy.shape[0]
+    m = regrowth.rows(n)
+    bf16 = regrowth.bf16 and native_bf16() and x.device.type == "cpu"
+    prod = _bf16_dw if bf16 else _fp32_dw
+    if m == n:
+        return prod(dy, x), 0.0
+    if m < 2:  # one token: no noise estimate
+        return prod(dy[:m], x[:m]).mul_(n / m), 0.0
+    h = m // 2
+    a, b = prod(dy[:h], x[:h]), prod(dy[h:m], x[h:m])
+    diff = a * (n / h) - b * (n / (m - h))  # per-token mean gradients' difference
+    noise = float(diff.pow(2).sum()) - float(diff.reshape(-1)[support.to(diff.device)].pow(2).sum())
+    excess = max(0.0, noise) * (1 / m - 1 / n) / (1 / h + 1 / (m - h))
+    return a.add_(b).mul_(n / m), excess
+
+
+def _fp32_dw(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dy^T x (out, in) in float32."""
+    return dy.t().mm(x)
 
 
 def _bf16_dw(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -213,9 +273,13 @@ def fusable(x: torch.Tensor, val: torch.Tensor, dy: list[DySegment]) -> bool:
     )
 
 
-def _bf16_regrowth(x: torch.Tensor, val: torch.Tensor, dy: list[DySegment]) -> bool:
-    """Whether a ``regrow`` backward takes the bfloat16 product and the one-pass kernel."""
-    return native_bf16() and x.device.type == "cpu" and fusable(x, val, dy)
+def _fused_regrowth(
+    x: torch.Tensor, val: torch.Tensor, dy: list[DySegment], regrowth: Regrowth
+) -> bool:
+    """Whether a ``regrow`` backward takes the off-support estimate and the one-pass kernel
+    (for the exact float32 product alone the plain path is as fast)."""
+    cheap = (regrowth.bf16 and native_bf16()) or regrowth.share < 1.0
+    return cheap and x.device.type == "cpu" and fusable(x, val, dy)
 
 
 def linear_backward(
@@ -243,10 +307,12 @@ def linear_backward(
         return fused_support_backward(p, val, dy, x, dw, db), dw, db
     g = dy[0].materialise() if len(dy) == 1 else torch.cat([s.materialise() for s in dy], -1)
     g = g.reshape(-1, p.rows)
-    if ctx.grad_mode == "regrow" and needs[0] and needs[1] and _bf16_regrowth(x, val, dy):
-        # the bfloat16 product off the support, then the one-pass backward for dx, the bias
-        # and the exact support entries (overwritten): what the separate kernels give
-        dw = _bf16_dw(g, x)
+    regrow = ctx.grad_mode == "regrow" and needs[0] and needs[1]
+    if regrow and _fused_regrowth(x, val, dy, ctx.regrowth):
+        # the estimate off the support, then the one-pass backward for dx, the bias and the
+        # exact support entries (overwritten): what the separate kernels give
+        dw, excess = _off_support_dw(g, x, ctx.regrowth, p.flat)
+        ctx.state.regrow_excess += excess
         return fused_support_backward(p, val, dy, x, dw, db), dw, db
     if needs[0]:  # the bias gradient comes with it (the same pass over dy)
         dx = spmm(p.crow_t, p.col_t, gather(val, p.perm), g, None, p.cols, x_col_sum=db)
@@ -256,7 +322,8 @@ def linear_backward(
         if ctx.grad_mode == "dense":
             dw = g.t().mm(x)
         elif ctx.grad_mode == "regrow":
-            dw = regrow_weight_grad(p, g, x)
+            dw, excess = regrow_weight_grad(p, g, x, ctx.regrowth)
+            ctx.state.regrow_excess += excess
         elif compact:
             dw = p.coo(sddmm(p, g, x))
         else:
@@ -266,10 +333,11 @@ def linear_backward(
 
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, pattern: CSRPattern, grad_mode: GradMode):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, pattern: CSRPattern, state: LinearKernelState):  # type: ignore[override]
         val = gather(weight.detach(), pattern.flat)
         ctx.save_for_backward(x, weight, val)
-        ctx.pattern, ctx.grad_mode, ctx.has_bias = pattern, grad_mode, bias is not None
+        ctx.pattern, ctx.has_bias = pattern, bias is not None
+        ctx.grad_mode, ctx.regrowth, ctx.state = state.grad_mode, state.regrowth, state
         return spmm(pattern.crow, pattern.col, val, x, bias, pattern.rows)
 
     @staticmethod
@@ -284,6 +352,10 @@ class LinearKernelState:
     unchanged (same storage and version counter)."""
 
     grad_mode: GradMode = "dense"
+    regrowth: Regrowth = Regrowth()  # the off-support estimate of ``regrow`` steps
+    # the squared-norm excess of this step's regrowth estimate (see ``_off_support_dw``),
+    # summed over the layer's backwards since ``set_weight_grad`` reset it
+    regrow_excess: float = 0.0
     used_sparse: bool = False  # whether the last call ran the CSR kernels
     pattern: CSRPattern | None = None
     density: float = 1.0
@@ -367,5 +439,5 @@ def sparse_linear(
         return F.linear(x, weight, bias)
     out_f, in_f = weight.shape
     lead = x.shape[:-1]
-    y = _SparseLinear.apply(x.reshape(-1, in_f), weight, bias, pattern, state.grad_mode)
+    y = _SparseLinear.apply(x.reshape(-1, in_f), weight, bias, pattern, state)
     return y.view(*lead, out_f)

@@ -24,7 +24,6 @@ from sparsecircuits.kernels._lib import lib
 from sparsecircuits.kernels.csr import CSRPattern, gather
 from sparsecircuits.kernels.linear import (
     DySegment,
-    GradMode,
     LinearKernelState,
     linear_backward,
     sparse_pattern,
@@ -97,7 +96,7 @@ def _fused_forward_applies(x: torch.Tensor, bias: torch.Tensor | None, segments)
 
 class _SparseLinearTopK(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, pattern: CSRPattern, grad_mode: GradMode, segments):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, pattern: CSRPattern, state: LinearKernelState, segments):  # type: ignore[override]
         val = gather(weight.detach(), pattern.flat)
         if _fused_forward_applies(x, bias, segments):
             outs, masks = spmm_topk(pattern, val, x.contiguous(), bias, segments, with_mask=True)
@@ -114,7 +113,8 @@ class _SparseLinearTopK(torch.autograd.Function):
                 masks.append(mask)
                 pre.append(ys if seg.gelu else None)
         ctx.save_for_backward(x, weight, val, *masks, *(h for h in pre if h is not None))
-        ctx.pattern, ctx.grad_mode, ctx.has_bias = pattern, grad_mode, bias is not None
+        ctx.pattern, ctx.has_bias = pattern, bias is not None
+        ctx.grad_mode, ctx.regrowth, ctx.state = state.grad_mode, state.regrowth, state
         ctx.gelu = [seg.gelu for seg in segments]
         return tuple(outs)
 
@@ -169,6 +169,6 @@ def sparse_linear_topk(
     if pattern is None:
         return None
     outs = _SparseLinearTopK.apply(
-        x.reshape(-1, x.shape[-1]), weight, bias, pattern, state.grad_mode, segments
+        x.reshape(-1, x.shape[-1]), weight, bias, pattern, state, segments
     )
     return tuple(o.view(*lead, o.shape[-1]) for o in outs)

@@ -11,6 +11,7 @@ from torch import nn
 from sparsecircuits.kernels import (
     GradMode,
     LinearKernelState,
+    Regrowth,
     abstopk,
     abstopk_,
     causal_attention,
@@ -36,18 +37,30 @@ class Linear(nn.Linear):
 
 
 def set_weight_grad(
-    model: nn.Module, mode: GradMode, *, only: Collection[nn.Parameter] | None = None
+    model: nn.Module,
+    mode: GradMode,
+    *,
+    only: Collection[nn.Parameter] | None = None,
+    regrowth: Regrowth | None = None,
 ) -> None:
     """Weight-gradient mode of every ``Linear`` in ``model``: ``"dense"`` (exact, the default),
     ``"support"`` (only at the current nonzeros; ``"support_sparse"``: the same as a sparse COO
     gradient) or ``"regrow"`` (exact on the nonzeros, a
-    bfloat16 product elsewhere where that is native; see ``kernels/linear.py``). With
+    ``regrowth`` estimate elsewhere; see ``kernels/linear.py``). With
     ``only``, layers whose weight is not among these get ``"dense"`` (weights that are not
     projected to a support need their whole gradient)."""
     keep = None if only is None else {id(p) for p in only}
     for m in model.modules():
         if isinstance(m, Linear):
             m.kernel.grad_mode = mode if keep is None or id(m.weight) in keep else "dense"
+            m.kernel.regrowth = regrowth or Regrowth()
+            m.kernel.regrow_excess = 0.0
+
+
+def regrowth_excess(model: nn.Module) -> list[tuple[nn.Parameter, float]]:
+    """(weight, the squared-norm excess of its regrowth estimate) for every ``Linear``, in
+    module order (0.0 where none was measured since ``set_weight_grad``)."""
+    return [(m.weight, m.kernel.regrow_excess) for m in model.modules() if isinstance(m, Linear)]
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -34,6 +34,10 @@ class SparsityConfig(StrictModel):
     # choice, that step's RMS factor and the moments of zero weights; the support's gradients
     # stay exact float32), "fp32" always computes them in float32 (docs/kernels.md).
     regrow_precision: Literal["fp32", "bf16"] = "bf16"
+    # The share of each regrowth step's tokens whose products estimate the off-support weight
+    # gradients (scaled up by 1 / share; the supports' gradients always use every token): the
+    # dense product is most of a regrowth step's cost (docs/kernels.md).
+    regrow_tokens: float = 1.0
 
     @model_validator(mode="after")
     def _check(self) -> SparsityConfig:
@@ -45,6 +49,8 @@ class SparsityConfig(StrictModel):
             raise ValueError("min_per_neuron must be >= 0")
         if self.regrow_every < 1:
             raise ValueError("regrow_every must be >= 1")
+        if not 0.0 < self.regrow_tokens <= 1.0:
+            raise ValueError(f"regrow_tokens must be in (0, 1], got {self.regrow_tokens}")
         return self
 
 

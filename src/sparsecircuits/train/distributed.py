@@ -88,6 +88,15 @@ def average_gradients_(params: list[nn.Parameter], info: DistInfo) -> None:
         offset += g.numel()
 
 
+def mean_over_ranks(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    """The ranks' mean of each value (the values themselves single-process)."""
+    if not info.enabled or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / info.world_size).tolist()
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

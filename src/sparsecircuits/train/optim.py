@@ -94,18 +94,36 @@ def _sq(g: torch.Tensor, index: torch.Tensor | None = None) -> float:
 
 @torch.no_grad()
 def support_shares(
-    params: dict[str, nn.Parameter], supports: dict[str, torch.Tensor]
+    params: dict[str, nn.Parameter],
+    supports: dict[str, torch.Tensor],
+    *,
+    excess: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """For each parameter with a support ({name: flat int64 indices}), the share of its
     squared gradient on the support (measured on a dense-gradient step; 1.0 when the
-    gradient is zero)."""
+    gradient is zero). ``excess`` ({name: squared norm}): noise to take off a parameter's
+    total first (a regrowth estimate's, see ``corrected_sq``)."""
+    excess = excess or {}
     shares = {}
     for name, index in supports.items():
         g = params[name].grad
         if g is not None:
-            on, total = _sq(g, index), _sq(g)
+            on = _sq(g, index)
+            total = max(on, _sq(g) - excess.get(name, 0.0))
             shares[name] = on / total if total > 0 else 1.0
     return shares
+
+
+@torch.no_grad()
+def corrected_sq(params: dict[str, nn.Parameter], excess: dict[str, float]) -> float:
+    """||g||^2 with each parameter's ``excess`` ({name: squared norm}) taken off (to no less
+    than 0): a regrowth step whose off-support gradients were estimated from part of the
+    tokens, whose extra token noise would otherwise count as gradient."""
+    sq = 0.0
+    for name, p in params.items():
+        if p.grad is not None:
+            sq += max(0.0, _sq(p.grad) - excess.get(name, 0.0))
+    return sq
 
 
 @torch.no_grad()

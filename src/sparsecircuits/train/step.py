@@ -8,9 +8,10 @@ from typing import Literal
 
 import torch
 
-from sparsecircuits.kernels import GradMode
+from sparsecircuits.kernels import GradMode, Regrowth
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.layers import (
+    regrowth_excess,
     set_weight_grad,
     support_only_weights,
     weights_kept_support,
@@ -19,6 +20,7 @@ from sparsecircuits.model.sparsity import WeightSparsity
 from sparsecircuits.train import distributed as D
 from sparsecircuits.train.config import OptimConfig
 from sparsecircuits.train.optim import (
+    corrected_sq,
     estimated_sq,
     grad_rms_scale,
     rescale_grads_,
@@ -45,6 +47,7 @@ def train_step(
     dist: D.DistInfo = D.SINGLE_PROCESS,
     precision: str = "fp32",
     regrow_precision: RegrowPrecision = "bf16",
+    regrow_tokens: float = 1.0,
 ) -> tuple[float, float]:
     """One optimizer step on (x, y) (B, T): forward/backward, gradient averaging over ranks,
     RMS control, AdamW at ``lr``, then the top-k projection at L0 fraction ``frac``.
@@ -55,7 +58,8 @@ def train_step(
     are kept instead of projected again; the gradient RMS is estimated with that share).
     ``support_opt`` (fast mode) steps AdamW on the support entries only where it can.
     ``regrow_precision`` "bf16": "regrow" steps take the off-support weight gradients from a
-    bfloat16 product where the CPU has one (``kernels/linear.py``).
+    bfloat16 product where the CPU has one (``kernels/linear.py``); ``regrow_tokens`` < 1: from
+    that share of the tokens (scaled up), the supports' gradients still from all of them.
     Returns (this rank's loss in nats/token, gradient RMS before rescaling)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -63,22 +67,28 @@ def train_step(
     grad_mode: GradMode = "dense"
     if support:  # the support AdamW reads sparse gradients directly: no dense zeros
         grad_mode = "support_sparse" if support_opt is not None else "support"
-    elif mode == "regrow" and regrow_precision == "bf16":
+    elif mode == "regrow" and (regrow_precision == "bf16" or regrow_tokens < 1.0):
         grad_mode = "regrow"
+    regrowth = Regrowth(bf16=regrow_precision == "bf16", share=regrow_tokens)
     # only the projected weights: any other Linear needs its whole, exact gradient
-    set_weight_grad(model, grad_mode, only=sparsity.params.values())
+    set_weight_grad(model, grad_mode, only=sparsity.params.values(), regrowth=regrowth)
     with autocast_context(precision, x.device):
         _, loss = model(x, y)  # the loss itself is computed in fp32 (see GPT.forward)
     loss.backward()
     restricted = support_only_weights(model) if support else []
+    measured = regrowth_excess(model) if grad_mode == "regrow" and regrowth.share < 1 else []
     set_weight_grad(model, "dense")  # exact gradients again for anyone using the model later
     params = [p for group in optimizer.param_groups for p in group["params"]]
     D.average_gradients_(params, dist)
     named = dict(model.named_parameters())
+    excess = _excess_by_name(named, measured, dist, x.device)
     index = sparsity.support_index() if support or mode == "regrow" else {}
     if mode == "regrow":
-        sparsity.grad_shares = support_shares(named, index)
-    sq = estimated_sq(named, index, sparsity.grad_shares) if support else None
+        sparsity.grad_shares = support_shares(named, index, excess=excess)
+    if support:
+        sq = estimated_sq(named, index, sparsity.grad_shares)
+    else:  # the regrowth estimate's token noise is not gradient (kernels/linear.py)
+        sq = corrected_sq(named, excess) if excess else None
     grad_rms, scale = grad_rms_scale(params, optim, sq=sq)
     if support_opt is not None and support:
         # support-only weights: AdamW on their supports with the RMS factor folded in (their
@@ -100,6 +110,20 @@ def train_step(
     else:
         sparsity.project_(frac)
     return float(loss.detach()), grad_rms
+
+
+def _excess_by_name(
+    named: dict[str, torch.nn.Parameter],
+    measured: list[tuple[torch.nn.Parameter, float]],
+    dist: D.DistInfo,
+    device: torch.device,
+) -> dict[str, float]:
+    """{parameter name: the squared-norm excess of its averaged regrowth estimate}: each
+    rank's excess is that of its own tokens' estimate, and averaging W independent estimates
+    divides their noise by W."""
+    values = D.mean_over_ranks([e for _, e in measured], dist, device)
+    by_id = {id(w): e / dist.world_size for (w, _), e in zip(measured, values, strict=True)}
+    return {n: by_id[id(p)] for n, p in named.items() if by_id.get(id(p), 0.0) > 0.0}
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -261,6 +261,7 @@ class Trainer:
                 dist=self.dist,
                 precision=cfg.precision,
                 regrow_precision=sp.regrow_precision,
+                regrow_tokens=sp.regrow_tokens,
             )
             loss_val = self._global_mean(loss)
             state = TrainState(
