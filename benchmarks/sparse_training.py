@@ -15,10 +15,12 @@ on random tokens. Variants, timed round-robin (medians):
   regrowth step every ``regrow_every`` steps (the default, 20: timed as 1 regrowth + 19
   support steps) at the default ``regrow_precision``: the trainer's ``weight_grad: fast``
   path, on its own copy of the model. ``--regrow-every R`` adds a ``fast R=R`` row: the same
-  with another interval (a trade of loss for speed measured in ``docs/kernels.md``).
+  with another interval; ``--regrow-tokens S`` a ``fast tok=S`` row: the default interval with
+  the regrowth products on a share S of the tokens (trades of loss for speed measured in
+  ``docs/kernels.md``).
 
     python benchmarks/sparse_training.py [--widths 256,1024] [--rounds 3] [--inference]
-                                         [--regrow-every 40]
+                                         [--regrow-every 40] [--regrow-tokens 0.25]
 """
 
 from __future__ import annotations
@@ -108,8 +110,12 @@ def model_config(width: int, n_layer: int = 2) -> GPTConfig:
 class Run:
     """One model at a fixed L0 (already projected) with its optimizer."""
 
-    def __init__(self, width: int, frac: float, batch: int, *, fast: bool = False) -> None:
+    def __init__(
+        self, width: int, frac: float, batch: int, *, fast: bool = False, tokens: float = -1.0
+    ) -> None:
         torch.manual_seed(0)
+        # the regrowth products' token share; -1: the trainer's default
+        self.regrow_tokens = tokens if tokens > 0 else SPARSITY.regrow_tokens
         self.model = GPT(model_config(width))
         self.opt = build_optimizer(self.model, OptimConfig())
         # the trainer's fast mode: AdamW on the supports between regrowths (train/trainer.py)
@@ -124,8 +130,8 @@ class Run:
     def step(self, mode: str = "exact") -> None:
         x, y = self.xy[:, :-1], self.xy[:, 1:]
         kw = dict(lr=1e-3, frac=self.frac, optim=OptimConfig(), support_opt=self.support_opt)
-        regrow = SPARSITY.regrow_precision  # the trainer's default
-        train_step(self.model, self.opt, self.sp, x, y, mode=mode, regrow_precision=regrow, **kw)
+        kw.update(regrow_precision=SPARSITY.regrow_precision, regrow_tokens=self.regrow_tokens)
+        train_step(self.model, self.opt, self.sp, x, y, mode=mode, **kw)
 
 
 def _timed(fn: Callable[[], None]) -> float:
@@ -141,7 +147,9 @@ def _fast(run: Run, every: int) -> float:
     return (t + sum(_timed(lambda: run.step("support")) for _ in range(every - 1))) / every
 
 
-def training(width: int, rounds: int, batch: int, extra_every: list[int]) -> list[dict]:
+def training(
+    width: int, rounds: int, batch: int, extra_every: list[int], extra_tokens: list[float]
+) -> list[dict]:
     rows = []
     for label, frac in L0S.items():
         run = Run(width, frac, batch)
@@ -156,6 +164,9 @@ def training(width: int, rounds: int, batch: int, extra_every: list[int]) -> lis
             for r in extra_every:  # other regrowth intervals, on their own copies
                 other = Run(width, frac, batch, fast=True)
                 variants[f"fast R={r}"] = lambda run=other, r=r: _fast(run, r)
+            for share in extra_tokens:  # regrowth products on part of the tokens
+                other = Run(width, frac, batch, fast=True, tokens=share)
+                variants[f"fast tok={share:g}"] = lambda run=other, r=every: _fast(run, r)
         for name, fn in variants.items():  # warm-up (crossover measurement, first touch)
             use_path(name)
             fn()
@@ -223,6 +234,14 @@ def main() -> None:
         help="also time the fast mode with this regrowth interval (repeatable; the default "
         f"is the trainer's, {SPARSITY.regrow_every})",
     )
+    ap.add_argument(
+        "--regrow-tokens",
+        type=float,
+        action="append",
+        default=[],
+        help="also time the fast mode with the regrowth products on this share of the tokens "
+        f"(repeatable; the default is the trainer's, {SPARSITY.regrow_tokens:g})",
+    )
     args = ap.parse_args()
     print(machine())
     widths = [int(w) for w in args.widths.split(",")]
@@ -233,7 +252,7 @@ def main() -> None:
             f"{'width':>6s} {'L0':>6s} {'variant':>13s} {'ms/step':>9s} {'tok/s':>8s} {'ratio':>7s}"
         )
         for w in widths:
-            for r in training(w, args.rounds, args.batch, args.regrow_every):
+            for r in training(w, args.rounds, args.batch, args.regrow_every, args.regrow_tokens):
                 res["training"].append(r)
                 print(
                     f"{r['width']:6d} {r['l0']:>6s} {r['variant']:>13s} {r['ms_per_step']:9.0f} "
