@@ -13,11 +13,11 @@ on random tokens. Variants, timed round-robin (medians):
   dense weight gradients every step (the paper's exact top-k training);
 - ``ours fast``: the same with support-only weight gradients and AdamW on the supports, a
   regrowth step every ``regrow_every`` steps (the default, 20: timed as 1 regrowth + 19
-  support steps) at the default ``regrow_precision``: the trainer's ``weight_grad: fast``
-  path, on its own copy of the model. ``--regrow-every R`` adds a ``fast R=R`` row: the same
-  with another interval; ``--regrow-tokens S`` a ``fast tok=S`` row: the default interval with
-  the regrowth products on a share S of the tokens (trades of loss for speed measured in
-  ``docs/kernels.md``).
+  support steps) at the default ``regrow_precision`` and ``regrow_tokens``: the trainer's
+  ``weight_grad: fast`` path, on its own copy of the model. ``--regrow-every R`` adds a
+  ``fast R=R`` row: the same with another interval; ``--regrow-tokens S`` a ``fast tok=S``
+  row: the default interval with the regrowth products on a share S of the sequences (trades
+  of loss for speed measured in ``docs/kernels.md``).
 
     python benchmarks/sparse_training.py [--widths 256,1024] [--rounds 3] [--inference]
                                          [--regrow-every 40] [--regrow-tokens 0.25]
@@ -243,6 +243,9 @@ def main() -> None:
         f"(repeatable; the default is the trainer's, {SPARSITY.regrow_tokens:g})",
     )
     args = ap.parse_args()
+    for share in args.regrow_tokens:
+        if not 0.0 < share <= 1.0:
+            ap.error(f"--regrow-tokens must be in (0, 1], got {share}")
     print(machine())
     widths = [int(w) for w in args.widths.split(",")]
     res: dict[str, list[dict]] = {"training": [], "inference": []}

@@ -138,16 +138,16 @@ def test_fused_backward_equals_the_separate_products(n_tok: int, density: float,
 @pytest.mark.parametrize(("n_tok", "share"), [(300, 0.3), (33, 0.5), (5, 0.01)])
 def test_regrowth_share_estimates_off_support_from_leading_tokens(name, n_tok, share, monkeypatch):
     """A regrowth step with share s: off the support dW is (n / m) dy[:m]^T x[:m] for the
-    first m = ceil(s n) tokens (float32 here), on it the exact gradient over all n tokens;
-    the one-pass backward and the separate kernels agree bitwise."""
+    first m = max(2, ceil(s n)) tokens (float32 here), on it the exact gradient over all n
+    tokens; the one-pass backward and the separate kernels agree bitwise."""
     monkeypatch.setenv(ENV, name)
     g = torch.Generator().manual_seed(n_tok)
     w = _weight(n_tok, 96, 64, 1 / 16, "plain").requires_grad_(True)
     x = torch.randn(n_tok, 64, generator=g, requires_grad=True)
     dy = torch.randn(n_tok, 96, generator=g)
     regrowth = Regrowth(bf16=False, share=share)
-    m = regrowth.rows(n_tok)
-    assert m == max(1, -(-round(share * 1000) * n_tok // 1000))  # ceil, at least one token
+    m, h = regrowth.split(n_tok)
+    assert m == max(2, -(-round(share * 1000) * n_tok // 1000)) and h == m // 2  # ceil, >= 2
     sparse_linear(x, w, None, LinearKernelState(grad_mode="regrow", regrowth=regrowth)).backward(dy)
     on = w.detach() != 0
     x64, dy64 = x.detach().double(), dy.double()
@@ -178,6 +178,18 @@ def test_regrowth_excess_is_the_subset_token_noise(name: str, monkeypatch) -> No
     same_dy, same_x = dy[:1].expand(n, -1).contiguous(), x[:1].expand(n, -1).contiguous()
     dw, excess = regrow_weight_grad(p, same_dy, same_x, Regrowth(bf16=False, share=0.25))
     assert 0.0 <= excess <= 1e-6 * float(dw.pow(2).sum())
+
+
+def test_regrowth_subsets_are_whole_sequences() -> None:
+    """The subset and its halves are whole sequences (at least two), else every row."""
+    quarter = Regrowth(share=0.25, seq=256)
+    assert quarter.split(16 * 256) == (4 * 256, 2 * 256)
+    assert quarter.split(4 * 256) == (2 * 256, 256)  # one sequence would not halve
+    assert quarter.split(2 * 256) == (512, 512)  # too few sequences: all of them
+    assert quarter.split(1000) == (250, 125)  # not whole sequences: rows
+    assert Regrowth(share=1.0, seq=256).split(4096) == (4096, 4096)
+    with pytest.raises(ValueError, match="seq"):
+        Regrowth(seq=0)
 
 
 @pytest.mark.parametrize("share", [0.0, -0.5, 1.5, float("nan")])

@@ -215,6 +215,7 @@ def test_regrow_steps_take_the_bf16_product_only_for_projected_weights(monkeypat
     sp.project_(1 / 4)
     xy = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
     step = dict(lr=1e-2, frac=1 / 4, optim=OptimConfig(lr=1e-2), mode="regrow")
+    step["regrow_tokens"] = 1.0  # every token: fp32 is then the exact dense gradient
     train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], regrow_precision="fp32", **step)
     assert calls == []
     train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], regrow_precision="bf16", **step)
@@ -234,7 +235,7 @@ def test_regrow_tokens_reach_the_regrowth_products(monkeypatch) -> None:
     real = linear._off_support_dw
 
     def spy(dy, x, regrowth, support):
-        seen.append((regrowth.share, regrowth.bf16, dy.shape[0], regrowth.rows(dy.shape[0])))
+        seen.append((regrowth.share, regrowth.bf16, dy.shape[0], *regrowth.split(dy.shape[0])))
         return real(dy, x, regrowth, support)
 
     monkeypatch.setattr(linear, "_off_support_dw", spy)
@@ -245,11 +246,13 @@ def test_regrow_tokens_reach_the_regrowth_products(monkeypatch) -> None:
     sp.project_(1 / 4)
     xy = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
     step = dict(lr=1e-2, frac=1 / 4, optim=OptimConfig(lr=1e-2), mode="regrow")
-    train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], regrow_precision="fp32", **step)
+    train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], regrow_precision="fp32",
+               regrow_tokens=1.0, **step)  # fmt: skip
     assert seen == []  # float32 over every token: the exact dense gradient
     train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], regrow_precision="fp32",
                regrow_tokens=0.5, **step)  # fmt: skip
-    assert seen and all(s == (0.5, False, 64, 32) for s in seen)
+    # 4 sequences of 16 tokens: the first 2, as halves of one sequence each
+    assert seen and all(s == (0.5, False, 64, 32, 16) for s in seen)
     assert all(m.kernel.regrowth == Regrowth() for m in model.modules() if hasattr(m, "kernel"))
 
 

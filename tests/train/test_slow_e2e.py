@@ -102,8 +102,9 @@ def test_kill_9_then_resume_equals_uninterrupted(small_corpus, cache_dir, tmp_pa
 def test_torchrun_two_processes_matches_one(small_corpus, cache_dir, tmp_path):
     # float32 regrowth products: bfloat16 ones round each rank's half-batch gradient apart
     # from the whole batch's (~3e-3), which may change a top-k choice; this test is about
-    # the gradient averaging, which must match to float32 rounding
-    sparsity = dict(target_l0=1 / 8, anneal_end=0.5, regrow_precision="fp32")
+    # the gradient averaging, which must match to float32 rounding; every token in the
+    # regrowth products too (a share is taken per rank: other sequences than one process's)
+    sparsity = dict(target_l0=1 / 8, anneal_end=0.5, regrow_precision="fp32", regrow_tokens=1.0)
     cfg = tiny_config(small_corpus, steps=12, eval_every=6, checkpoint_every=6, sparsity=sparsity)
     cfg_file = _write_cfg(tmp_path / "cfg.json", cfg)
     one, two = tmp_path / "one", tmp_path / "two"

@@ -36,6 +36,7 @@ from torch.autograd.function import once_differentiable
 from sparsecircuits.kernels._lib import cpu_flags, lib
 from sparsecircuits.kernels.crossover import sparse_below
 from sparsecircuits.kernels.csr import CSRPattern, build_pattern, gather
+from sparsecircuits.kernels.optim import sumsq
 from sparsecircuits.kernels.select import as_rows, gelu_abstopk_grad, masked_grad
 
 GradMode = Literal["dense", "support", "support_sparse", "regrow"]
@@ -59,18 +60,29 @@ def native_bf16() -> bool:
 class Regrowth:
     """How a ``regrow`` backward estimates the weight gradient off W's support: a bfloat16
     product where ``bf16`` and the CPU has native bfloat16 (else float32), over the first
-    ``share`` (0 < share <= 1) of the tokens, scaled by 1 / share."""
+    ``share`` (0 < share <= 1) of the sequences (``seq`` rows each), scaled up to all."""
 
     bf16: bool = True
     share: float = 1.0
+    seq: int = 1  # rows per sequence: the subset and its two halves are whole sequences
 
     def __post_init__(self) -> None:
         if not 0.0 < self.share <= 1.0:
             raise ValueError(f"Regrowth.share must be in (0, 1], got {self.share}")
+        if self.seq < 1:
+            raise ValueError(f"Regrowth.seq must be >= 1, got {self.seq}")
 
-    def rows(self, n: int) -> int:
-        """The number of leading rows (of n) the product reads: ceil(share * n), >= 1."""
-        return max(1, min(n, math.ceil(self.share * n - 1e-9)))
+    def split(self, n: int) -> tuple[int, int]:
+        """(m, h) for n rows: the estimate reads rows [0, m) as two halves [0, h), [h, m),
+        each whole sequences (tokens of one sequence are correlated, and their positions
+        differ in mean gradient): ceil(share * sequences), at least 2. (n, n): every row
+        (share 1, or too few sequences to halve)."""
+        seq = self.seq if n % self.seq == 0 else 1
+        count = n // seq
+        k = max(2, math.ceil(self.share * count - 1e-9))
+        if self.share >= 1.0 or k >= count:
+            return n, n
+        return k * seq, k // 2 * seq
 
 
 def regrow_weight_grad(
@@ -91,7 +103,7 @@ def _off_support_dw(
 ) -> tuple[torch.Tensor, float]:
     """``regrowth``'s estimate of dy^T x (out, in) from dy (N, out), x (N, in), and how much
     its squared norm off ``support`` (flat indices) exceeds, in expectation, that of the
-    product over all N tokens (0.0 for share 1).
+    product over all N tokens (0.0 when it reads them all).
 
     From m < N tokens the estimate carries N / m times the token noise of the full product,
     and the gradient-RMS control (and the support shares it uses between regrowths) would
@@ -99,17 +111,14 @@ def _off_support_dw(
     measure it: with a and b their per-token mean gradients, E[(a - b)^2] = v (1/h +
     1/(m - h)) for the per-token variance v, and the excess is v (1/m - 1/N) per entry."""
     n = dy.shape[0]
-    m = regrowth.rows(n)
+    m, h = regrowth.split(n)
     bf16 = regrowth.bf16 and native_bf16() and x.device.type == "cpu"
     prod = _bf16_dw if bf16 else _fp32_dw
     if m == n:
         return prod(dy, x), 0.0
-    if m < 2:  # one token: no noise estimate
-        return prod(dy[:m], x[:m]).mul_(n / m), 0.0
-    h = m // 2
     a, b = prod(dy[:h], x[:h]), prod(dy[h:m], x[h:m])
-    diff = a * (n / h) - b * (n / (m - h))  # per-token mean gradients' difference
-    noise = float(diff.pow(2).sum()) - float(diff.reshape(-1)[support.to(diff.device)].pow(2).sum())
+    diff = a.mul(n / h).sub_(b, alpha=n / (m - h))  # the halves' per-token mean gradients
+    noise = sumsq(diff) - sumsq(diff, support.to(diff.device))
     excess = max(0.0, noise) * (1 / m - 1 / n) / (1 / h + 1 / (m - h))
     return a.add_(b).mul_(n / m), excess
 

@@ -108,8 +108,9 @@ def support_shares(
     for name, index in supports.items():
         g = params[name].grad
         if g is not None:
-            on = _sq(g, index)
-            total = max(on, _sq(g) - excess.get(name, 0.0))
+            on, total = _sq(g, index), _sq(g)
+            if name in excess:  # never below the support's part
+                total = max(on, total - excess[name])
             shares[name] = on / total if total > 0 else 1.0
     return shares
 

@@ -18,7 +18,7 @@ from sparsecircuits.model.layers import (
 )
 from sparsecircuits.model.sparsity import WeightSparsity
 from sparsecircuits.train import distributed as D
-from sparsecircuits.train.config import OptimConfig
+from sparsecircuits.train.config import OptimConfig, SparsityConfig
 from sparsecircuits.train.optim import (
     corrected_sq,
     estimated_sq,
@@ -47,7 +47,7 @@ def train_step(
     dist: D.DistInfo = D.SINGLE_PROCESS,
     precision: str = "fp32",
     regrow_precision: RegrowPrecision = "bf16",
-    regrow_tokens: float = 1.0,
+    regrow_tokens: float = SparsityConfig().regrow_tokens,
 ) -> tuple[float, float]:
     """One optimizer step on (x, y) (B, T): forward/backward, gradient averaging over ranks,
     RMS control, AdamW at ``lr``, then the top-k projection at L0 fraction ``frac``.
@@ -59,7 +59,8 @@ def train_step(
     ``support_opt`` (fast mode) steps AdamW on the support entries only where it can.
     ``regrow_precision`` "bf16": "regrow" steps take the off-support weight gradients from a
     bfloat16 product where the CPU has one (``kernels/linear.py``); ``regrow_tokens`` < 1: from
-    that share of the tokens (scaled up), the supports' gradients still from all of them.
+    that share of the sequences (scaled up), the supports' gradients still from all of them;
+    both default to the trainer's defaults (``SparsityConfig``).
     Returns (this rank's loss in nats/token, gradient RMS before rescaling)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -69,7 +70,7 @@ def train_step(
         grad_mode = "support_sparse" if support_opt is not None else "support"
     elif mode == "regrow" and (regrow_precision == "bf16" or regrow_tokens < 1.0):
         grad_mode = "regrow"
-    regrowth = Regrowth(bf16=regrow_precision == "bf16", share=regrow_tokens)
+    regrowth = Regrowth(bf16=regrow_precision == "bf16", share=regrow_tokens, seq=x.shape[-1])
     # only the projected weights: any other Linear needs its whole, exact gradient
     set_weight_grad(model, grad_mode, only=sparsity.params.values(), regrowth=regrowth)
     with autocast_context(precision, x.device):
