@@ -25,8 +25,8 @@ class SparsityConfig(StrictModel):
     # "fast" = dW only on the current support, with a dense dW + projection (regrowth) every
     # `regrow_every` steps and on every step whose L0 budget changes (the anneal). The default
     # is fast: on the `small` preset its final validation loss was ~0.8% above exact mode's
-    # (+0.76% to +0.92% over three seeds with the default regrow_tokens; +0.36% to +1.42% over
-    # four with every token) at 1.3-1.9x the post-anneal tokens/s (docs/kernels.md).
+    # (four seeds: +0.63% to +0.97% with the default regrow_tokens, +0.36% to +1.42% with
+    # every token) at 1.3-1.9x the post-anneal tokens/s (docs/kernels.md).
     weight_grad: Literal["exact", "fast"] = "fast"
     regrow_every: int = 20
     # The regrowth steps' off-support weight gradients: "bf16" takes them from a bfloat16
@@ -38,7 +38,7 @@ class SparsityConfig(StrictModel):
     # weight gradients (scaled up, their extra token noise taken off the RMS control; the
     # supports' gradients always use every token). The dense product is most of a regrowth
     # step's cost: 1/4 makes the d_model 1024 step ~2-6% faster, and on the `small` preset it
-    # matched 1 over three seeds (+0.84% vs +0.91% over exact mode, docs/kernels.md).
+    # matched 1 over four seeds (+0.87% vs +0.85% over exact mode, docs/kernels.md).
     regrow_tokens: float = 0.25
 
     @model_validator(mode="after")
