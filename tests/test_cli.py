@@ -156,3 +156,30 @@ def test_bad_train_options_are_one_line_errors_and_write_nothing(tmp_path, args,
     line = _one_line_error(_cli("train", "--preset", "tiny", "--out", str(out), *args))
     assert expected in line
     assert not out.exists()
+
+
+def test_corpus_manifest_prints_counts_and_tokens(tmp_path, tiny_model_dir):
+    from tests.data.conftest import write_py_files
+
+    write_py_files(tmp_path / "code", 12)
+    res = _cli(
+        "corpus",
+        "manifest",
+        str(tmp_path / "code"),
+        "--tokenizer",
+        str(tiny_model_dir),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "manifest.json"),
+    )
+    assert res.returncode == 0, res.stderr
+    assert "train:" in res.stdout and "tokens (" in res.stdout
+    doc = json.loads((tmp_path / "manifest.json").read_text())
+    assert doc["tokens"]["train"] > 0 and doc["tokens"]["val"] > 0
+    assert doc["split"]["train"]["files"] + doc["split"]["val"]["files"] == 12
+
+
+def test_corpus_manifest_bad_spec_is_one_line_error(tmp_path):
+    line = _one_line_error(_cli("corpus", "manifest", str(tmp_path / "none"), "--no-tokens"))
+    assert "does not exist" in line

@@ -16,6 +16,7 @@ import typer
 
 from sparsecircuits._alloc import tune_allocator
 from sparsecircuits.cli_circuits import register as _register_circuits
+from sparsecircuits.cli_data import register as _register_data
 from sparsecircuits.cli_viz import register as _register_viz
 from sparsecircuits.errors import SparseCircuitsError
 
@@ -64,7 +65,9 @@ def train(
     ),
     config: Annotated[Path | None, typer.Option(help="a train_config.json to use")] = None,
     steps: Annotated[int | None, typer.Option(help="override the number of steps")] = None,
-    corpus: Annotated[str | None, typer.Option(help="stdlib, a dir/glob of .py files")] = None,
+    corpus: Annotated[
+        str | None, typer.Option(help="stdlib, python-env, a dir/glob of .py files")
+    ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     set_: Annotated[list[str], typer.Option("--set", help="KEY=VALUE, e.g. optim.lr=0.01")] = [],  # noqa: B006
     resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
@@ -158,7 +161,9 @@ def sample(
 @app.command("eval-loss")
 def eval_loss(
     model: ModelArg = DEFAULT_MODEL,
-    corpus: Annotated[str, typer.Option(help="stdlib, a dir/glob of .py files")] = "stdlib",
+    corpus: Annotated[
+        str, typer.Option(help="stdlib, python-env, a dir/glob of .py files")
+    ] = "stdlib",
     windows: Annotated[
         int, typer.Option(min=1, help="validation windows (block_size tokens each)")
     ] = 64,
@@ -296,6 +301,7 @@ def export(
 
 
 _register_circuits(app)
+_register_data(app)
 _register_viz(app)
 
 

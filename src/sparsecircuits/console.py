@@ -143,3 +143,14 @@ def print_task_table(model: str, table: dict[str, dict[str, dict[str, float]]]) 
         console.print(
             f"test accuracy >= 0.80 on {sum(a >= 0.8 for a in accs)} of {len(accs)} tasks"
         )
+
+
+@contextlib.contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner with ``message`` while a step of unknown length runs; silent when piped."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(message):
+        yield

@@ -196,3 +196,17 @@ def test_resume_refuses_changed_data(trained, tmp_path):
     (part / "data.json").write_text(_json.dumps(data))
     with pytest.raises(DataError, match="changed since the run started"):
         Trainer(cfg, run_dir=part, device="cpu", resume=True).run()
+
+
+def test_tokenizer_may_be_named_by_a_shipped_model(small_corpus, cache_dir, tmp_path):
+    from sparsecircuits.data import Tokenizer
+    from sparsecircuits.model.io import resolve_model_dir
+
+    shipped = Tokenizer.load(resolve_model_dir("stdlib-sparse"))
+    cfg = tiny_config(small_corpus, tokenizer="stdlib-sparse", steps=2, eval_every=2)
+    run = tmp_path / "run"
+    Trainer(cfg, run_dir=run, device="cpu", cache_dir=cache_dir).run()
+    assert Tokenizer.load(run).fingerprint() == shipped.fingerprint()
+    bad = tiny_config(small_corpus, tokenizer="no-such-model", steps=2, eval_every=2)
+    with pytest.raises(Exception, match="no-such-model: no such model directory"):
+        Trainer(bad, run_dir=tmp_path / "bad", device="cpu", cache_dir=cache_dir).run()

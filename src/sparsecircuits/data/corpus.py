@@ -47,6 +47,8 @@ class Corpus:
     _digests: dict[str, tuple[int, str]] = field(default_factory=dict, repr=False, compare=False)
     # Reads one document's raw bytes; None means "read the file at SourceFile.path".
     _reader: Callable[[SourceFile], bytes] | None = field(default=None, repr=False, compare=False)
+    # How a recipe corpus (``python-env``) was built: packages, versions, filter counts.
+    manifest: dict | None = field(default=None, repr=False, compare=False)
 
     def read_bytes(self, source: SourceFile) -> bytes:
         """Raw bytes of one document (OSError if it cannot be read)."""
@@ -95,17 +97,23 @@ def load_corpus(spec: str | None = None, *, val_fraction: float = 0.02) -> Corpu
     """Load a corpus and split it.
 
     ``spec``: None or ``"stdlib"`` (every ``.py`` under :func:`stdlib_dir`, minus site-packages),
-    a directory (every ``*.py`` below it), a glob pattern (``"src/**/*.py"``), or
-    ``"hf:<dir>"`` (a HF ``datasets`` dataset saved with ``save_to_disk``; offline).
+    ``"python-env"`` (the standard library plus this environment's pinned packages, filtered
+    and deduplicated: :mod:`sparsecircuits.data.python_env`), a directory (every ``*.py`` below
+    it), a glob pattern (``"src/**/*.py"``), or ``"hf:<dir>"`` (a HF ``datasets`` dataset
+    saved with ``save_to_disk``; offline).
     ``val_fraction``: expected fraction of documents in val, in [0, 1).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     reader = None
+    if spec == "python-env":
+        from sparsecircuits.data.python_env import load_python_env  # builds on this module
+
+        return load_python_env(val_fraction=val_fraction)
     if spec is None or spec == "stdlib":
         root = stdlib_dir()
         name = "stdlib"
-        sources = _list_py_files(root, exclude_parts=_EXCLUDED_STDLIB_PARTS)
+        sources = list_py_files(root, exclude_parts=_EXCLUDED_STDLIB_PARTS)
     elif spec.startswith("hf:"):
         root = Path(spec[3:]).expanduser()
         name = spec
@@ -116,7 +124,7 @@ def load_corpus(spec: str | None = None, *, val_fraction: float = 0.02) -> Corpu
     else:
         root = Path(spec).expanduser()
         name = str(root)
-        sources = _list_py_files(root, exclude_parts=frozenset())
+        sources = list_py_files(root, exclude_parts=frozenset())
 
     corpus = Corpus(name=name, root=root, train=[], val=[], _reader=reader)
     kept: list[SourceFile] = []
@@ -126,7 +134,7 @@ def load_corpus(spec: str | None = None, *, val_fraction: float = 0.02) -> Corpu
         except OSError:
             reason = "unreadable"
         else:
-            reason = _check_bytes(data)
+            reason = check_bytes(data)
             if reason is None:
                 corpus._digests[source.rel] = _digest(data)
                 kept.append(source)
@@ -154,10 +162,9 @@ def split_files(
     Both lists come back sorted by ``rel``.
     """
     files = sorted(files, key=lambda s: s.rel)
-    bucket = {s.rel: int(hashlib.md5(s.rel.encode()).hexdigest(), 16) % 10000 for s in files}
-    threshold = val_fraction * 10000
-    train = [s for s in files if bucket[s.rel] >= threshold]
-    val = [s for s in files if bucket[s.rel] < threshold]
+    bucket = {s.rel: split_bucket(s.rel) for s in files}
+    train = [s for s in files if not is_val_key(s.rel, val_fraction=val_fraction)]
+    val = [s for s in files if is_val_key(s.rel, val_fraction=val_fraction)]
     # Move the file nearest the threshold (ties broken by rel) so the choice is deterministic.
     if not train:
         moved = max(val, key=lambda s: (bucket[s.rel], s.rel))
@@ -170,10 +177,20 @@ def split_files(
     return sorted(train, key=lambda s: s.rel), sorted(val, key=lambda s: s.rel)
 
 
+def split_bucket(key: str) -> int:
+    """The split's hash of a document key: md5 of the key, mod 10000."""
+    return int(hashlib.md5(key.encode()).hexdigest(), 16) % 10000
+
+
+def is_val_key(key: str, *, val_fraction: float) -> bool:
+    """Whether a document with this key belongs to validation (the one split rule)."""
+    return split_bucket(key) < val_fraction * 10000
+
+
 _REASON_WORDS = {"non_utf8": "non-UTF-8", "binary": "binary (NUL byte)", "unreadable": "unreadable"}
 
 
-def _check_bytes(data: bytes) -> str | None:
+def check_bytes(data: bytes) -> str | None:
     """Skip reason for a document's bytes, or None if it is usable text."""
     if b"\x00" in data:
         return "binary"
@@ -189,7 +206,7 @@ def _decode(corpus: Corpus, source: SourceFile) -> tuple[str | None, str]:
         data = corpus.read_bytes(source)
     except OSError:
         return None, "unreadable"
-    reason = _check_bytes(data)
+    reason = check_bytes(data)
     if reason is not None:
         return None, reason
     return data.decode("utf-8"), ""
@@ -203,7 +220,7 @@ def _skip_summary(skipped: dict[str, int]) -> str:
     return ", ".join(f"{n} {_REASON_WORDS.get(r, r)}" for r, n in sorted(skipped.items())) or "none"
 
 
-def _list_py_files(root: Path, *, exclude_parts: frozenset[str]) -> list[SourceFile]:
+def list_py_files(root: Path, *, exclude_parts: frozenset[str]) -> list[SourceFile]:
     if not root.exists():
         raise DataError(f"corpus directory {root} does not exist")
     if not root.is_dir():

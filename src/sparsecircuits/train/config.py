@@ -93,9 +93,10 @@ class TrainConfig(StrictModel):
     model: GPTConfig = GPTConfig()
     sparsity: SparsityConfig = SparsityConfig()
     optim: OptimConfig = OptimConfig()
-    corpus: str = "stdlib"  # "stdlib", a directory or glob of .py files, or "hf:<path>"
+    corpus: str = "stdlib"  # "stdlib", "python-env", a dir or glob of .py files, "hf:<path>"
     val_fraction: float = 0.02
-    tokenizer: str | None = None  # a tokenizer file/dir to use; None trains one on the corpus
+    # A tokenizer file/dir or a shipped model's name to take it from; None trains one on the corpus.
+    tokenizer: str | None = None
     tokenizer_vocab: int = 2048
     bigram_init: Literal["empirical", "zeros"] = "empirical"  # fill a fixed bigram table
     batch_size: int = 16  # global batch, in sequences of model.block_size tokens

@@ -20,7 +20,7 @@ from sparsecircuits.data import train_tokenizer as fit_tokenizer
 from sparsecircuits.errors import CheckpointError, ConfigError, DataError
 from sparsecircuits.fileio import atomic_dir, atomic_write_json, cache_root, read_json_object
 from sparsecircuits.model.gpt import GPT
-from sparsecircuits.model.io import SPARSITY_FILE, save_model
+from sparsecircuits.model.io import SPARSITY_FILE, resolve_model_dir, save_model
 from sparsecircuits.model.sparsity import WeightSparsity, sparse_parameter_names
 from sparsecircuits.train import distributed as D
 from sparsecircuits.train.bigram import bigram_log_probs
@@ -153,7 +153,10 @@ class Trainer:
         if self.resume and run_tok.exists():
             tok = Tokenizer.load(run_tok)
         elif self.cfg.tokenizer is not None:
-            tok = Tokenizer.load(self.cfg.tokenizer)
+            # A path, or a shipped model's name ("stdlib-sparse"): its tokenizer, so models
+            # trained on another corpus keep the stdlib vocabulary and compare token for token.
+            spec = self.cfg.tokenizer
+            tok = Tokenizer.load(spec if Path(spec).exists() else resolve_model_dir(spec))
         else:
             key = f"{corpus.fingerprint()[:16]}-{self.cfg.tokenizer_vocab}"
             cached = self.cache_dir / "tokenizers" / key / TOKENIZER_FILE
