@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -210,3 +211,44 @@ def test_tokenizer_may_be_named_by_a_shipped_model(small_corpus, cache_dir, tmp_
     bad = tiny_config(small_corpus, tokenizer="no-such-model", steps=2, eval_every=2)
     with pytest.raises(Exception, match="no-such-model: no such model directory"):
         Trainer(bad, run_dir=tmp_path / "bad", device="cpu", cache_dir=cache_dir).run()
+
+
+def test_checkpoint_minutes_adds_time_based_checkpoints(small_corpus, cache_dir, tmp_path):
+    kw = dict(steps=6, log_every=2, eval_every=6, checkpoint_every=100, keep_checkpoints=5)
+    plain = tmp_path / "plain"
+    Trainer(tiny_config(small_corpus, **kw), run_dir=plain, cache_dir=cache_dir).run()
+    assert [p.name for p in list_checkpoints(plain)] == ["step_00000006"]
+    timed = tmp_path / "timed"
+    cfg = tiny_config(small_corpus, checkpoint_minutes=1e-9, **kw)
+    Trainer(cfg, run_dir=timed, cache_dir=cache_dir).run()
+    # Due at every log step, never between them.
+    names = [p.name for p in list_checkpoints(timed)]
+    assert names == ["step_00000002", "step_00000004", "step_00000006"]
+    with pytest.raises(ConfigError, match="checkpoint_minutes"):
+        tiny_config(small_corpus, checkpoint_minutes=0)
+
+
+def test_snapshots_are_kept_compact_and_loadable(small_corpus, cache_dir, tmp_path):
+    cfg = tiny_config(small_corpus, steps=8, snapshot_every=4, keep_checkpoints=1)
+    run = tmp_path / "run"
+    Trainer(cfg, run_dir=run, cache_dir=cache_dir).run()
+    snaps = sorted(p.name for p in (run / "snapshots").iterdir())
+    assert snaps == ["step_00000004", "step_00000008"]
+    final = load_model(run / "model")
+    last = load_model(run / "snapshots" / "step_00000008")
+    pairs = zip(final.state_dict().items(), last.state_dict().items(), strict=True)
+    for (name, a), (_, b) in pairs:
+        assert torch.equal(a, b), name
+    early = load_model(run / "snapshots" / "step_00000004")
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(early.state_dict().values(), final.state_dict().values(), strict=True)
+    )
+    # A fresh run refuses a directory that holds snapshots of an earlier one.
+    shutil.rmtree(run / "model")
+    for name in ("checkpoints", "metrics.jsonl", "train_config.json", "tokenizer.json"):
+        target = run / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    (run / "data.json").unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match="snapshots"):
+        Trainer(cfg, run_dir=run, cache_dir=cache_dir).run()

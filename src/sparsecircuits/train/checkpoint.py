@@ -25,6 +25,7 @@ from sparsecircuits.model.io import load_model, save_model
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+SNAPSHOTS = "snapshots"
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -68,6 +69,19 @@ def save_checkpoint(
         doomed = old.with_name(f".tmp-del-{old.name}")
         os.replace(old, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+    return final
+
+
+def save_snapshot(
+    run_dir: Path, *, model: GPT, step: int, tokenizer_file: Path, sparsity: dict
+) -> Path:
+    """Keep a compact, loadable copy of the model at ``step`` in ``snapshots/step_N/``
+    (weights as indices + values, the tokenizer and the sparsity settings; no optimizer)."""
+    final = Path(run_dir) / SNAPSHOTS / f"step_{step:08d}"
+    with atomic_dir(final) as tmp:
+        save_model(model, tmp, compact=True)
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        atomic_write_json(tmp / "sparsity.json", sparsity)
     return final
 
 

@@ -105,7 +105,14 @@ class TrainConfig(StrictModel):
     eval_windows: int = 64  # validation windows of block_size tokens per evaluation
     log_every: int = 10
     checkpoint_every: int = 100
+    # Also checkpoint at the first log step this many minutes after the last checkpoint: steps
+    # run ~10x slower while the budget anneals from dense, so a step count alone cannot bound
+    # the work a kill loses.
+    checkpoint_minutes: float | None = None
     keep_checkpoints: int = 2
+    # Every this many steps, keep a compact copy of the model (weights only, loadable by
+    # load_model) in snapshots/step_N/: candidates for comparisons at matched loss.
+    snapshot_every: int | None = None
     seed: int = 0
     # Matmul precision: "fp32" everywhere (CPU default; bit-reproducible); "tf32" lets CUDA
     # matmuls use TF32; "bf16" autocasts the forward to bfloat16 (CUDA; slow on most CPUs).
@@ -125,6 +132,10 @@ class TrainConfig(StrictModel):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise ValueError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
+        if self.snapshot_every is not None and self.snapshot_every < 1:
+            raise ValueError(f"snapshot_every must be >= 1, got {self.snapshot_every}")
         if self.checkpoint_every % self.log_every:
             # A resumed run restarts its log window at the checkpoint; aligned windows make its
             # metrics identical to an uninterrupted run's.

@@ -25,10 +25,12 @@ from sparsecircuits.model.sparsity import WeightSparsity, sparse_parameter_names
 from sparsecircuits.train import distributed as D
 from sparsecircuits.train.bigram import bigram_log_probs
 from sparsecircuits.train.checkpoint import (
+    SNAPSHOTS,
     TrainState,
     remove_stale_temps,
     restore_latest,
     save_checkpoint,
+    save_snapshot,
 )
 from sparsecircuits.train.config import TrainConfig
 from sparsecircuits.train.metrics import MetricsLog, evaluate
@@ -47,7 +49,15 @@ METRICS_FILE = "metrics.jsonl"
 TOKENIZER_FILE = "tokenizer.json"
 FINAL_DIR = "model"
 DATA_FILE = "data.json"  # fingerprints of the corpus and tokenizer the run trains on
-RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE, DATA_FILE, FINAL_DIR, "checkpoints")
+RUN_ARTIFACTS = (
+    CONFIG_FILE,
+    METRICS_FILE,
+    TOKENIZER_FILE,
+    DATA_FILE,
+    FINAL_DIR,
+    "checkpoints",
+    SNAPSHOTS,
+)
 
 
 @dataclass(frozen=True)
@@ -235,6 +245,7 @@ class Trainer:
         local = cfg.batch_size // self.dist.world_size
         lo = self.dist.rank * local
         t_start, window_loss, window_steps, window_time = time.time(), 0.0, 0, 0.0
+        last_checkpoint_t = t_start
         elapsed_before = state.elapsed_s
         val_loss = math.nan
         support_opt = SupportAdamW(optimizer) if sp.weight_grad == "fast" else None
@@ -301,7 +312,11 @@ class Trainer:
                 metrics.write(rec)
                 if on_record is not None and main:
                     on_record(rec)
-            checkpoint = state.step % cfg.checkpoint_every == 0 or last
+            checkpoint = (
+                state.step % cfg.checkpoint_every == 0
+                or last
+                or self._checkpoint_due(state.step, time.time() - last_checkpoint_t)
+            )
             if checkpoint and support_opt is not None:  # no deferred work in a checkpoint
                 support_opt.catch_up({id(sparsity.params[n]): m for n, m in sparsity.masks.items()})
             if main and checkpoint:
@@ -312,6 +327,16 @@ class Trainer:
                     state=state,
                     tokenizer_file=self.run_dir / TOKENIZER_FILE,
                     keep=cfg.keep_checkpoints,
+                )
+            if checkpoint:
+                last_checkpoint_t = time.time()
+            if main and cfg.snapshot_every and state.step % cfg.snapshot_every == 0:
+                save_snapshot(
+                    self.run_dir,
+                    model=model,
+                    step=state.step,
+                    tokenizer_file=self.run_dir / TOKENIZER_FILE,
+                    sparsity=sp.model_dump(mode="json"),
                 )
 
         final = self.run_dir / FINAL_DIR
@@ -332,6 +357,18 @@ class Trainer:
             time.time() - t_start,
             state.elapsed_s,
         )
+
+    def _checkpoint_due(self, step: int, since_s: float) -> bool:
+        """Whether ``checkpoint_minutes`` have passed since the last checkpoint, at a log step
+        (so a resumed run's log windows line up). Rank 0's clock decides for every rank."""
+        minutes = self.cfg.checkpoint_minutes
+        if minutes is None or step % self.cfg.log_every:
+            return False
+        due = float(since_s >= minutes * 60)
+        if self.dist.enabled:
+            due = D.mean_over_ranks([due if self.dist.is_main else 0.0], self.dist, self.device)[0]
+            return due > 0
+        return bool(due)
 
     def _batch(
         self, store: TokenStore, step: int, lo: int, n: int
