@@ -183,3 +183,12 @@ def test_corpus_manifest_prints_counts_and_tokens(tmp_path, tiny_model_dir):
 def test_corpus_manifest_bad_spec_is_one_line_error(tmp_path):
     line = _one_line_error(_cli("corpus", "manifest", str(tmp_path / "none"), "--no-tokens"))
     assert "does not exist" in line
+
+
+def test_checkpoint_pack_and_unpack_bad_input_are_one_line_errors(tmp_path):
+    line = _one_line_error(_cli("checkpoint", "pack", str(tmp_path), "--out", str(tmp_path / "p")))
+    assert "no checkpoint to pack" in line
+    line = _one_line_error(
+        _cli("checkpoint", "unpack", str(tmp_path), "--out", str(tmp_path / "run"))
+    )
+    assert "not a packed run" in line

@@ -203,6 +203,12 @@ class Trainer:
             model.bigram_table.copy_(bigram_log_probs(train, vocab_size=mcfg.vocab_size))
         return model.to(self.device)
 
+    def build_model(self) -> tuple[GPT, Tokenizer]:
+        """The run's model as initialised (its bigram table filled from the data) and its
+        tokenizer; on resume, checks the data is the data the run started with."""
+        tok, train, _, _ = self._prepare_data()
+        return self._build_model(tok, train), tok
+
     # -------------------------------------------------------------------------------- loop
     def run(self, *, on_record: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
         """Train to ``cfg.steps``; calls ``on_record`` with every metrics record."""
