@@ -16,7 +16,7 @@ from sparsecircuits.errors import DataError
 from tests.data.conftest import python_source
 
 REPO = Path(__file__).resolve().parents[2]
-VAL = 0.2
+VAL = 0.02  # python-env keeps the stdlib corpus's split fraction
 
 
 def _key_on_side(prefix: str, *, val: bool, start: int = 0) -> str:
@@ -48,9 +48,13 @@ def _install(site: Path, name: str, version: str, files: dict[str, str], **meta:
 def env(tmp_path: Path) -> dict:
     """A stdlib of 30 modules and two packages, one vendoring a copy of a third module."""
     stdlib = tmp_path / "stdlib"
-    for i in range(30):
-        (stdlib / f"mod_{i}.py").parent.mkdir(parents=True, exist_ok=True)
-        (stdlib / f"mod_{i}.py").write_text(python_source(i))
+    names = [f"mod_{i}.py" for i in range(30)]
+    for _ in range(3):  # three held-out stdlib files
+        start = int(names[-1].split("_")[1].split(".")[0]) + 1 if "held" in names[-1] else 0
+        names.append(_key_on_side("held", val=True, start=start))
+    for i, name in enumerate(names):
+        (stdlib / name).parent.mkdir(parents=True, exist_ok=True)
+        (stdlib / name).write_text(python_source(i))
     (stdlib / "site-packages").mkdir()
     (stdlib / "site-packages" / "ignored.py").write_text("x = 1\n")
     site = tmp_path / "site"
@@ -89,7 +93,7 @@ def test_manifest_lists_packages_versions_licences_and_is_deterministic(env: dic
     assert rows["alpha"]["version"] == "1.0" and rows["alpha"]["license"] == "MIT"
     assert rows["beta"]["license"] == "Apache-2.0"
     assert rows["alpha"]["py_files"] == 10 and rows["beta"]["py_files"] == 10
-    assert first.manifest["stdlib"]["py_files"] == 30  # site-packages below it excluded
+    assert first.manifest["stdlib"]["py_files"] == 33  # site-packages below it excluded
     split = first.manifest["split"]
     assert split["train"]["files"] + split["val"]["files"] == first.num_files()
 
@@ -120,11 +124,8 @@ def test_exact_duplicates_are_kept_once_and_vendored_copies_share_a_side(env: di
 
 
 def test_a_package_copy_of_a_stdlib_validation_file_never_reaches_training(env: dict) -> None:
-    val_name = _key_on_side("mod", val=True)
-    held_out = (env["stdlib"] / val_name).read_text() if (env["stdlib"] / val_name).exists() else ""
-    if not held_out:
-        held_out = python_source(999)
-        (env["stdlib"] / val_name).write_text(held_out)
+    val_name = _key_on_side("held", val=True)
+    held_out = (env["stdlib"] / val_name).read_text()
     leak = _key_on_side("copy", val=False)
     _install(env["site"], "gamma", "0.1", {f"gamma/{leak}": held_out})
     corpus = _load(env, packages={**env["packages"], "gamma": "0.1"})
@@ -201,5 +202,55 @@ def test_recipe_pins_match_constraints_txt() -> None:
         if line and not line.startswith("#"):
             name, _, version = line.partition("==")
             pins[normalize_name(name)] = version
-    for name, version in PACKAGES.items():
-        assert pins.get(normalize_name(name)) == version, name
+    recipe = {normalize_name(name): version for name, version in PACKAGES.items()}
+    assert recipe == pins  # every pin is in the corpus, at its pinned version
+
+
+def test_duplicate_groups_stay_held_out_when_any_member_is(env: dict) -> None:
+    # Three copies of one text: a stdlib training file, a stdlib validation file and a
+    # package file. The validation copy is the one kept.
+    text = python_source(4242)
+    train_name, val_name = _key_on_side("twin", val=False), _key_on_side("twin", val=True)
+    (env["stdlib"] / train_name).write_text(text)
+    (env["stdlib"] / val_name).write_text(text)
+    _install(env["site"], "eps", "1.0", {f"eps/{_key_on_side('e', val=False)}": text})
+    # A package-only group: one member's path is on the validation side.
+    other = python_source(4343)
+    # The validation member sorts last by path, so "first by path" alone would pick the other.
+    files = {
+        f"zeta/{_key_on_side('z', val=False)}": other,
+        f"zz/_vendor/{_key_on_side('z', val=True)}": other,
+    }
+    _install(env["site"], "zeta", "1.0", files)
+    corpus = _load(env, packages={**env["packages"], "eps": "1.0", "zeta": "1.0"})
+    assert text not in set(corpus.iter_texts("train"))
+    assert other not in set(corpus.iter_texts("train"))
+    val = {s.rel for s in corpus.val}
+    assert f"stdlib/{val_name}" in val
+    assert corpus.manifest["dedup"]["train_files_equal_to_a_val_file"] == 3
+
+
+def test_build_specific_files_and_the_split_fraction(env: dict) -> None:
+    _install(env["site"], "torchy", "1.0", {"torch/version.py": "cuda = None\n"})
+    corpus = _load(env, packages={**env["packages"], "torchy": "1.0"})
+    rows = {r["name"]: r for r in corpus.manifest["packages"]}
+    assert rows["torchy"]["dropped"] == {"build_specific": 1}
+    with pytest.raises(DataError, match=r"val_fraction must be 0\.02"):
+        load_python_env(val_fraction=0.1, packages={}, stdlib_root=env["stdlib"])
+
+
+def test_licence_text_in_the_license_field_falls_back_to_classifiers(tmp_path: Path) -> None:
+    import importlib.metadata as md
+
+    from sparsecircuits.data.python_env import license_of
+
+    site = tmp_path / "site"
+    _install(site, "a", "1.0", {}, License="Copyright (c) 2020 Someone")
+    info = site / "a-1.0.dist-info" / "METADATA"
+    info.write_text(info.read_text() + "Classifier: License :: OSI Approved :: BSD License\n")
+    _install(
+        site, "b", "1.0", {}, License_Expression="Apache-2.0 AND " + " AND ".join(["MIT"] * 30)
+    )
+    dists = {d.metadata["Name"]: d for d in md.distributions(path=[str(site)])}
+    assert license_of(dists["a"]) == "BSD License"
+    assert license_of(dists["b"]).endswith("MIT")  # an SPDX expression is never cut

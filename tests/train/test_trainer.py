@@ -213,19 +213,43 @@ def test_tokenizer_may_be_named_by_a_shipped_model(small_corpus, cache_dir, tmp_
         Trainer(bad, run_dir=tmp_path / "bad", device="cpu", cache_dir=cache_dir).run()
 
 
+def _names(run):
+    return [p.name for p in list_checkpoints(run)]
+
+
 def test_checkpoint_minutes_adds_time_based_checkpoints(small_corpus, cache_dir, tmp_path):
     kw = dict(steps=6, log_every=2, eval_every=6, checkpoint_every=100, keep_checkpoints=5)
+    exact = dict(sparsity=dict(target_l0=1 / 8, anneal_end=0.5, weight_grad="exact"))
     plain = tmp_path / "plain"
-    Trainer(tiny_config(small_corpus, **kw), run_dir=plain, cache_dir=cache_dir).run()
-    assert [p.name for p in list_checkpoints(plain)] == ["step_00000006"]
+    Trainer(tiny_config(small_corpus, **kw, **exact), run_dir=plain, cache_dir=cache_dir).run()
+    assert _names(plain) == ["step_00000006"]
     timed = tmp_path / "timed"
-    cfg = tiny_config(small_corpus, checkpoint_minutes=1e-9, **kw)
+    cfg = tiny_config(small_corpus, checkpoint_minutes=1e-9, **kw, **exact)
     Trainer(cfg, run_dir=timed, cache_dir=cache_dir).run()
     # Due at every log step, never between them.
-    names = [p.name for p in list_checkpoints(timed)]
-    assert names == ["step_00000002", "step_00000004", "step_00000006"]
+    assert _names(timed) == ["step_00000002", "step_00000004", "step_00000006"]
+    slow = tmp_path / "slow"
+    cfg = tiny_config(small_corpus, checkpoint_minutes=60, **kw, **exact)
+    Trainer(cfg, run_dir=slow, cache_dir=cache_dir).run()
+    assert _names(slow) == ["step_00000006"]  # minutes, not seconds: none due
     with pytest.raises(ConfigError, match="checkpoint_minutes"):
         tiny_config(small_corpus, checkpoint_minutes=0)
+
+
+def test_time_based_checkpoints_leave_the_fast_mode_run_unchanged(
+    small_corpus, cache_dir, tmp_path
+):
+    kw = dict(steps=12, log_every=2, eval_every=12, checkpoint_every=100, keep_checkpoints=9)
+    fast = dict(sparsity=dict(target_l0=1 / 8, anneal_end=0.25, regrow_every=4))
+    plain, timed = tmp_path / "plain", tmp_path / "timed"
+    Trainer(tiny_config(small_corpus, **kw, **fast), run_dir=plain, cache_dir=cache_dir).run()
+    cfg = tiny_config(small_corpus, checkpoint_minutes=1e-9, **kw, **fast)
+    Trainer(cfg, run_dir=timed, cache_dir=cache_dir).run()
+    # Only at log steps that a regrowth step follows (4 and 8; the anneal's steps 1-2 too).
+    assert _names(timed) == [f"step_{s:08d}" for s in (2, 4, 8, 12)]
+    a, b = load_model(plain / "model"), load_model(timed / "model")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
 
 
 def test_snapshots_are_kept_compact_and_loadable(small_corpus, cache_dir, tmp_path):

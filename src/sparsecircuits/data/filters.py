@@ -34,7 +34,7 @@ class FileRules:
     """Thresholds of the rules (bytes, characters, fractions)."""
 
     max_bytes: int = 1_000_000  # too_large: a single file over 1 MB is data, not a module
-    max_line_chars: int = 1000  # long_lines: any line longer (minified or serialised data)
+    max_line_bytes: int = 1000  # long_lines: any line longer (minified or serialised data)
     header_lines: int = 15  # generated: a marker in the first lines ("auto-generated", ...)
     table_min_bytes: int = 10_000  # literal_table / repetitive apply from this size up
     max_literal_share: float = 0.6  # literal_table: numbers + non-docstring strings share
@@ -51,7 +51,7 @@ def drop_reason(data: bytes, rules: FileRules = DEFAULT_RULES) -> str | None:
     """
     if len(data) > rules.max_bytes:
         return "too_large"
-    if max(map(len, data.splitlines()), default=0) > rules.max_line_chars:
+    if max(map(len, data.splitlines()), default=0) > rules.max_line_bytes:
         return "long_lines"
     if _GENERATED.search(b"\n".join(data.splitlines()[: rules.header_lines])):
         return "generated"
@@ -65,20 +65,25 @@ def drop_reason(data: bytes, rules: FileRules = DEFAULT_RULES) -> str | None:
 
 def literal_share(text: str) -> float:
     """Fraction of the code's characters (comments and layout excluded) in number and string
-    literals, not counting docstrings (a string that is a statement by itself).
+    literals, not counting docstrings (a string that is a statement by itself). Python 3.11's
+    tokenizer: an f-string is one string token.
 
     A file that does not tokenize counts as 0 (it is then judged by the other rules)."""
     literal = total = 0
     previous = tokenize.NEWLINE
+    pending = 0  # a string that opened a statement: a docstring if the statement ends here
     try:
         for tok in tokenize.generate_tokens(io.StringIO(text).readline):
             if tok.type in _LAYOUT or tok.type in (tokenize.COMMENT, tokenize.ENDMARKER):
                 if tok.type in _STATEMENT_START:
-                    previous = tok.type
+                    previous, pending = tok.type, 0
                 continue
             total += len(tok.string)
-            is_docstring = tok.type == tokenize.STRING and previous in _STATEMENT_START
-            if tok.type == tokenize.NUMBER or (tok.type == tokenize.STRING and not is_docstring):
+            literal += pending  # the statement goes on ("sep".join(...)): a literal after all
+            pending = 0
+            if tok.type == tokenize.STRING and previous in _STATEMENT_START:
+                pending = len(tok.string)
+            elif tok.type in (tokenize.NUMBER, tokenize.STRING):
                 literal += len(tok.string)
             previous = tok.type
     except (tokenize.TokenError, SyntaxError, ValueError):

@@ -12,11 +12,15 @@ followed the README. The recipe, in order:
    data-like are dropped by the measured rules of :mod:`sparsecircuits.data.filters`
    (standard-library files are kept whole, so the old held-out files all stay);
 3. exact duplicates (same content hash) are collapsed to one file *before* the split; a group
-   that holds a standard-library validation file goes to validation, so no old validation text
-   reaches training;
+   with any member on the validation side goes to validation, so no held-out text reaches
+   training (near-duplicates, e.g. two versions of a vendored module, are not detected);
 4. the split: a standard-library file keeps the side it has in the ``stdlib`` corpus (the same
    hash of its path); a package file is split by its path with any vendoring prefix removed
-   (``pip/_vendor/six.py`` -> ``six.py``), so vendored copies of one module fall on one side.
+   (``pip/_vendor/six.py`` -> ``six.py``), so vendored copies of one module fall on one side
+   where the vendored path keeps the module's own path;
+5. files whose contents depend on the installed build, not the pinned version
+   (:data:`BUILD_SPECIFIC`), are left out. The corpus is then the same for the same Python
+   (its standard library) and the same pins.
 
 :func:`manifest` records every package with its version and licence and each filter's and the
 deduplication's counts.
@@ -124,6 +128,11 @@ PACKAGES: dict[str, str] = {
 VENDOR_DIRS = frozenset(
     {"_vendor", "vendor", "_vendored", "vendored", "extern", "_extern", "third_party"}
 )
+# The stdlib corpus's default: its held-out files stay held out only at the same fraction.
+STDLIB_VAL_FRACTION = 0.02
+# Files whose contents depend on the build installed (CPU or CUDA wheel, the machine's
+# architecture), not on the pinned version: left out so the corpus is the same on any machine.
+BUILD_SPECIFIC = frozenset({"torch/version.py", "numpy/__config__.py"})
 STDLIB_PREFIX = "stdlib/"
 SITE_PREFIX = "site-packages/"
 
@@ -147,10 +156,17 @@ def load_python_env(
 ) -> Corpus:
     """Build the corpus (see the module docstring); its ``manifest`` attribute records how.
 
+    ``val_fraction`` must be :data:`STDLIB_VAL_FRACTION` (the stdlib corpus's split is kept).
+
     ``packages``: distribution name -> required version (default :data:`PACKAGES`);
     ``search_path``: where to look for installed distributions (default ``sys.path``);
     ``stdlib_root``: the standard library's directory (default :func:`stdlib_dir`).
     """
+    if val_fraction != STDLIB_VAL_FRACTION:
+        raise DataError(
+            f"corpus {NAME} keeps the stdlib corpus's split, so val_fraction must be "
+            f"{STDLIB_VAL_FRACTION} (got {val_fraction})"
+        )
     packages = PACKAGES if packages is None else packages
     stdlib_root = stdlib_dir() if stdlib_root is None else Path(stdlib_root)
     skipped: Counter[str] = Counter()
@@ -173,6 +189,9 @@ def load_python_env(
         files = kept = kept_bytes = 0
         for rel_in_site, path in _package_files(dist, name):
             files += 1
+            if rel_in_site in BUILD_SPECIFIC:
+                drops["build_specific"] += 1
+                continue
             data = _read(path, name, version)
             reason = check_bytes(data) or drop_reason(data, rules)
             if reason:
@@ -212,7 +231,10 @@ def load_python_env(
         "rules": {f.name: getattr(rules, f.name) for f in rules.__dataclass_fields__.values()},
         "stdlib": {"py_files": stdlib_count, "skipped": dict(sorted(skipped.items()))},
         "packages": package_rows,
-        "filters": {rule: filter_totals.get(rule, 0) for rule in (*RULES, "non_utf8", "binary")},
+        "filters": {
+            rule: filter_totals.get(rule, 0)
+            for rule in (*RULES, "build_specific", "non_utf8", "binary")
+        },
         "dedup": dedup,
         "split": _split_summary(kept_files, val_fraction),
         "fingerprint": corpus.fingerprint(),
@@ -228,11 +250,14 @@ def license_of(dist: md.Distribution) -> str:
     """The licence a distribution declares: its SPDX expression, its License field's first
     line, or its licence classifiers; "unknown" when it declares none."""
     meta = dist.metadata
-    for field in ("License-Expression", "License"):
-        value = (meta.get(field) or "").strip()
-        if value and value.upper() != "UNKNOWN":
-            first = value.splitlines()[0].strip()
-            return first if len(first) <= 80 else first[:77] + "..."
+    expression = (meta.get("License-Expression") or "").strip()
+    if expression:
+        return expression  # SPDX: whole, never cut
+    field = (meta.get("License") or "").strip()
+    # A one-line License field names the licence; a longer one holds the licence's text.
+    one_line = field and "\n" not in field and len(field) <= 80
+    if one_line and field.upper() != "UNKNOWN" and not field.lower().startswith("copyright"):
+        return field
     licences = [
         c.split("::")[-1].strip()
         for c in meta.get_all("Classifier") or []
@@ -315,33 +340,32 @@ def _is_val(c: _Candidate, val_fraction: float) -> bool:
 def _deduplicate(
     candidates: list[_Candidate], *, val_fraction: float
 ) -> tuple[list[_Candidate], dict[str, Any]]:
-    """One file per content hash: a standard-library validation file if the group has one, else
-    a standard-library file, else the first by path. Returns the kept files sorted by path."""
+    """One file per content hash. A group with any member on the validation side keeps a
+    validation member (a stdlib one first), so no held-out text reaches training; otherwise a
+    stdlib file, else the first by path. Returns the kept files sorted by path."""
     groups: dict[str, list[_Candidate]] = {}
     for c in candidates:
         groups.setdefault(c.digest, []).append(c)
 
-    def rank(c: _Candidate) -> tuple[int, str]:
-        if c.package == "stdlib":
-            return (0 if _is_val(c, val_fraction) else 1), c.source.rel
-        return 2, c.source.rel
+    def rank(c: _Candidate) -> tuple[bool, bool, str]:
+        # Validation first (a group with any held-out member stays held out), then stdlib.
+        return not _is_val(c, val_fraction), c.package != "stdlib", c.source.rel
 
     kept = []
-    removed = removed_bytes = stdlib_train_to_val = 0
-    for group in groups.values():
+    removed = removed_bytes = train_to_val = 0
+    for digest in sorted(groups):
+        group = groups[digest]
         best = min(group, key=rank)
         kept.append(best)
         removed += len(group) - 1
         removed_bytes += sum(c.size for c in group) - best.size
         if _is_val(best, val_fraction):
-            stdlib_train_to_val += sum(
-                1 for c in group if c.package == "stdlib" and not _is_val(c, val_fraction)
-            )
+            train_to_val += sum(1 for c in group if not _is_val(c, val_fraction))
     dedup = {
         "duplicate_groups": sum(1 for g in groups.values() if len(g) > 1),
         "files_removed": removed,
         "bytes_removed": removed_bytes,
-        "stdlib_train_files_equal_to_a_val_file": stdlib_train_to_val,
+        "train_files_equal_to_a_val_file": train_to_val,
     }
     return sorted(kept, key=lambda c: c.source.rel), dedup
 

@@ -30,6 +30,7 @@ from sparsecircuits.errors import CheckpointError
 from sparsecircuits.fileio import atomic_dir, atomic_write_json, read_json_object
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.io import load_model, save_model
+from sparsecircuits.model.sparsity import sparse_parameter_names
 from sparsecircuits.train.checkpoint import (
     OPTIMIZER_FILE,
     SNAPSHOTS,
@@ -60,6 +61,7 @@ def pack_run(run_dir: str | Path, dest: str | Path) -> dict[str, Any]:
 
     Returns a summary: step, tokens, bytes written."""
     run_dir, dest = Path(run_dir), Path(dest)
+    _check_pack_target(run_dir, dest)
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise CheckpointError(f"{run_dir}: no checkpoint to pack (checkpoints/step_* missing)")
@@ -79,15 +81,23 @@ def pack_run(run_dir: str | Path, dest: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt / OPTIMIZER_FILE}: cannot read ({err})") from None
     tensors: dict[str, torch.Tensor] = {"torch_rng": extra["torch_rng"]}
     steps: dict[str, float] = {}
-    params = dict(model.named_parameters())
-    for name, p in params.items():
+    sp = cfg.sparsity
+    # The parameters the top-k projection keeps sparse: their nonzeros and the moments on them.
+    # Every other parameter is stored whole, whatever zeros it happens to hold.
+    projected = set(
+        sparse_parameter_names(
+            model,
+            dense_embeddings=sp.dense_embeddings,
+            dense_unembed=sp.dense_unembed,
+            dense_biases=sp.dense_biases,
+        )
+    )
+    for name, p in model.named_parameters():
         state = optimizer.state.get(p, {})
-        flat = p.detach().reshape(-1)
-        nz = flat.nonzero().squeeze(1)
-        sparse = nz.numel() <= _MAX_DENSITY * flat.numel()
-        if sparse:
-            tensors[f"{name}::idx"] = nz.to(torch.int32)
-        index = nz if sparse else None
+        index = None
+        if name in projected and sp.target_l0 < 1.0:
+            index = p.detach().reshape(-1).nonzero().squeeze(1)
+            tensors[f"{name}::idx"] = index.to(torch.int32)
         tensors[f"{name}::w"] = _select(p.detach(), index)
         if state:
             tensors[f"{name}::m"] = _select(state["exp_avg"], index)
@@ -135,7 +145,6 @@ def unpack_run(
     The training data must be the run's (its fingerprint is checked) because the bigram table
     is rebuilt from it."""
     from sparsecircuits.train.config import TrainConfig
-    from sparsecircuits.train.trainer import Trainer
 
     src, run_dir = Path(src), Path(run_dir)
     if not (src / CARRY_FILE).is_file():
@@ -146,12 +155,31 @@ def unpack_run(
         tensors = load_file(str(src / CARRY_FILE))
         with safe_open(str(src / CARRY_FILE), framework="pt") as fh:
             meta = fh.metadata()
+        if meta.get("format") != str(CARRY_FORMAT):
+            raise ValueError(f"format {meta.get('format')!r}, expected {CARRY_FORMAT}")
         steps = json.loads(meta["steps"])
         table_sha = json.loads(meta["bigram_sha256"])
     except Exception as err:  # safetensors raises its own types for a damaged file
         raise CheckpointError(f"{src / CARRY_FILE}: unreadable packed run ({err})") from None
     cfg = TrainConfig.from_json_file(src / "train_config.json")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place at the end: an interrupted or failed
+    # unpack leaves no run directory that --resume would restart from step 0.
+    with atomic_dir(run_dir) as tmp:
+        state = _unpack_into(src, tmp, cfg, tensors, steps, table_sha, cache_dir)
+    return state
+
+
+def _unpack_into(
+    src: Path,
+    run_dir: Path,
+    cfg: Any,
+    tensors: dict[str, torch.Tensor],
+    steps: dict[str, float],
+    table_sha: str | None,
+    cache_dir: str | Path | None,
+) -> TrainState:
+    from sparsecircuits.train.trainer import Trainer
+
     for name in RUN_FILES:
         shutil.copyfile(src / name, run_dir / name)
     trainer = Trainer(cfg, run_dir=run_dir, device="cpu", cache_dir=cache_dir, resume=True)
@@ -174,6 +202,8 @@ def unpack_run(
                 _scatter(state["exp_avg_sq"], tensors, name, "v", src)
         for name, b in model.named_buffers():
             if name not in _SKIP:
+                if f"{name}::buf" not in tensors:
+                    raise CheckpointError(f"{src / CARRY_FILE}: buffer {name} is missing")
                 b.copy_(tensors[f"{name}::buf"])
     torch.set_rng_state(tensors["torch_rng"])
     saved = read_json_object(src / STATE_FILE)
@@ -195,6 +225,17 @@ def unpack_run(
     return state
 
 
+def _check_pack_target(run_dir: Path, dest: Path) -> None:
+    """``dest`` is replaced whole: never the run, a folder holding it, or a non-pack folder."""
+    run, target = run_dir.resolve(), dest.resolve()
+    if target == run or run in target.parents or target in run.parents:
+        raise CheckpointError(f"--out {dest}: must be outside the run {run_dir} (it is replaced)")
+    if target.exists() and not (target / CARRY_FILE).is_file():
+        raise CheckpointError(
+            f"--out {dest}: exists and is not a packed run; choose a new directory"
+        )
+
+
 def _select(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     flat = t.reshape(-1)
     return (flat if index is None else flat[index]).clone()
@@ -206,11 +247,14 @@ def _scatter(target: torch.Tensor, tensors: dict, name: str, kind: str, src: Pat
         raise CheckpointError(f"{src / CARRY_FILE}: {key} is missing")
     flat = target.view(-1)
     idx = tensors.get(f"{name}::idx")
-    if idx is None:
-        flat.copy_(tensors[key].reshape(-1))
-    else:
-        flat.zero_()
-        flat[idx.long()] = tensors[key]
+    try:
+        if idx is None:
+            flat.copy_(tensors[key].reshape(-1))
+        else:
+            flat.zero_()
+            flat[idx.long()] = tensors[key]
+    except (RuntimeError, IndexError) as err:  # another model's shapes
+        raise CheckpointError(f"{src / CARRY_FILE}: {key} does not fit the model ({err})") from None
 
 
 def _unpack_snapshots(src: Path, run_dir: Path, model: GPT, cfg: Any) -> None:

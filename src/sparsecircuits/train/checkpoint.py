@@ -121,7 +121,7 @@ def load_checkpoint(path: Path, *, model: GPT, optimizer: torch.optim.Optimizer)
 def remove_stale_temps(run_dir: Path) -> int:
     """Delete temp directories a killed run left behind (a checkpoint or the final model being
     written, an old checkpoint being deleted); returns how many."""
-    roots = [Path(run_dir), Path(run_dir) / CHECKPOINTS]
+    roots = [Path(run_dir), Path(run_dir) / CHECKPOINTS, Path(run_dir) / SNAPSHOTS]
     stale = [p for r in roots if r.is_dir() for p in r.glob(".tmp-*") if p.is_dir()]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)

@@ -321,7 +321,9 @@ class Trainer:
             checkpoint = (
                 state.step % cfg.checkpoint_every == 0
                 or last
-                or self._checkpoint_due(state.step, time.time() - last_checkpoint_t)
+                or self._checkpoint_due(
+                    state.step, time.time() - last_checkpoint_t, fast=support_opt is not None
+                )
             )
             if checkpoint and support_opt is not None:  # no deferred work in a checkpoint
                 support_opt.catch_up({id(sparsity.params[n]): m for n, m in sparsity.masks.items()})
@@ -364,11 +366,17 @@ class Trainer:
             state.elapsed_s,
         )
 
-    def _checkpoint_due(self, step: int, since_s: float) -> bool:
+    def _checkpoint_due(self, step: int, since_s: float, *, fast: bool) -> bool:
         """Whether ``checkpoint_minutes`` have passed since the last checkpoint, at a log step
-        (so a resumed run's log windows line up). Rank 0's clock decides for every rank."""
+        (so a resumed run's log windows line up). Rank 0's clock decides for every rank.
+
+        In the fast mode only before a regrowth step: a checkpoint brings the deferred moment
+        decay up to date, which a regrowth step does anyway, so the run's arithmetic (and its
+        result) does not depend on when the clock said to checkpoint."""
         minutes = self.cfg.checkpoint_minutes
         if minutes is None or step % self.cfg.log_every:
+            return False
+        if fast and not regrows(step, self.cfg.steps, self.cfg.sparsity):
             return False
         due = float(since_s >= minutes * 60)
         if self.dist.enabled:
