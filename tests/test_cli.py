@@ -186,7 +186,8 @@ def test_corpus_manifest_bad_spec_is_one_line_error(tmp_path):
 
 
 def test_checkpoint_pack_and_unpack_bad_input_are_one_line_errors(tmp_path):
-    line = _one_line_error(_cli("checkpoint", "pack", str(tmp_path), "--out", str(tmp_path / "p")))
+    run, out = str(tmp_path / "run"), str(tmp_path / "p")
+    line = _one_line_error(_cli("checkpoint", "pack", run, "--out", out))
     assert "no checkpoint to pack" in line
     line = _one_line_error(
         _cli("checkpoint", "unpack", str(tmp_path), "--out", str(tmp_path / "run"))

@@ -52,3 +52,16 @@ def test_shipped_model_recipes_are_valid_and_differ_only_in_sparsity():
     dense = TrainConfig.from_json_file(root / "stdlib-dense.json")
     assert sparse.sparsity.target_l0 <= 1 / 32 and dense.sparsity.target_l0 == 1.0
     assert sparse.model_dump(exclude={"sparsity"}) == dense.model_dump(exclude={"sparsity"})
+
+
+def test_every_recipe_in_configs_is_a_valid_config():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    recipes = sorted(root.glob("*.json"))
+    assert len(recipes) >= 3
+    for path in recipes:
+        TrainConfig.from_json_file(path)
+    wide = TrainConfig.from_json_file(root / "python-sparse.json")
+    # Issue 17's floor: at least 500k nonzero block weights (12 d^2 per layer at the budget).
+    assert wide.model.n_layer * 12 * wide.model.d_model**2 * wide.sparsity.target_l0 >= 500_000
