@@ -78,7 +78,7 @@ def wait_healthy(base: str, *, timeout: float = 60.0, proc: subprocess.Popen | N
         if proc is not None and proc.poll() is not None:
             return False
         try:
-            with urllib.request.urlopen(base + HEALTH, timeout=2) as resp:
+            with urllib.request.urlopen(base + HEALTH, timeout=2) as resp:  # loopback
                 if resp.status == 200:
                     return True
         except (urllib.error.URLError, OSError):
