@@ -10,6 +10,14 @@ import torch
 from sparsecircuits import tasks
 from sparsecircuits.errors import InputError
 from sparsecircuits.tasks import contrast_loss, evaluate_tasks, final_logits, pad_prompts
+from sparsecircuits.tasks.metrics import (
+    Calibration,
+    calibrated,
+    diff_accuracy,
+    diff_loss,
+    fit_calibration,
+    prompt_loss,
+)
 from tests.tasks.helpers import tiny_model
 
 
@@ -96,3 +104,66 @@ def test_evaluate_tasks_defaults_to_the_twenty_tasks(small_tokenizer) -> None:
     assert all(set(v) == {"test"} for v in res.values())
     with pytest.raises(tasks.TaskError, match="unknown split"):
         evaluate_tasks(model, small_tokenizer, n_pairs=1, splits=("val",))  # type: ignore[arg-type]
+
+
+def _logistic_data(a: float, b: float, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diffs d and signs s whose likelihood-optimal calibration is about (a, b).
+
+    Each prompt's outcome is drawn with P(correct) = sigmoid(a*x + b*s); a prompt whose other
+    token won is stored from the winner's side (diff -x, sign -s), as PromptSet would see it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen, dtype=torch.float64) * 3
+    s = torch.where(torch.rand(n, generator=gen) < 0.5, 1.0, -1.0).double()
+    won = torch.rand(n, generator=gen, dtype=torch.float64) < torch.sigmoid(a * x + b * s)
+    flip = torch.where(won, 1.0, -1.0).double()
+    return (x * flip).float(), s * flip
+
+
+@pytest.mark.parametrize(("a", "b"), [(0.5, 1.0), (2.0, -0.7), (1.0, 0.0), (0.3, 0.2)])
+def test_calibrate_recovers_scale_and_shift(a, b):
+    d, s = _logistic_data(a, b, 20000, seed=int(10 * a + 100 * b) % 97)
+    cal = fit_calibration(d, s)
+    assert cal.scale == pytest.approx(a, abs=0.08)
+    assert cal.shift == pytest.approx(b, abs=0.08)
+    assert _cal_loss(d, s, cal) <= _cal_loss(d, s, None) + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_calibration_never_increases_loss(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 40, (1,), generator=gen))
+    d = torch.randn(n, generator=gen) * float(torch.rand(1, generator=gen) * 5)
+    s = torch.where(torch.rand(n, generator=gen) < 0.5, 1.0, -1.0)
+    cal = fit_calibration(d, s)
+    assert math.isfinite(cal.scale) and math.isfinite(cal.shift) and cal.scale > 0
+    assert _cal_loss(d, s, cal) <= _cal_loss(d, s, None) + 1e-9
+
+
+def _cal_loss(d: torch.Tensor, s: torch.Tensor, cal: Calibration | None) -> float:
+    return diff_loss(calibrated(d.double(), s.double(), cal))
+
+
+def test_calibration_cannot_invert_a_circuit():
+    """An inverted control (every prompt prefers the wrong token) must stay at or above chance:
+    an unconstrained scale would fit a = -|a| and reach ~0 loss."""
+    gen = torch.Generator().manual_seed(0)
+    d = -(1.0 + torch.rand(200, generator=gen) * 3)  # the wrong token always wins
+    s = torch.where(torch.rand(200, generator=gen) < 0.5, 1.0, -1.0)
+    cal = fit_calibration(d, s)
+    assert cal.scale > 0
+    assert _cal_loss(d, s, cal) >= math.log(2) - 0.02
+
+
+def test_loss_formulas_agree():
+    """prompt_loss, contrast_loss and diff_loss are one formula: softplus(z_o - z_c)."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 9, generator=gen) * 4
+    correct, other = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([8, 7, 6, 5, 4, 3])
+    losses, ok = prompt_loss(logits, correct, other)
+    d = logits[torch.arange(6), correct] - logits[torch.arange(6), other]
+    want = torch.log1p(torch.exp(-d.double())).float()
+    assert torch.allclose(losses, want, atol=1e-6)
+    assert torch.equal(ok, d > 0)
+    assert diff_loss(d) == pytest.approx(float(want.mean()), abs=1e-6)
+    assert diff_accuracy(d) == float((d > 0).float().mean())

@@ -6,10 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from sparsecircuits.tasks.batch import TaskBatch
-from sparsecircuits.tasks.metrics import pad_prompts
+from sparsecircuits.tasks.metrics import diff_losses, logit_diffs, pad_prompts
 
 
 @dataclass(frozen=True)
@@ -74,13 +73,7 @@ class PromptSet:
     def logit_diffs(self, last_logits: Callable[[Chunk], torch.Tensor]) -> torch.Tensor:
         """``z[correct] - z[other]`` at the final position of every prompt: (n_prompts,),
         in chunk order. ``last_logits(chunk)`` returns that chunk's (n, vocab) logits."""
-        out = []
-        for c in self.chunks:
-            z = last_logits(c)
-            z_c = z.gather(1, c.correct[:, None]).squeeze(1)
-            z_o = z.gather(1, c.other[:, None]).squeeze(1)
-            out.append((z_c - z_o).float())
-        return torch.cat(out)
+        return torch.cat([logit_diffs(last_logits(c), c.correct, c.other) for c in self.chunks])
 
     @property
     def signs(self) -> torch.Tensor:
@@ -88,30 +81,4 @@ class PromptSet:
 
     def loss(self, last_logits: Callable[[Chunk], torch.Tensor]) -> torch.Tensor:
         """Mean per-prompt two-token loss ``softplus(z_o - z_c)`` (differentiable)."""
-        return F.softplus(-self.logit_diffs(last_logits)).mean()
-
-
-def calibrate(diffs: torch.Tensor, signs: torch.Tensor, *, steps: int = 16) -> tuple[float, float]:
-    """Fit a logit scale ``a`` and shift ``b`` (16 LBFGS steps, as the paper's optional
-    calibration) minimising ``mean softplus(-(a*d + b*s))`` where d (N,) are correct-minus-other
-    logit differences and s (N,) is +1/-1 for A/B prompts, so ``b`` shifts every prompt toward
-    the same token. A uniform shift of all logits would not change a two-token softmax; this is
-    the shift that can. Returns (a, b)."""
-    d, s = diffs.detach().double(), signs.double()
-    params = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.softplus(-(params[0] * d + params[1] * s)).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    a, b = params.detach().tolist()
-    return float(a), float(b)
-
-
-def calibrated_loss(diffs: torch.Tensor, signs: torch.Tensor, a: float, b: float) -> float:
-    """Mean per-prompt loss after the calibration ``(a, b)``."""
-    return float(F.softplus(-(a * diffs.double() + b * signs.double())).mean())
+        return diff_losses(self.logit_diffs(last_logits)).mean()

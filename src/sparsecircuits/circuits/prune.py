@@ -29,9 +29,11 @@ from sparsecircuits.circuits.masking import (
     norm_scales,
 )
 from sparsecircuits.circuits.nodes import NodeSpace
-from sparsecircuits.circuits.prompts import Chunk, PromptSet, calibrate, calibrated_loss
+from sparsecircuits.circuits.prompts import Chunk, PromptSet
 from sparsecircuits.model.config import StrictModel
 from sparsecircuits.model.gpt import GPT
+from sparsecircuits.tasks.metrics import Calibration, calibrated, diff_loss, fit_calibration
+from sparsecircuits.train.schedule import warmup_decay
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ class PruneResult:
     reached: bool  # the circuit's train loss <= target
     loss_full: float
     loss_circuit: float
-    calibration: tuple[float, float] | None
+    calibration: Calibration | None
     curve: list[dict[str, float]] = field(default_factory=list)  # per step
     k_curve: list[tuple[int, float]] = field(default_factory=list)  # (k, loss), sorted by k
     seconds: float = 0.0
@@ -148,21 +150,14 @@ class CircuitEvaluator:
 
     def loss(
         self, prompts: PromptSet, gates: torch.Tensor, *, calibration: bool = False
-    ) -> tuple[float, tuple[float, float] | None]:
-        """(mean per-prompt loss, calibration (a, b) or None) under hard gates; with
-        ``calibration`` the logits are first calibrated on these prompts."""
+    ) -> tuple[float, Calibration | None]:
+        """(mean per-prompt loss, calibration or None) under hard gates; with ``calibration``
+        the logits are first calibrated (positive scale) on these prompts."""
         d = self.diffs(prompts, gates)
         if not calibration:
-            return float(torch.nn.functional.softplus(-d).mean()), None
-        a, b = calibrate(d, prompts.signs.cpu())
-        return calibrated_loss(d, prompts.signs.cpu(), a, b), (a, b)
-
-
-def _lr_factor(step: int, steps: int, warmup_frac: float) -> float:
-    warm = max(1, round(warmup_frac * steps))
-    if step < warm:
-        return (step + 1) / warm
-    return max(0.0, (steps - step) / max(1, steps - warm))
+            return diff_loss(d), None
+        cal = fit_calibration(d, prompts.signs.cpu())
+        return diff_loss(calibrated(d, prompts.signs.cpu(), cal)), cal
 
 
 def train_masks(
@@ -190,7 +185,7 @@ def train_masks(
     try:
         for step in range(cfg.steps):
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup_frac)
+                g["lr"] = cfg.lr * warmup_decay(step, cfg.steps, cfg.warmup_frac)
             gates = heaviside(tau, temperature=cfg.heaviside_temp)
             chunk = PromptSet.of(train.chunks[step % len(train.chunks)])
             task = chunk.loss(evaluator.logits_fn(gates, skip_full=False))
@@ -263,7 +258,7 @@ def prune(
     # Stable descending order: ties (e.g. all clamped at -1) keep forward order.
     order = torch.sort(-tau, stable=True).indices
     n_on = int((tau >= 0).sum())
-    calibrations: dict[int, tuple] = {}
+    calibrations: dict[int, Calibration | None] = {}
     seen: dict[int, float] = {}
 
     def loss_at(k: int) -> float:
@@ -286,7 +281,7 @@ def prune(
         if kk <= space.total and kk not in seen:
             seen[kk] = loss_at(kk)
     loss_circuit = seen[k]
-    cal = calibrations.get(k) or None
+    cal = calibrations.get(k)
     log.info(
         "pruned to %d of %d nodes (loss %.4f, full model %.4f, target %.3f%s); mask training "
         "%.1f s, bisection %.1f s (%d evaluations)",
@@ -309,7 +304,7 @@ def prune(
         reached=reached,
         loss_full=loss_full,
         loss_circuit=loss_circuit,
-        calibration=tuple(cal) if cal else None,
+        calibration=cal,
         curve=curve,
         k_curve=sorted(seen.items()),
         seconds=time.perf_counter() - start,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +51,71 @@ def prompt_loss(
             f"{tuple(correct.shape)} and {tuple(other.shape)}"
         )
     correct, other = correct.to(logits.device), other.to(logits.device)  # targets live on CPU
+    d = logit_diffs(logits, correct, other)
+    return diff_losses(d), d > 0
+
+
+# ----------------------------------------------------------------------------- the one source
+# Every task loss, accuracy and calibration in the package (metrics, pruning, validation,
+# comparison) is computed from correct-minus-other logit differences by the functions below.
+def logit_diffs(logits: torch.Tensor, correct: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``z[correct] - z[other]`` per row: logits (N, V), correct/other (N,) -> (N,) float32."""
     z_c = logits.gather(1, correct[:, None]).squeeze(1).float()
     z_o = logits.gather(1, other[:, None]).squeeze(1).float()
-    # -log(e^c / (e^c + e^o)) = log(1 + e^(o - c)) = softplus(o - c), stable for any gap.
-    return F.softplus(z_o - z_c), z_c > z_o
+    return z_c - z_o
+
+
+def diff_losses(diffs: torch.Tensor) -> torch.Tensor:
+    """Per-prompt two-token loss from logit differences d (N,): ``softplus(-d)`` in nats (N,),
+    i.e. ``-log softmax([z_c, z_o])[0]``, stable for any gap; differentiable."""
+    return F.softplus(-diffs)
+
+
+def diff_loss(diffs: torch.Tensor) -> float:
+    """Mean per-prompt loss (nats) of logit differences (N,)."""
+    return float(diff_losses(diffs.detach()).mean())
+
+
+def diff_accuracy(diffs: torch.Tensor) -> float:
+    """Fraction of prompts whose correct token wins strictly (a tie counts as wrong)."""
+    return float((diffs.detach() > 0).float().mean())
+
+
+class Calibration(NamedTuple):
+    """A logit calibration ``scale * d + shift * s`` (s = +1 for A prompts, -1 for B prompts):
+    ``scale`` > 0 rescales the logit gap, ``shift`` moves every prompt toward the same token."""
+
+    scale: float
+    shift: float
+
+
+def calibrated(diffs: torch.Tensor, signs: torch.Tensor, cal: Calibration | None) -> torch.Tensor:
+    """``diffs`` (N,) after ``cal`` (unchanged when None); signs (N,) are +1/-1 (A/B)."""
+    if cal is None:
+        return diffs
+    return cal.scale * diffs + cal.shift * signs.to(diffs.device, diffs.dtype)
+
+
+def fit_calibration(diffs: torch.Tensor, signs: torch.Tensor, *, steps: int = 16) -> Calibration:
+    """Fit a logit scale and shift (16 LBFGS steps, the paper's optional calibration) minimising
+    the mean loss of :func:`calibrated` diffs. The scale is constrained positive (fitted as
+    ``exp(u)``): a calibration may sharpen or soften what the circuit says, never invert it (an
+    unconstrained fit makes an inverted control "reach" the target with a negative scale). The
+    shift acts along the A/B signs because a uniform shift of all logits would not change a
+    two-token softmax. diffs, signs: (N,)."""
+    d, s = diffs.detach().double().cpu(), signs.detach().double().cpu()
+    params = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # (log scale, shift)
+    opt = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.softplus(-(params[0].clamp(-30, 30).exp() * d + params[1] * s)).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    u, b = params.detach().tolist()
+    return Calibration(float(torch.tensor(u).clamp(-30, 30).exp()), float(b))
 
 
 def contrast_loss(

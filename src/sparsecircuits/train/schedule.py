@@ -27,14 +27,20 @@ def l0_fraction(step: int, total: int, cfg: SparsityConfig) -> float:
     return 1.0 - (1.0 - cfg.target_l0) * p
 
 
-def lr_at(step: int, total: int, optim: OptimConfig, frac: float) -> float:
-    """Learning rate for step ``step``: linear warmup, linear decay to 0, times the sharkfin
-    factor 1/sqrt(frac) where ``frac`` is the current L0 fraction."""
-    warmup = max(1, round(optim.warmup_frac * total))
+def warmup_decay(step: int, total: int, warmup_frac: float) -> float:
+    """Learning-rate factor of step ``step`` (0-based) of ``total``: linear warmup over
+    ``warmup_frac`` of the steps (at least one), then linear decay to 0. Shared by training and
+    mask training (circuit pruning)."""
+    warmup = max(1, round(warmup_frac * total))
     if step < warmup:
-        factor = (step + 1) / warmup
-    else:
-        factor = max(0.0, (total - step) / max(1, total - warmup))
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def lr_at(step: int, total: int, optim: OptimConfig, frac: float) -> float:
+    """Learning rate for step ``step``: :func:`warmup_decay`, times the sharkfin factor
+    1/sqrt(frac) where ``frac`` is the current L0 fraction."""
+    factor = warmup_decay(step, total, optim.warmup_frac)
     if optim.sharkfin:
         factor /= math.sqrt(frac)
     return optim.lr * factor
