@@ -193,3 +193,48 @@ def test_checkpoint_pack_and_unpack_bad_input_are_one_line_errors(tmp_path):
         _cli("checkpoint", "unpack", str(tmp_path), "--out", str(tmp_path / "run"))
     )
     assert "not a packed run" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 1, got -3"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--temperature", "-1"], "--temperature must be a number >= 0 (0: greedy), got -1.0"),
+        (["--temperature", "nan"], "--temperature must be a number >= 0 (0: greedy), got nan"),
+        (["--top-k", "-2"], "--top-k must be >= 1, got -2"),
+        (["--top-k", "0"], "--top-k must be >= 1, got 0"),
+    ],
+)
+def test_sample_bad_sizes_are_one_line_errors(tiny_model_dir, args, expected):
+    line = _one_line_error(_cli("sample", str(tiny_model_dir), *args))
+    assert line == f"error: {expected}"
+
+
+def test_sample_long_prompt_keeps_its_tail_and_says_so(tiny_model_dir):
+    from sparsecircuits.data import Tokenizer
+
+    prompt = "".join(f"value_{i} = {i}\n" for i in range(60))
+    ids = Tokenizer.load(tiny_model_dir).encode(prompt)
+    assert len(ids) > 128  # the tiny model's context
+    res = _cli("sample", str(tiny_model_dir), "--prompt", prompt, "--max-new-tokens", "8")
+    assert res.returncode == 0, res.stderr
+    warning = (
+        f"warning: prompt is {len(ids)} tokens; kept the last 120 (the model's context is 128)"
+    )
+    assert warning in res.stderr.splitlines()
+    tail = Tokenizer.load(tiny_model_dir).decode(ids[-120:])
+    assert res.stdout.startswith(tail) and not res.stdout.startswith(prompt[:20])
+    res = _cli("sample", str(tiny_model_dir), "--prompt", "x = 1", "--max-new-tokens", "4")
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+
+
+def test_fit_prompt_leaves_room_for_new_tokens_but_keeps_half_the_context():
+    from sparsecircuits.cli import fit_prompt
+
+    ids = list(range(300))
+    assert fit_prompt(ids[:128], context=128, max_new_tokens=500) == (ids[:128], "")
+    kept, warning = fit_prompt(ids, context=128, max_new_tokens=28)
+    assert kept == ids[-100:] and "prompt is 300 tokens; kept the last 100" in warning
+    kept, _ = fit_prompt(ids, context=128, max_new_tokens=1000)  # more than the context
+    assert kept == ids[-64:]

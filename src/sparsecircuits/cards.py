@@ -28,7 +28,7 @@ from sparsecircuits.model.io import (
     weights_hash,
 )
 from sparsecircuits.model.summary import model_summary
-from sparsecircuits.train.metrics import MetricsLog, evaluate
+from sparsecircuits.train.metrics import MetricsLog, heldout_loss
 from sparsecircuits.train.trainer import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -85,8 +85,7 @@ def export_run(
         corpus = load_corpus(cfg.corpus, val_fraction=cfg.val_fraction)
         cache = (cache_dir or default_cache_dir()) / "tokens"
         _, val = build_token_cache(corpus, tok, cache_dir=cache)
-        windows = val.num_windows(model.config.block_size + 1)
-        ev = evaluate(shipped, val, windows=windows, batch_size=16, device=torch.device("cpu"))
+        ev = heldout_loss(shipped, val, device=torch.device("cpu"))  # every held-out window
         diff = _max_logit_diff(model, shipped, val)
         tasks = evaluate_tasks(shipped, tok, n_pairs=n_pairs, seed=0)
         # Pretraining means for mean ablation ship with the model, so pruning starts at once.

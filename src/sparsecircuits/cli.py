@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,7 +20,7 @@ from sparsecircuits.cli_checkpoint import register as _register_checkpoint
 from sparsecircuits.cli_circuits import register as _register_circuits
 from sparsecircuits.cli_data import register as _register_data
 from sparsecircuits.cli_viz import register as _register_viz
-from sparsecircuits.errors import SparseCircuitsError
+from sparsecircuits.errors import InputError, SparseCircuitsError
 
 app = typer.Typer(
     add_completion=False,
@@ -126,17 +127,45 @@ def info(
         print_summary(summary)
 
 
+def _check_sample_options(*, max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+    """One-line errors for sizes ``sample`` cannot use (negative, or zero where meaningless)."""
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InputError(f"--temperature must be a number >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"--top-k must be >= 1, got {top_k}")
+
+
+def fit_prompt(ids: list[int], *, context: int, max_new_tokens: int) -> tuple[list[int], str]:
+    """The prompt tokens to keep, and a warning ("" if none) when the prompt is longer than the
+    model's ``context``: then only its last ``context - max_new_tokens`` tokens are kept (at
+    least half the context), so every new token still sees the whole kept prompt."""
+    if len(ids) <= context:
+        return ids, ""
+    keep = max(context - max_new_tokens, context // 2, 1)
+    warning = (
+        f"warning: prompt is {len(ids)} tokens; kept the last {keep} "
+        f"(the model's context is {context})"
+    )
+    return ids[-keep:], warning
+
+
 @app.command()
 def sample(
     model: ModelArg = DEFAULT_MODEL,
     prompt: Annotated[str, typer.Option(help="text to continue")] = "def ",
-    max_new_tokens: Annotated[int, typer.Option()] = 128,
-    temperature: Annotated[float, typer.Option()] = 0.8,
-    top_k: Annotated[int | None, typer.Option(min=1)] = 40,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate (>= 1)")] = 128,
+    temperature: Annotated[
+        float, typer.Option(help="softmax temperature (>= 0; 0 takes the likeliest token)")
+    ] = 0.8,
+    top_k: Annotated[int | None, typer.Option(help="sample among the k likeliest (>= 1)")] = 40,
     seed: Annotated[int, typer.Option()] = 0,
     device: Device = "auto",
 ) -> None:
-    """Generate a continuation of --prompt."""
+    """Generate a continuation of --prompt. A prompt longer than the model's context keeps its
+    last tokens only, with a warning on stderr saying how many."""
+    _check_sample_options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
     import torch
 
     from sparsecircuits.data import Tokenizer
@@ -148,6 +177,9 @@ def sample(
     m = load_model(mdir, device=dev)
     tok = Tokenizer.load(mdir)
     ids = tok.encode(prompt) or [tok.eot_id]
+    ids, warning = fit_prompt(ids, context=m.config.block_size, max_new_tokens=max_new_tokens)
+    if warning:
+        typer.echo(warning, err=True)
     gen = torch.Generator(device=dev).manual_seed(seed)
     out = m.generate(
         torch.tensor([ids], device=dev),
@@ -166,19 +198,25 @@ def eval_loss(
         str, typer.Option(help="stdlib, python-env, a dir/glob of .py files")
     ] = "stdlib",
     windows: Annotated[
-        int, typer.Option(min=1, help="validation windows (block_size tokens each)")
-    ] = 64,
+        int | None,
+        typer.Option(
+            help="score only the first N held-out windows (block_size + 1 tokens each); "
+            "default: all of them, as the model cards do"
+        ),
+    ] = None,
     val_fraction: Annotated[float, typer.Option()] = 0.02,
     device: Device = "auto",
     cache_dir: Annotated[Path | None, typer.Option()] = None,
 ) -> None:
-    """Validation loss (nats/token) on the corpus's held-out files."""
+    """Validation loss (nats/token) on the corpus's held-out files (the model card's number)."""
     from sparsecircuits.data import Tokenizer, build_token_cache, load_corpus
     from sparsecircuits.model.io import load_model, resolve_model_dir
     from sparsecircuits.train.distributed import resolve_device
-    from sparsecircuits.train.metrics import evaluate
+    from sparsecircuits.train.metrics import heldout_loss
     from sparsecircuits.train.trainer import default_cache_dir
 
+    if windows is not None and windows < 1:
+        raise InputError(f"--windows must be >= 1, got {windows}")
     mdir = resolve_model_dir(model)
     dev = resolve_device(device)
     m = load_model(mdir, device=dev)
@@ -186,10 +224,13 @@ def eval_loss(
     c = load_corpus(corpus, val_fraction=val_fraction)
     cache = (cache_dir or default_cache_dir()) / "tokens"
     _, val = build_token_cache(c, tok, cache_dir=cache)
-    ev = evaluate(m, val, windows=windows, batch_size=8, device=dev)
+    ev = heldout_loss(m, val, windows=windows, device=dev)
+    n_all = val.num_windows(m.config.block_size + 1)
+    n = ev["val_tokens"] // m.config.block_size
+    scope = "all" if n == n_all else f"the first {n:,} of {n_all:,}"
     typer.echo(
         f"validation loss {ev['val_loss']:.4f} nats/token over {ev['val_tokens']:,} "
-        f"tokens of {len(c.val)} held-out files"
+        f"tokens ({scope} windows) of {len(c.val)} held-out files"
     )
 
 

@@ -64,3 +64,35 @@ def test_inconsistent_compact_file_is_a_checkpoint_error(tmp_path):
     save_file(tensors, path, meta)
     with pytest.raises(CheckpointError, match="inconsistent compact weights"):
         load_model(tmp_path)
+
+
+def _corrupt_indices(path, name: str, change) -> None:
+    """Rewrite ``name::idx`` of a compact ``model.safetensors`` with ``change(indices)``."""
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors[name + "::idx"] = change(tensors[name + "::idx"])
+    save_file(tensors, path, meta)
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+@pytest.mark.parametrize(
+    ("change", "shown"),
+    [
+        (lambda i: torch.cat([i[:-1], torch.tensor([-1], dtype=i.dtype)]), "min -1"),
+        (lambda i: torch.cat([i[:-1], torch.tensor([10**6], dtype=i.dtype)]), "max 1000000"),
+        (lambda i: i.float(), "torch.float32 indices"),
+    ],
+)
+def test_compact_indices_out_of_range_name_the_tensor(tmp_path, storage, change, shown):
+    # A negative index used to wrap around silently (torch indexes from the end).
+    save_model(_sparse_model(3), tmp_path, compact=True)
+    name = "transformer.h.1.mlp.c_proj.weight"  # 64 x 256 entries
+    _corrupt_indices(tmp_path / "model.safetensors", name, change)
+    with pytest.raises(CheckpointError, match=f"'{name}'") as err:
+        load_model(tmp_path, storage=storage)
+    message = str(err.value)
+    assert "model.safetensors" in message and shown in message, message
+    if "indices outside" in message:
+        assert "[0, 16384)" in message
+    assert "\n" not in message

@@ -3,7 +3,9 @@
 import json
 
 import torch
+from typer.testing import CliRunner
 
+from sparsecircuits import cli
 from sparsecircuits.cards import export_run
 from sparsecircuits.model import load_model
 from sparsecircuits.train.trainer import Trainer
@@ -58,3 +60,14 @@ def test_export_writes_a_verified_compact_model_and_card(small_corpus, cache_dir
     assert "validation loss" in readme and "| single_double_quote |" in readme
     assert "sparsecircuits train --config" in readme
     assert not list(dest.parent.glob(".tmp-*"))  # written via a temp dir, then renamed
+
+    # The card's validation loss is what `sparsecircuits eval-loss` prints by default.
+    args = ["eval-loss", str(dest), "--corpus", str(small_corpus), "--val-fraction",
+            str(cfg.val_fraction), "--cache-dir", str(cache_dir), "--device", "cpu"]  # fmt: skip
+    res = CliRunner().invoke(cli.app, args)
+    assert res.exit_code == 0, res.output
+    expected = (
+        f"validation loss {card['val_loss']:.4f} nats/token over "
+        f"{card['data']['val_tokens']:,} tokens (all windows)"
+    )
+    assert expected in res.output, res.output

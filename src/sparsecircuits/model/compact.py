@@ -56,6 +56,18 @@ def compact_state(
     return out, {META_KEY: json.dumps(index)}
 
 
+def check_flat_indices(flat: torch.Tensor, numel: int, *, name: str, source: str) -> None:
+    """Raise CheckpointError unless the stored flat indices of tensor ``name`` are integers in
+    ``[0, numel)``: torch would wrap a negative index silently and fail on a large one."""
+    if flat.is_floating_point() or flat.is_complex() or flat.dtype == torch.bool:
+        raise CheckpointError(f"{source}: compact tensor '{name}' has {flat.dtype} indices")
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= numel):
+        raise CheckpointError(
+            f"{source}: compact tensor '{name}' has indices outside [0, {numel}) "
+            f"(min {int(flat.min())}, max {int(flat.max())})"
+        )
+
+
 def expand_state(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, *, source: str
 ) -> dict[str, torch.Tensor]:
@@ -69,12 +81,17 @@ def expand_state(
             dtype = getattr(torch, spec["dtype"])
             shape = tuple(spec["shape"])
             if spec["encoding"] == "sparse":
-                idx, val = tensors[name + _IDX].long(), tensors[name + _VAL]
-                flat = torch.zeros(int(torch.tensor(shape).prod()), dtype=dtype)
+                idx, val = tensors[name + _IDX], tensors[name + _VAL]
+                numel = int(torch.tensor(shape).prod())
+                check_flat_indices(idx, numel, name=name, source=source)
+                idx = idx.long()
+                flat = torch.zeros(numel, dtype=dtype)
                 flat[idx] = val.to(dtype)
                 state[name] = flat.view(shape)
             else:
                 state[name] = tensors[name].to(dtype).view(shape)
+    except CheckpointError:
+        raise  # already one line naming the tensor
     except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as err:
         raise CheckpointError(f"{source}: inconsistent compact weights ({err})") from None
     return state

@@ -1,5 +1,5 @@
 """Save and load models: our format (``model.safetensors`` + ``config.json``) and OpenAI's
-official directories (``beeg_config.json`` + ``final_model.pt``)."""
+official directories (``beeg_config.json`` + ``final_model.pt``, read by ``model/official.py``)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,15 @@ from safetensors.torch import save_file
 
 from sparsecircuits.errors import CheckpointError, ConfigError
 from sparsecircuits.fileio import atomic_write, atomic_write_json, read_json_object
-from sparsecircuits.model.compact import META_KEY, compact_state, expand_state
+from sparsecircuits.model.compact import (
+    META_KEY,
+    check_flat_indices,
+    compact_state,
+    expand_state,
+)
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.model.gpt import GPT
+from sparsecircuits.model.official import official_config, read_official_state
 from sparsecircuits.model.sparse_storage import (
     CSRLinear,
     csr_from_flat,
@@ -36,54 +42,6 @@ OFFICIAL_WEIGHTS_FILE = "final_model.pt"
 FORMAT = "sparsecircuits.gpt"
 PRETRAINED_ROOT = Path(__file__).resolve().parents[1] / "pretrained"  # package data
 FORMAT_VERSION = 1
-
-# Fields of official configs that do not change inference here, with the values we accept.
-# `None` in the tuple means "any value".
-_OFFICIAL_IGNORED: dict[str, tuple[Any, ...] | None] = {
-    "bigram_table_rank": (None,),
-    "unembed_rank": (None,),
-    "use_tied_aux_matrix": (False, None),
-    "d_pos_emb": (None,),
-    "dropout_cat_pos_emb": (False,),
-    "sinusoidal_cat_pos_emb": (False,),
-    "mup": (False,),
-    "mup_width_multiplier": None,
-    "afrac_ste": None,  # training-time straight-through options
-    "afrac_ste_only_non_neurons": None,
-    "afrac_approx": (False,),
-    "rtopk": (False,),
-    "enable_fp8_linear": None,
-    "scale_invariance": (False,),
-    "pfrac": None,
-    "expansion_factor": None,
-    "expansion_factor_mlp": None,
-    "flash": None,
-    "grad_checkpointing": None,
-    "debug_nans": None,
-    "enable_sparse_kernels": None,
-    "tokenizer_name": None,
-    "dropout": (0, 0.0),  # inference only: dropout is off anyway
-    # Present in released configs but not in the official GPTConfig (training-side switches).
-    "debug_exact_topk": None,
-    "sparse_matmul_impl": None,
-}
-# The official GPTConfig defaults differ from ours; absent official fields take these values.
-_OFFICIAL_DEFAULTS: dict[str, Any] = {
-    "block_size": 1024,
-    "vocab_size": 50304,
-    "n_layer": 12,
-    "n_head": 12,
-    "d_model": 768,
-    "bias": True,
-    "ln_bias": True,
-    "rms_norm": False,
-    "afrac": None,
-    "afrac_loctypes": "attn_in,attn_out,mlp_in,mlp_out",
-    "tied_unembed": True,
-    "enable_bigram_table": False,
-    "learnable_bigram_table": False,
-    "sink": False,
-}
 
 
 def save_model(
@@ -200,7 +158,7 @@ def load_model(
         state = _read_safetensors(path / WEIGHTS_FILE)
     elif (path / OFFICIAL_CONFIG_FILE).exists():
         config = official_config(path / OFFICIAL_CONFIG_FILE)
-        state = _read_official_state(path / OFFICIAL_WEIGHTS_FILE, config)
+        state = read_official_state(path / OFFICIAL_WEIGHTS_FILE, config)
     else:
         raise CheckpointError(
             f"{path}: expected {CONFIG_FILE} + {WEIGHTS_FILE} (sparsecircuits) or "
@@ -309,8 +267,7 @@ def _load_sparse(path: Path) -> GPT:
         n = shape[0] * shape[1]
         if flat is None or values is None or flat.numel() != values.numel():
             raise CheckpointError(f"{source}: compact weight '{key}' lacks indices or values")
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n):
-            raise CheckpointError(f"{source}: compact weight '{key}' has indices outside [0, {n})")
+        check_flat_indices(flat, n, name=key, source=source)
         csr[name] = (flat, values)
         index.pop(key)
     rest = _with_tied(model, expand_state(tensors, {META_KEY: json.dumps(index)}, source=source))
@@ -332,57 +289,3 @@ def _load_sparse(path: Path) -> GPT:
     if left:  # every tensor must come from the file
         raise CheckpointError(f"{source}: no weights for {', '.join(left[:4])}")
     return model
-
-
-def official_config(path: Path) -> GPTConfig:
-    """Translate an official ``beeg_config.json`` into a :class:`GPTConfig`."""
-    raw = read_json_object(path)
-    data = {**_OFFICIAL_DEFAULTS, **raw}
-    if "n_mlp" in data:  # legacy name
-        data["d_mlp"] = data.pop("n_mlp")
-    if "n_embd" in data:  # nanoGPT's name for d_model, still written into released configs
-        n_embd = data.pop("n_embd")
-        if "d_model" not in raw:
-            data["d_model"] = n_embd
-        elif n_embd is not None and n_embd != raw["d_model"]:
-            raise ConfigError(
-                f"{path}: field 'n_embd' = {n_embd!r} contradicts 'd_model' = {raw['d_model']!r}"
-            )
-    for key, accepted in _OFFICIAL_IGNORED.items():
-        if key in data:
-            value = data.pop(key)
-            if accepted is not None and value not in accepted:
-                raise ConfigError(
-                    f"{path}: field '{key}' = {value!r} is not supported "
-                    f"(supported: {', '.join(map(repr, accepted))})"
-                )
-    if data.get("d_head") is None:
-        data["d_head"] = data["d_model"] // data["n_head"]
-    data["learned_pos_emb"] = True  # the official model always adds wpe
-    return GPTConfig.from_dict(data, source=str(path))
-
-
-def _read_official_state(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for truncated/corrupt archives
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint ({type(err).__name__}: {err})"
-        ) from None
-    if isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], dict):
-        raw = raw["model"]
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a state dict, got {type(raw).__name__}")
-    state = {}
-    for key, value in raw.items():
-        for prefix in ("_orig_mod.", "module."):
-            key = key.removeprefix(prefix)
-        if key.endswith(".attn.bias") and key.count(".") == 4:
-            continue  # causal-mask buffer of the official non-flash attention path
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: entry '{key}' is not a tensor")
-        state[key] = (value.to_dense() if value.is_sparse else value).float()
-    state.setdefault("final_logits_bias", torch.zeros(config.vocab_size))
-    return state

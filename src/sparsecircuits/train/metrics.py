@@ -59,6 +59,21 @@ def evaluate(
     }
 
 
+HELDOUT_BATCH = 16  # windows per forward pass in heldout_loss (the shipped cards' setting)
+
+
+def heldout_loss(
+    model: GPT, store: TokenStore, *, windows: int | None = None, device: torch.device
+) -> dict[str, Any]:
+    """Validation loss as a model card reports it: :func:`evaluate` over every full
+    ``block_size + 1``-token window of ``store`` (or only the first ``windows``), in batches of
+    :data:`HELDOUT_BATCH`. The card writer and ``sparsecircuits eval-loss`` both call this, so
+    the command's default reproduces a card's number."""
+    n = store.num_windows(model.config.block_size + 1)
+    n = n if windows is None else min(windows, n)
+    return evaluate(model, store, windows=n, batch_size=HELDOUT_BATCH, device=device)
+
+
 class MetricsLog:
     """Append-only JSONL of metric records; ``truncate_after(step)`` drops records a resumed run
     will produce again (and any partial last line left by a kill)."""

@@ -21,9 +21,9 @@ import torch
 
 from sparsecircuits import tasks
 from sparsecircuits.circuits.means import pretrain_windows
-from sparsecircuits.circuits.nodes import Location, Node
+from sparsecircuits.circuits.nodes import Location, Node, NodeSpace
 from sparsecircuits.circuits.pipeline import LoadedModel, load_for_circuits
-from sparsecircuits.circuits.schema import CircuitDoc, load_circuit
+from sparsecircuits.circuits.schema import CIRCUIT_FILE, CircuitDoc, load_circuit
 from sparsecircuits.errors import CheckpointError
 from sparsecircuits.fileio import atomic_write_bytes
 from sparsecircuits.model.gpt import GPT
@@ -75,9 +75,35 @@ def analyze(
                      n_windows)  # fmt: skip
     lm = load_for_circuits(model or doc.model.id, device=device)
     doc = load_circuit(circuit_dir, model=lm.model)  # refuses other weights
+    check_nodes(doc, lm.model, source=str(circuit_dir / CIRCUIT_FILE))
     result = compute_analysis(lm, doc, n_windows=n_windows)
     write_analysis(result, path)
     return result, path, False
+
+
+def check_nodes(doc: CircuitDoc, model: GPT, *, source: str) -> None:
+    """Raise CheckpointError unless every node of ``doc`` exists in ``model`` (a layer, location
+    and channel it has): an out-of-range node would otherwise fail deep in the forward pass or
+    read another channel."""
+    space = NodeSpace(model.config, mask_embed=doc.mask_embed)
+    groups = {(g.layer, g.loc): g for g in space.groups}
+    n_layer = model.config.n_layer
+    for n in doc.nodes:
+        g = groups.get((n.layer, n.loc))
+        if g is not None and 0 <= n.index < g.size:
+            continue
+        if g is not None:
+            why = f"index {n.index} is outside [0, {g.size}) at {g.key}"
+        elif n.loc is Location.EMBED and not doc.mask_embed:
+            why = "the circuit has no embedding nodes (mask_embed is false)"
+        elif n.loc is Location.EMBED:
+            why = "embedding nodes sit at layer -1"
+        else:
+            why = f"layer {n.layer} is outside the model's layers 0..{n_layer - 1}"
+        raise CheckpointError(
+            f"{source}: node {n.id} (layer {n.layer}, {n.loc.value}, index {n.index}) does not "
+            f"exist in model {doc.model.id}: {why}"
+        )
 
 
 def write_analysis(doc: AnalysisDoc, path: str | Path) -> None:

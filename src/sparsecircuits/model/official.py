@@ -1,0 +1,142 @@
+"""OpenAI's official model directories: ``beeg_config.json`` (translated into a
+:class:`GPTConfig`) and ``final_model.pt`` (read into our parameter names)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsecircuits.errors import CheckpointError, ConfigError
+from sparsecircuits.fileio import read_json_object
+from sparsecircuits.model.config import GPTConfig
+
+# Fields of official configs that do not change inference here, with the values we accept.
+# `None` in the tuple means "any value".
+_OFFICIAL_IGNORED: dict[str, tuple[Any, ...] | None] = {
+    "bigram_table_rank": (None,),
+    "unembed_rank": (None,),
+    "use_tied_aux_matrix": (False, None),
+    "d_pos_emb": (None,),
+    "dropout_cat_pos_emb": (False,),
+    "sinusoidal_cat_pos_emb": (False,),
+    "mup": (False,),
+    "mup_width_multiplier": None,
+    "afrac_ste": None,  # training-time straight-through options
+    "afrac_ste_only_non_neurons": None,
+    "afrac_approx": (False,),
+    "rtopk": (False,),
+    "enable_fp8_linear": None,
+    "scale_invariance": (False,),
+    "pfrac": None,
+    "expansion_factor": None,
+    "expansion_factor_mlp": None,
+    "flash": None,
+    "grad_checkpointing": None,
+    "debug_nans": None,
+    "enable_sparse_kernels": None,
+    "tokenizer_name": None,
+    "dropout": (0, 0.0),  # inference only: dropout is off anyway
+    # Present in released configs but not in the official GPTConfig (training-side switches).
+    "debug_exact_topk": None,
+    "sparse_matmul_impl": None,
+}
+# The official GPTConfig defaults differ from ours; absent official fields take these values.
+_OFFICIAL_DEFAULTS: dict[str, Any] = {
+    "block_size": 1024,
+    "vocab_size": 50304,
+    "n_layer": 12,
+    "n_head": 12,
+    "d_model": 768,
+    "bias": True,
+    "ln_bias": True,
+    "rms_norm": False,
+    "afrac": None,
+    "afrac_loctypes": "attn_in,attn_out,mlp_in,mlp_out",
+    "tied_unembed": True,
+    "enable_bigram_table": False,
+    "learnable_bigram_table": False,
+    "sink": False,
+}
+
+
+# Sizes of an official config; those in _NULLABLE may be null (then derived from the others).
+_SIZES = ("block_size", "vocab_size", "n_layer", "n_head", "d_head", "d_model", "d_mlp")
+_NULLABLE = ("d_head", "d_mlp", "n_mlp", "n_embd")
+
+
+def _check_size(path: Path, key: str, value: Any) -> None:
+    """A size field must be a whole number >= 1 (checked before any arithmetic uses it)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{path}: field '{key}' must be an integer >= 1, got {value!r}")
+
+
+def _check_sizes(path: Path, raw: dict[str, Any]) -> None:
+    """Every size field present in ``raw`` (legacy names included) is a whole number >= 1."""
+    for key in (*_SIZES, "n_mlp", "n_embd"):
+        if key in raw and not (raw[key] is None and key in _NULLABLE):
+            _check_size(path, key, raw[key])
+
+
+def official_config(path: Path) -> GPTConfig:
+    """Translate an official ``beeg_config.json`` into a :class:`GPTConfig`."""
+    raw = read_json_object(path)
+    _check_sizes(path, raw)
+    data = {**_OFFICIAL_DEFAULTS, **raw}
+    if "n_mlp" in data:  # legacy name
+        data["d_mlp"] = data.pop("n_mlp")
+    if "n_embd" in data:  # nanoGPT's name for d_model, still written into released configs
+        n_embd = data.pop("n_embd")
+        if "d_model" not in raw:
+            data["d_model"] = n_embd
+        elif n_embd is not None and n_embd != raw["d_model"]:
+            raise ConfigError(
+                f"{path}: field 'n_embd' = {n_embd!r} contradicts 'd_model' = {raw['d_model']!r}"
+            )
+    for key, accepted in _OFFICIAL_IGNORED.items():
+        if key in data:
+            value = data.pop(key)
+            if accepted is not None and value not in accepted:
+                raise ConfigError(
+                    f"{path}: field '{key}' = {value!r} is not supported "
+                    f"(supported: {', '.join(map(repr, accepted))})"
+                )
+    if data.get("d_head") is None:  # derived as the official code does
+        d_model, n_head = data["d_model"], data["n_head"]
+        _check_size(path, "d_model" if "d_model" in raw else "n_embd", d_model)
+        _check_size(path, "n_head", n_head)
+        if d_model < n_head:
+            raise ConfigError(
+                f"{path}: field 'd_head' is not given and d_model // n_head = {d_model} // "
+                f"{n_head} is 0; give d_head, or an n_head no larger than d_model"
+            )
+        data["d_head"] = d_model // n_head
+    data["learned_pos_emb"] = True  # the official model always adds wpe
+    return GPTConfig.from_dict(data, source=str(path))
+
+
+def read_official_state(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated/corrupt archives
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({type(err).__name__}: {err})"
+        ) from None
+    if isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], dict):
+        raw = raw["model"]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(raw).__name__}")
+    state = {}
+    for key, value in raw.items():
+        for prefix in ("_orig_mod.", "module."):
+            key = key.removeprefix(prefix)
+        if key.endswith(".attn.bias") and key.count(".") == 4:
+            continue  # causal-mask buffer of the official non-flash attention path
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry '{key}' is not a tensor")
+        state[key] = (value.to_dense() if value.is_sparse else value).float()
+    state.setdefault("final_logits_bias", torch.zeros(config.vocab_size))
+    return state
