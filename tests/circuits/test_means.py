@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from sparsecircuits.circuits.means import MEANS_FILE, load_or_compute_means, save_means, zero_values
+from sparsecircuits.circuits.means import (
+    MEANS_FILE,
+    activation_means,
+    load_or_compute_means,
+    save_means,
+    zero_values,
+)
 from sparsecircuits.circuits.nodes import NodeSpace
 from tests.circuits.conftest import circuit_model
 
@@ -31,3 +37,18 @@ def test_model_dir_means_are_used_only_for_their_own_weights(tmp_path):
         model, None, model_hash="b" * 64, model_dir=model_dir, cache_dir=cache
     )
     assert float(got["0.attn_in"][0]) == 2.0  # the model dir's file belongs to other weights
+
+
+def test_means_leave_out_padding():
+    """Right-padded prompts: the mean over real positions equals the mean of each prompt run
+    on its own; padding (token 0 here) must not count."""
+    model = circuit_model(vocab_size=64)
+    space = NodeSpace(model.config)
+    a, b = torch.tensor([[5, 9, 3, 7, 1]]), torch.tensor([[8, 2]])
+    padded = torch.tensor([[5, 9, 3, 7, 1], [8, 2, 0, 0, 0]])
+    got = activation_means(model, padded, space=space, lengths=torch.tensor([5, 2]))
+    ma = activation_means(model, a, space=space)
+    mb = activation_means(model, b, space=space)
+    for key, v in got.items():
+        want = (5 * ma[key] + 2 * mb[key]) / 7
+        assert torch.allclose(v, want, atol=1e-5), key

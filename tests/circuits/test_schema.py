@@ -130,12 +130,27 @@ def _bad_cases(raw: dict) -> dict[str, tuple[object, str]]:
         "wrong_type": (wrong_type, "n_nodes"),
         "not_json": ("{nope", "JSON"),
         "list": ([1, 2], "not a circuit file"),
+        "n_nodes": ({**raw, "n_nodes": raw["n_nodes"] + 1}, "n_nodes"),
+        "layer": (_node(raw, layer=raw["model"]["n_layer"]), "layer"),
+        "index": (_node(raw, index=10**6), "outside"),
+        "negative": (_node(raw, index=-1), "outside"),
+        "twice": (
+            {**raw, "nodes": raw["nodes"] + raw["nodes"][:1], "n_nodes": raw["n_nodes"] + 1},
+            "twice",
+        ),
     }
 
 
+def _node(raw: dict, **change) -> dict:
+    """``raw`` with its first node changed (a node the recorded model does not have)."""
+    return {**raw, "nodes": [{**raw["nodes"][0], **change}, *raw["nodes"][1:]]}
+
+
 @pytest.mark.parametrize(
-    "case", ["schema", "no_schema", "version", "missing", "extra", "wrong_type", "not_json", "list"]
-)
+    "case",
+    ["schema", "no_schema", "version", "missing", "extra", "wrong_type", "not_json", "list",
+     "n_nodes", "layer", "index", "negative", "twice"],
+)  # fmt: skip
 def test_bad_files_raise_one_line_error(small, tmp_path, case):
     raw = json.loads((small.out / CIRCUIT_FILE).read_text())
     data, needle = _bad_cases(raw)[case]

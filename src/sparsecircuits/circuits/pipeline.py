@@ -40,7 +40,7 @@ from sparsecircuits.errors import InputError
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.io import load_model, resolve_model_dir, weights_hash
 from sparsecircuits.tasks.batch import TaskBatch
-from sparsecircuits.tasks.metrics import pad_prompts
+from sparsecircuits.tasks.metrics import calibrated, diff_accuracy, diff_loss, pad_prompts
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class TaskData:
     judge: PromptSet  # the same pairs packed by length, for bisection and reporting
     test: PromptSet  # held-out templates
     probe: PromptSet  # the first PROBE_PAIRS train pairs: per-node and per-layer deltas
+    test_batch: TaskBatch  # the held-out pairs themselves (interchange needs the pairing)
 
 
 def task_data(lm: LoadedModel, task: str, cfg: PruneConfig) -> TaskData:
@@ -104,6 +105,7 @@ def task_data(lm: LoadedModel, task: str, cfg: PruneConfig) -> TaskData:
         PromptSet(tb, chunk_size=32, device=dev),
         PromptSet(hb, chunk_size=32, device=dev),
         PromptSet(tb.head(PROBE_PAIRS), chunk_size=32, device=dev),
+        hb,
     )
 
 
@@ -196,13 +198,12 @@ def describe(
     space, model = ev.space, lm.model
     kept = result.kept
     gates, ones = gates_for(space, kept), torch.ones(space.total)
-    a, b = result.calibration or (1.0, 0.0)
 
     def stats(prompts: PromptSet, g: torch.Tensor, *, cal: bool) -> tuple[float, float]:
         d = ev.diffs(prompts, g)
         if cal:
-            d = a * d + b * prompts.signs.cpu()
-        return float(torch.nn.functional.softplus(-d).mean()), float((d > 0).float().mean())
+            d = calibrated(d, prompts.signs.cpu(), result.calibration)
+        return diff_loss(d), diff_accuracy(d)
 
     full_train = stats(data.judge, ones, cal=False)
     circ_train = stats(data.judge, gates, cal=True)
@@ -244,11 +245,7 @@ def describe(
         frozen_norms=cfg.frozen_norms,
         target_loss=cfg.target_loss,
         reached=result.reached,
-        calibration=(
-            {"scale": result.calibration[0], "shift": result.calibration[1]}
-            if result.calibration
-            else None
-        ),
+        calibration=(result.calibration._asdict() if result.calibration else None),
         prune_config=cfg.model_dump(mode="json"),
         total_nodes=space.total,
         n_nodes=len(nodes),

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from sparsecircuits.circuits.nodes import Location, Node, NodeSpace
 from sparsecircuits.errors import CheckpointError
@@ -108,6 +108,41 @@ class CircuitDoc(_Doc):
     pruning_curve: list[dict[str, float]]
     k_curve: list[dict[str, float]]
     seconds: float
+
+    @model_validator(mode="after")
+    def _nodes_fit_the_model(self) -> CircuitDoc:
+        """``n_nodes`` counts the node list, and every node exists in the recorded model (a
+        circuit that names a channel the model lacks would silently index another one)."""
+        if self.n_nodes != len(self.nodes):
+            raise ValueError(
+                f"n_nodes is {self.n_nodes} but the file lists {len(self.nodes)} nodes"
+            )
+        m = self.model
+        sizes = {
+            Location.ATTN_Q: m.n_head * m.d_head,
+            Location.ATTN_K: m.n_head * m.d_head,
+            Location.ATTN_V: m.n_head * m.d_head,
+            Location.MLP_NEURON: m.d_mlp,
+        }
+        seen: set[tuple[int, str, int]] = set()
+        for n in self.nodes:
+            if n.loc is Location.EMBED:
+                ok_layer, size = n.layer == -1, None
+            else:
+                ok_layer, size = 0 <= n.layer < m.n_layer, sizes.get(n.loc, m.d_model)
+            if not ok_layer:
+                want = "-1" if n.loc is Location.EMBED else f"0..{m.n_layer - 1}"
+                raise ValueError(f"node {n.id}: layer {n.layer} outside {want}")
+            if n.index < 0 or (size is not None and n.index >= size):
+                bound = "" if size is None else f", {size}"
+                raise ValueError(
+                    f"node {n.id}: index {n.index} outside [0{bound}) at {n.loc.value}"
+                )
+            key = (n.layer, n.loc.value, n.index)
+            if key in seen:
+                raise ValueError(f"node {n.id} is listed twice")
+            seen.add(key)
+        return self
 
     def kept_nodes(self) -> list[Node]:
         """The circuit's nodes."""

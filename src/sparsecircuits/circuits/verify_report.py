@@ -4,10 +4,12 @@ and write ``report.json`` + ``report.md`` (failing checks are reported, never hi
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +63,11 @@ def validate(
     log.info("validating %s: %s, %d nodes, target %.3f", path, doc.task, doc.n_nodes,
              doc.target_loss)  # fmt: skip
     ctx = build_context(doc, lm, options)
-    results = run_checks(ctx, list(checks))
-    n_pass = sum(r["passed"] for r in results)
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    results = [{**r, "run": stamp} for r in run_checks(ctx, list(checks))]
+    dest = Path(out) if out is not None else path.parent
+    if list(checks) != list(CHECKS):  # a subset updates an earlier report, never replaces it
+        results = _merge(dest / REPORT_JSON, results, model_hash=lm.hash, circuit=str(path))
     report = {
         "circuit": str(path),
         "model": lm.spec,
@@ -71,15 +76,40 @@ def validate(
         "n_nodes": doc.n_nodes,
         "target_loss": doc.target_loss,
         "ablation": doc.ablation,
+        "calibration": doc.calibration,
         "options": dataclasses.asdict(options),
         "checks": results,
-        "passed": n_pass,
-        "failed": len(results) - n_pass,
+        **tally(results),
         "seconds": round(time.perf_counter() - start, 1),
     }
     report = clean_json(report)
-    write_report(Path(out) if out is not None else path.parent, report)
+    write_report(dest, report)
     return report
+
+
+def tally(results: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Counts of each verdict: passed, failed, not_applicable, info, uncertain."""
+    v = [r["verdict"] for r in results]
+    return {"passed": v.count("PASS"), "failed": v.count("FAIL"),
+            "not_applicable": v.count("N/A"), "info": v.count("INFO"),
+            "uncertain": sum(bool(r.get("uncertain")) for r in results)}  # fmt: skip
+
+
+def _merge(
+    path: Path, results: list[dict[str, Any]], *, model_hash: str, circuit: str
+) -> list[dict[str, Any]]:
+    """The checks of an earlier report at ``path`` (same circuit and model) with ``results``
+    replacing those of the same name; report order kept. Unreadable or foreign: just
+    ``results``."""
+    try:
+        old = json.loads(path.read_text())
+        same = old.get("model_hash") == model_hash and old.get("circuit") == circuit
+        earlier = old.get("checks", []) if same else []
+    except (OSError, ValueError, AttributeError):
+        earlier = []
+    by_name = {c["name"]: c for c in earlier if isinstance(c, dict) and "verdict" in c}
+    by_name.update({r["name"]: r for r in results})
+    return [by_name[n] for n in CHECKS if n in by_name]
 
 
 def clean_json(obj: Any) -> Any:
@@ -121,11 +151,17 @@ def _value(v: Any) -> str:
     return _num(v)
 
 
+def shown_verdict(check: dict[str, Any]) -> str:
+    """``PASS``, ``FAIL``, ``N/A`` or ``INFO``, with ``(uncertain)`` when the verdict's 95%
+    interval straddles its threshold."""
+    return check["verdict"] + (" (uncertain)" if check.get("uncertain") else "")
+
+
 def _details(check: dict[str, Any]) -> list[str]:
-    lines = [f"### {check['name']}: {'PASS' if check['passed'] else 'FAIL'}", ""]
+    lines = [f"### {check['name']}: {shown_verdict(check)}", ""]
     lines += [f"Criterion: {check['criterion']}.", "", check["summary"], ""]
     for key, v in check.items():
-        if key in ("name", "passed", "criterion", "summary"):
+        if key in ("name", "verdict", "passed", "uncertain", "criterion", "summary"):
             continue
         if isinstance(v, list) and v and isinstance(v[0], dict):  # runs, curve points
             lines.append(f"- {key}:")
@@ -141,23 +177,33 @@ def _details(check: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     """The report as a Markdown page: a verdict table, then each check's numbers."""
     cell = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    cal = report.get("calibration")
+    cal_s = (
+        f"a logit calibration fitted by pruning (scale {cal['scale']:.4g}, shift "
+        f"{cal['shift']:.4g}) is applied where the circuit is judged against the target"
+        if cal
+        else "no logit calibration is used"
+    )
     lines = [
         f"# Circuit validation: {report['task']}",
         "",
         f"Circuit `{report['circuit']}` ({report['n_nodes']} nodes, target loss "
         f"{report['target_loss']} nats per prompt, {report['ablation']} ablation) in model "
         f"`{report['model']}`. Losses are per-prompt mean two-token cross-entropy (nats) on the "
-        "held-out test templates unless stated; chance is ln 2 = 0.693.",
+        f"held-out test templates unless stated; chance is ln 2 = 0.693; {cal_s}. Intervals "
+        "are 95% bootstrap intervals over the held-out prompts; a verdict whose interval "
+        "straddles its threshold is marked uncertain.",
         "",
         "| check | verdict | summary |",
         "|---|---|---|",
     ]
     for c in report["checks"]:
-        verdict = "PASS" if c["passed"] else "FAIL"
-        lines.append(f"| {c['name']} | {verdict} | {cell(c['summary'])} |")
+        lines.append(f"| {c['name']} | {shown_verdict(c)} | {cell(c['summary'])} |")
     lines += [
         "",
-        f"**{report['passed']} passed, {report['failed']} failed** in {report['seconds']} s"
+        f"**{report['passed']} passed, {report['failed']} failed, {report['not_applicable']} not "
+        f"applicable, {report['info']} informational ({report['uncertain']} uncertain)** in "
+        f"{report['seconds']} s"
         + (" (quick settings: a smoke test, not a verdict)" if report["options"]["quick"] else "")
         + ".",
         "",
@@ -180,8 +226,12 @@ def print_report(report: dict[str, Any]) -> None:
     table.add_column("verdict")
     table.add_column("summary")
     for c in report["checks"]:
-        verdict = Text("PASS", style="bold green") if c["passed"] else Text("FAIL", "bold red")
-        table.add_row(c["name"], verdict, Text(c["summary"]))
+        style = {"PASS": "bold green", "FAIL": "bold red"}.get(c["verdict"], "bold yellow")
+        table.add_row(c["name"], Text(shown_verdict(c), style=style), Text(c["summary"]))
     console = Console()
     console.print(table)
-    console.print(f"{report['passed']} passed, {report['failed']} failed in {report['seconds']} s")
+    console.print(
+        f"{report['passed']} passed, {report['failed']} failed, {report['not_applicable']} not "
+        f"applicable, {report['info']} informational ({report['uncertain']} uncertain) in "
+        f"{report['seconds']} s"
+    )

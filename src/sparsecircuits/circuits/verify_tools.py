@@ -1,11 +1,10 @@
-"""Building blocks of the faithfulness checks (``verify.py``): their options, re-pruning a
-task, negative control tasks, a randomly re-initialised model with the same sparsity pattern,
-and two statistics (Jaccard overlap, Spearman rank correlation)."""
+"""Building blocks of the faithfulness checks (``verify.py``): their options, random node sets
+matched to a circuit, re-pruning a task, negative control tasks, and a randomly re-initialised
+model with the same sparsity pattern (decision rules and statistics: ``verdicts.py``)."""
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,8 @@ from sparsecircuits.model.io import weights_hash
 from sparsecircuits.model.layers import LayerNorm
 
 CONTROL_KINDS = ("constant", "arbitrary", "inverted")
+# Tensors the random-init control keeps as trained: corpus statistics, not learned weights.
+KEPT_IN_RANDOM_INIT = ("bigram_table",)
 
 
 @dataclass(frozen=True)
@@ -51,46 +52,6 @@ class VerifyOptions:
         )
 
 
-def check_result(name: str, passed: bool, criterion: str, summary: str, **numbers: Any) -> dict:
-    """A check's result: name, passed, criterion and summary first, then its numbers."""
-    return {"name": name, "passed": bool(passed), "criterion": criterion, "summary": summary,
-            **numbers}  # fmt: skip
-
-
-def missed_or_larger(run: dict[str, Any], n_circuit: int, *, ratio: float) -> bool:
-    """Whether a re-prune missed its target or needs >= ``ratio`` x ``n_circuit`` nodes."""
-    return (not run["reached"]) or run["n_nodes"] >= ratio * n_circuit
-
-
-def jaccard(a: set[int], b: set[int]) -> float:
-    """|a & b| / |a | b| (1.0 for two empty sets)."""
-    union = a | b
-    return len(a & b) / len(union) if union else 1.0
-
-
-def _ranks(xs: list[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for m in range(i, j + 1):  # ties share their average rank
-            ranks[order[m]] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman rank correlation (ties averaged); nan when either side is constant."""
-    rx, ry = _ranks(x), _ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else math.nan
-
-
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.RMSNorm | nn.LayerNorm | LayerNorm)
 
@@ -101,16 +62,18 @@ def randomize_weights(model: GPT, *, seed: int = 0) -> GPT:
 
     Every floating parameter and buffer keeps its zeros; its nonzero entries are redrawn from
     N(0, s^2), s = the RMS of that tensor's nonzero values (its std for zero-mean weights, and
-    defined for a single entry). This covers weights, embeddings, biases, sink logits and a
-    bigram table. Norm gains and biases are the exception: they are reset to their initial 1
-    and 0, since a random sign-flipping gain is no network one would train. Seeded: the same
-    ``seed`` gives the same weights.
+    defined for a single entry). This covers weights, embeddings, biases and sink logits. Two
+    exceptions: norm gains and biases are reset to their initial 1 and 0 (a random
+    sign-flipping gain is no network one would train), and the fixed **bigram table is kept**:
+    it is a corpus statistic, not learned weights, and it lies outside the node space, so
+    redrawing it would make the control miss for a reason unrelated to circuits. Seeded: the
+    same ``seed`` gives the same weights.
     """
     out = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
     norm_params = {id(p) for m in out.modules() if _is_norm(m) for p in m.parameters()}
     for name, t in [*out.named_parameters(), *out.named_buffers()]:
-        if not t.is_floating_point():
+        if not t.is_floating_point() or name in KEPT_IN_RANDOM_INIT:
             continue
         if id(t) in norm_params:
             t.fill_(1.0 if name.endswith("weight") else 0.0)
@@ -123,6 +86,43 @@ def randomize_weights(model: GPT, *, seed: int = 0) -> GPT:
         new = torch.randn(count, generator=gen, dtype=torch.float64) * scale
         t[nz] = new.to(device=t.device, dtype=t.dtype)
     return out.eval()
+
+
+def matched_random_sets(
+    space: NodeSpace, kept: torch.Tensor, *, n: int, gen: torch.Generator
+) -> list[torch.Tensor]:
+    """``n`` random node sets with the circuit's own (layer, location) histogram: for every
+    group, as many nodes drawn uniformly from that group as the circuit has there. Flat
+    indices, ascending."""
+    counts = [
+        (g, int(((kept >= g.offset) & (kept < g.offset + g.size)).sum())) for g in space.groups
+    ]
+    out = []
+    for _ in range(n):
+        parts = [g.offset + torch.randperm(g.size, generator=gen)[:c] for g, c in counts if c]
+        out.append(torch.cat(parts).sort().values if parts else kept.new_empty(0))
+    return out
+
+
+def swapped_sets(
+    space: NodeSpace, kept: torch.Tensor, *, k: int, n: int, gen: torch.Generator
+) -> list[torch.Tensor]:
+    """``n`` copies of the circuit with ``k`` random nodes swapped, each for a random node of
+    the same (layer, location) group outside the circuit (a node with no such replacement is
+    left in place). Flat indices, ascending."""
+    inside = torch.zeros(space.total, dtype=torch.bool)
+    inside[kept] = True
+    out = []
+    for _ in range(n):
+        nodes = kept.clone()
+        for pos in torch.randperm(len(kept), generator=gen)[:k].tolist():
+            g = next(g for g in space.groups if g.offset <= int(nodes[pos]) < g.offset + g.size)
+            free = (~inside[g.offset : g.offset + g.size]).nonzero().squeeze(1) + g.offset
+            free = free[~torch.isin(free, nodes)]
+            if len(free):
+                nodes[pos] = free[torch.randint(len(free), (1,), generator=gen)]
+        out.append(nodes.sort().values)
+    return out
 
 
 def prune_task(

@@ -130,7 +130,7 @@ def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "check": c.get("name", "?"),
-            "result": "PASS" if c.get("passed") else "FAIL",
+            "result": c.get("verdict") or ("PASS" if c.get("passed") else "FAIL"),
             "criterion": c.get("criterion", ""),
             "summary": c.get("summary", ""),
         }
