@@ -18,6 +18,7 @@ import typer
 from sparsecircuits._alloc import tune_allocator
 from sparsecircuits.cli_checkpoint import register as _register_checkpoint
 from sparsecircuits.cli_circuits import register as _register_circuits
+from sparsecircuits.cli_compare import register as _register_compare
 from sparsecircuits.cli_data import register as _register_data
 from sparsecircuits.cli_viz import register as _register_viz
 from sparsecircuits.errors import InputError, SparseCircuitsError
@@ -343,6 +344,7 @@ def export(
 
 
 _register_circuits(app)
+_register_compare(app)
 _register_checkpoint(app)
 _register_data(app)
 _register_viz(app)

@@ -1,8 +1,7 @@
-"""Circuit commands: ``sparsecircuits prune | validate | compare`` (registered on the main app)."""
+"""Circuit commands: ``sparsecircuits prune | validate`` (registered on the main app)."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from datetime import datetime
@@ -137,28 +136,3 @@ def register(app: typer.Typer) -> None:
         print_report(report)
         dest = Path(out) if out is not None else Path(report["circuit"]).parent
         typer.echo(f"report written to {dest / 'report.json'} and {dest / 'report.md'}")
-
-    @app.command("compare")
-    def compare_cmd(
-        sparse: Annotated[str, typer.Option(help="weight-sparse model")] = DEFAULT_MODEL,
-        dense: Annotated[str, typer.Option(help="dense baseline")] = "stdlib-dense",
-        task: Annotated[list[str], typer.Option("--task", help="tasks (default: all)")] = [],  # noqa: B006
-        target: Annotated[float | None, typer.Option(help="target loss per prompt")] = None,
-        steps: Annotated[int | None, typer.Option()] = None,
-        set_: Annotated[list[str], typer.Option("--set", help="KEY=VALUE PruneConfig field")] = [],  # noqa: B006
-        out: Annotated[Path | None, typer.Option(help="compare.json + circuits here")] = None,
-        json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-        device: Device = "auto",
-    ) -> None:
-        """Prune every task on both models at the same target; edges and geometric-mean ratio."""
-        from sparsecircuits import tasks as task_registry
-        from sparsecircuits.circuits.compare import compare_models, print_comparison
-        from sparsecircuits.train.distributed import resolve_device
-
-        names = list(task) or task_registry.names(include_controls=False)
-        cfg = prune_config(dict(target_loss=target, steps=steps), set_)
-        result = compare_models(sparse, dense, names, cfg, device=resolve_device(device), out=out)
-        if json_out:
-            typer.echo(json.dumps(result, indent=2))
-        else:
-            print_comparison(result)

@@ -118,6 +118,10 @@ class TrainConfig(StrictModel):
     # matmuls use TF32; "bf16" autocasts the forward to bfloat16 (CUDA; slow on most CPUs).
     # The loss is always computed in fp32.
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    # Stop at the first evaluation whose validation loss (nats/token over eval_windows windows)
+    # is <= this, with a checkpoint and the final model saved there: a model matched in loss to
+    # another (e.g. a dense baseline at the sparse model's loss). None trains all ``steps``.
+    stop_at_val_loss: float | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -134,6 +138,8 @@ class TrainConfig(StrictModel):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
             raise ValueError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
+        if self.stop_at_val_loss is not None and not self.stop_at_val_loss > 0:
+            raise ValueError(f"stop_at_val_loss must be > 0, got {self.stop_at_val_loss}")
         if self.snapshot_every is not None and self.snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1, got {self.snapshot_every}")
         if self.checkpoint_every % self.log_every:

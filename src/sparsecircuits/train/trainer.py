@@ -34,9 +34,7 @@ from sparsecircuits.train.checkpoint import (
 )
 from sparsecircuits.train.config import TrainConfig
 from sparsecircuits.train.metrics import MetricsLog, evaluate
-from sparsecircuits.train.optim import (
-    build_optimizer,
-)
+from sparsecircuits.train.optim import build_optimizer
 from sparsecircuits.train.schedule import l0_fraction, lr_at, regrows
 from sparsecircuits.train.step import StepMode, train_step
 from sparsecircuits.train.support_adamw import SupportAdamW
@@ -259,7 +257,11 @@ class Trainer:
             sparsity.adopt_supports_(l0_fraction(state.step - 1, cfg.steps, sp))
             sparsity.grad_shares = dict(state.grad_shares)
         model.train()
-        for step in range(state.step, cfg.steps):
+        end = cfg.steps
+        if state.step and self._stops(_last_val_loss(metrics)):
+            log.info("the run had stopped at stop_at_val_loss (step %d): not training", state.step)
+            end = state.step
+        for step in range(state.step, end):
             t0 = time.perf_counter()
             frac = l0_fraction(step, cfg.steps, sp)
             lr = lr_at(step, cfg.steps, cfg.optim, frac)
@@ -294,8 +296,7 @@ class Trainer:
             window_loss += loss_val
             window_steps += 1
 
-            last = state.step == cfg.steps
-            do_eval = state.step % cfg.eval_every == 0 or last
+            do_eval = state.step % cfg.eval_every == 0 or state.step == cfg.steps
             if state.step % cfg.log_every == 0 or do_eval:
                 rec: dict[str, Any] = {
                     "step": state.step,
@@ -318,6 +319,7 @@ class Trainer:
                 metrics.write(rec)
                 if on_record is not None and main:
                     on_record(rec)
+            last = state.step == cfg.steps or (do_eval and self._stops(val_loss))
             checkpoint = (
                 state.step % cfg.checkpoint_every == 0
                 or last
@@ -346,6 +348,12 @@ class Trainer:
                     tokenizer_file=self.run_dir / TOKENIZER_FILE,
                     sparsity=sp.model_dump(mode="json"),
                 )
+            if last and state.step < cfg.steps:
+                log.info(
+                    "stopping at step %d of %d: validation loss %.4f <= stop_at_val_loss %.4f",
+                    state.step, cfg.steps, val_loss, cfg.stop_at_val_loss,
+                )  # fmt: skip
+                break
 
         final = self.run_dir / FINAL_DIR
         if main:
@@ -365,6 +373,10 @@ class Trainer:
             time.time() - t_start,
             state.elapsed_s,
         )
+
+    def _stops(self, val_loss: float) -> bool:
+        """Whether ``val_loss`` (nats/token) meets ``stop_at_val_loss`` (never when unset)."""
+        return self.cfg.stop_at_val_loss is not None and val_loss <= self.cfg.stop_at_val_loss
 
     def _checkpoint_due(self, step: int, since_s: float, *, fast: bool) -> bool:
         """Whether ``checkpoint_minutes`` have passed since the last checkpoint, at a log step
