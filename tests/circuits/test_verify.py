@@ -158,6 +158,10 @@ def test_validate_refuses_a_different_model(circuit_dir: Path, tmp_path: Path, c
         validate(circuit_dir, checks=["sufficency"])
     with pytest.raises(InputError, match="2 seeds"):
         validate(circuit_dir, options=VerifyOptions(seeds=1))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(InputError, match="not a directory"):
+        validate(circuit_dir, out=a_file, checks=["sufficiency"])
     # Through the command line: one line, exit status 2, no traceback, no report.
     res = subprocess.run(
         [sys.executable, "-m", "sparsecircuits.cli", "validate", str(circuit_dir), "--model",

@@ -330,6 +330,11 @@ def _reusable(directory: Path, key: dict[str, Any]) -> _Found | None:
         return None
     if doc.model.weights_hash != key["weights_hash"] or doc.task != key["task"]:
         return None
+    missing = [k for k in ("trials", "search_s", "wall_s") if k not in saved]
+    missing += [k for k in ("order", "tau") if k not in masks]
+    if missing:  # an old or hand-edited folder: prune again rather than fail
+        log.warning("not reusing %s: %s lacks %s", directory, KEY_FILE, ", ".join(missing))
+        return None
     log.info("reusing %s", directory / CIRCUIT_FILE)
     info = {k: saved[k] for k in ("trials", "search_s", "wall_s")}
     return _Found(doc, masks["order"], int((masks["tau"] >= 0).sum()), config, info)

@@ -21,7 +21,7 @@ from sparsecircuits.circuits.nodes import SITE, Location, NodeSpace
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.hooks import Hooks
 from sparsecircuits.tasks.batch import TaskBatch
-from sparsecircuits.tasks.metrics import pad_prompts
+from sparsecircuits.tasks.metrics import logit_diffs, pad_prompts
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,7 @@ def interchange(
     for start in range(0, len(receivers), chunk):
         sl = slice(start, start + chunk)
         last = _patched_last_logits(model, sites, receivers[sl], sources[sl])  # (n, V)
-        ar = torch.arange(len(last))
-        out.append(last[ar, src_ans[sl]] - last[ar, recv_ans[sl]])
+        out.append(logit_diffs(last, src_ans[sl], recv_ans[sl]))
     equal = sum(len(a) == len(b) for a, b in zip(batch.prompts_a, batch.prompts_b, strict=True))
     n_nodes = sum(len(c) for c in sites.values())
     return Interchange(torch.cat(out), equal, batch.n, n_nodes)

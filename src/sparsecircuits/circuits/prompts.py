@@ -20,6 +20,7 @@ class Chunk:
     correct: torch.Tensor
     other: torch.Tensor
     sign: torch.Tensor  # +1 for A prompts, -1 for B prompts (direction of the A-vs-B logit)
+    pair: torch.Tensor  # index of the prompt's pair in the batch (its A and B share it)
 
 
 class PromptSet:
@@ -39,6 +40,7 @@ class PromptSet:
         correct = torch.cat([batch.target_a, batch.target_b])
         other = torch.cat([batch.other_a, batch.other_b])
         sign = torch.cat([torch.ones(batch.n), -torch.ones(batch.n)])
+        pair = torch.arange(batch.n).repeat(2)
         if shuffle_seed is None:
             order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         else:  # minibatches: random pairs, both prompts of a pair in the same chunk
@@ -57,6 +59,7 @@ class PromptSet:
                     correct[sel].to(device),
                     other[sel].to(device),
                     sign[sel].to(device),
+                    pair[sel],
                 )
             )
         self.chunks: tuple[Chunk, ...] = tuple(chunks)
@@ -78,6 +81,21 @@ class PromptSet:
     @property
     def signs(self) -> torch.Tensor:
         return torch.cat([c.sign for c in self.chunks])
+
+    @property
+    def pairs(self) -> torch.Tensor:
+        """Pair index of every prompt, in chunk order (n_prompts,), on the CPU."""
+        return torch.cat([c.pair for c in self.chunks])
+
+    def pair_means(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-pair means (n_pairs, ...) of per-prompt ``values`` (n_prompts, ...) in chunk
+        order: resampling pairs, not prompts, keeps a pair's two prompts together."""
+        pairs = self.pairs
+        n = int(pairs.max()) + 1
+        out = torch.zeros((n, *values.shape[1:]), dtype=torch.float64)
+        out.index_add_(0, pairs, values.double())
+        counts = torch.bincount(pairs, minlength=n).double()
+        return out / counts.view(-1, *([1] * (values.dim() - 1)))
 
     def loss(self, last_logits: Callable[[Chunk], torch.Tensor]) -> torch.Tensor:
         """Mean per-prompt two-token loss ``softplus(z_o - z_c)`` (differentiable)."""

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sparsecircuits.circuits.nodes import Location, Node, NodeSpace
 from sparsecircuits.errors import CheckpointError
@@ -68,6 +68,15 @@ class Losses(_Doc):
     full_test: float
 
 
+class CalibrationRec(_Doc):
+    """A logit calibration ``scale * d + shift * s`` (``tasks.metrics.Calibration``). The
+    scale is positive: a calibration that inverts the logits would turn a circuit that does the
+    opposite of the task into one that "reaches" the target."""
+
+    scale: float = Field(gt=0, allow_inf_nan=False)
+    shift: float = Field(allow_inf_nan=False)
+
+
 class LayerDelta(_Doc):
     layer: int
     block: Literal["attn", "mlp"]
@@ -90,7 +99,7 @@ class CircuitDoc(_Doc):
     frozen_norms: bool
     target_loss: float
     reached: bool
-    calibration: dict[str, float] | None
+    calibration: CalibrationRec | None
     prune_config: dict[str, Any]
     total_nodes: int
     n_nodes: int

@@ -3,7 +3,7 @@
 Every check returns a record (``verdicts.check_result``) with a verdict (PASS / FAIL / N/A /
 INFO), its criterion, a one-sentence summary with the numbers, the numbers themselves, and,
 where the verdict rests on a mean over prompts, a 95% bootstrap interval over the held-out
-prompts (``uncertain`` when it straddles the threshold). Losses are per-prompt two-token CE in
+pairs (``uncertain`` when it straddles the threshold). Losses are per-prompt two-token CE in
 nats on the held-out test templates (chance ln 2 = 0.693). The checks, in report order:
 
 1. ``sufficiency``: circuit loss <= target.
@@ -17,9 +17,10 @@ nats on the held-out test templates (chance ln 2 = 0.693). The checks, in report
 5. ``interchange``: patching the circuit's node values from prompt B into prompt A makes A's
    output follow B's answer for >= 80% of held-out prompts (``interchange.py``).
 6. ``negative_controls``, 7. ``random_init``, 11. ``seed_stability``: re-pruning checks
-   (``verify_reprune.py``).
+   (``verify_reprune.py``); 6 and 7 compare with the task re-pruned under the same settings.
 8. ``ablation_kinds``: zero / pretrain-mean / task-mean ablation side by side (INFO).
-9. ``frozen_norms``: circuit loss with norm factors frozen from the unpruned pass <= target.
+9. ``frozen_norms``: circuit loss with norm factors frozen from the unpruned pass <= target
+   (N/A for a circuit pruned with frozen norms).
 10. ``mask_relaxation``: switching random pruned nodes back on moves the loss toward the full
     model without a bump (``verdicts.relaxation_ok``).
 
@@ -65,6 +66,7 @@ class Context:
     ev: CircuitEvaluator
     kept: torch.Tensor  # flat indices, ascending
     options: VerifyOptions
+    reference: dict[str, Any] | None = None  # the task re-pruned as the controls are
 
     @property
     def target(self) -> float:
@@ -73,7 +75,7 @@ class Context:
     @property
     def calibration(self) -> Calibration | None:
         c = self.doc.calibration
-        return Calibration(c["scale"], c["shift"]) if c else None
+        return Calibration(c.scale, c.shift) if c else None
 
     def losses(
         self, gates: torch.Tensor, *, ev: CircuitEvaluator | None = None, cal: bool = False
@@ -130,7 +132,9 @@ def build_context(doc: CircuitDoc, lm: LoadedModel, options: VerifyOptions) -> C
 
 
 def prompt_interval(values: torch.Tensor, ctx: Context) -> tuple[float, float]:
-    return V.mean_interval(values, seed=ctx.options.seed)
+    """95% bootstrap interval of the mean of per-prompt ``values`` (test prompts, chunk
+    order), resampling whole pairs: a pair's A and B prompts share their slot fills."""
+    return V.mean_interval(ctx.data.test.pair_means(values), seed=ctx.options.seed)
 
 
 def fmt(ci: tuple[float, float]) -> str:
@@ -185,7 +189,8 @@ def check_necessity(ctx: Context) -> dict:
         why = (
             "the circuit misses the target on held-out templates"
             if not ctx.reached_test
-            else f"the full model's loss {lf:.3f} is within {V.NECESSITY_MIN_MARGIN} of chance"
+            else f"the full model's loss {lf:.3f} is not {V.NECESSITY_MIN_MARGIN} nats below "
+            "chance (it does not do the task)"
         )
         return V.check_result(
             "necessity", "N/A", criterion,
@@ -194,9 +199,10 @@ def check_necessity(ctx: Context) -> dict:
             **numbers,
         )  # fmt: skip
     frac = V.necessity_fraction(loss, lf)
+    ab_p, full_p = (ctx.data.test.pair_means(x) for x in (ablated, full))  # resample pairs
     ci = V.bootstrap(
-        lambda idx: (ablated[idx].mean(1) - full[idx].mean(1)) / (V.CHANCE - full[idx].mean(1)),
-        len(full),
+        lambda idx: (ab_p[idx].mean(1) - full_p[idx].mean(1)) / (V.CHANCE - full_p[idx].mean(1)),
+        len(full_p),
         seed=ctx.options.seed,
     )
     return V.check_result(
@@ -241,22 +247,26 @@ def check_ablation_kinds(ctx: Context) -> dict:
 
 
 def check_frozen_norms(ctx: Context) -> dict:
-    """Test loss with norm factors from the unpruned pass <= target."""
+    """Test loss with norm factors from the unpruned pass <= target (N/A for a circuit pruned
+    with frozen norms: that is sufficiency again)."""
+    criterion = "circuit test loss with frozen norms <= target"
+    if ctx.cfg.frozen_norms:
+        return V.check_result(
+            "frozen_norms", "N/A", criterion,
+            "not judged separately: the circuit was pruned and judged with frozen norms, so "
+            "sufficiency is this check.",
+        )  # fmt: skip
     gates = gates_for(ctx.space, ctx.kept)
     ev = CircuitEvaluator(ctx.lm.model, space=ctx.space, ablation=ctx.ablation, frozen_norms=True)
     frozen_l = ctx.losses(gates, ev=ev, cal=True)
-    frozen, live, ci = (
-        float(frozen_l.mean()),
-        float(ctx.circuit_cal.mean()),
-        prompt_interval(frozen_l, ctx),
-    )
-    note = " (pruned with frozen norms already)" if ctx.cfg.frozen_norms else ""
+    frozen, live = float(frozen_l.mean()), float(ctx.circuit_cal.mean())
+    ci = prompt_interval(frozen_l, ctx)
     return V.check_result(
         "frozen_norms",
         V.verdict(V.sufficient(frozen, ctx.target)),
-        "circuit test loss with frozen norms <= target",
+        criterion,
         f"with norm factors frozen from the unpruned pass the circuit's loss is {frozen:.3f} "
-        f"({fmt(ci)}) vs {live:.3f} as pruned{note} (target {ctx.target:.3f}).",
+        f"({fmt(ci)}) vs {live:.3f} as pruned (target {ctx.target:.3f}).",
         loss=frozen,
         interval=list(ci),
         uncertain=V.straddles(ci, ctx.target),

@@ -10,10 +10,19 @@ from sparsecircuits.circuits.interchange import interchange
 from sparsecircuits.circuits.prune import gates_for
 from sparsecircuits.circuits.verify import Context, fmt
 from sparsecircuits.circuits.verify_tools import matched_random_sets, swapped_sets
-from sparsecircuits.tasks.metrics import diff_losses
+from sparsecircuits.tasks.metrics import diff_accuracy, diff_losses
 
 SWAP_FRACTION = 0.1  # share of the circuit's nodes the swap null replaces (at least one)
 N_RANDOM_INTERCHANGE = 5  # random node sets patched as the interchange baseline
+
+
+def _by_pair(
+    ctx: Context, circ: torch.Tensor, others: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair means of the circuit's (n,) and the other sets' (R, n) per-prompt losses:
+    (n_pairs,) and (R, n_pairs), so bootstraps resample whole pairs."""
+    test = ctx.data.test
+    return test.pair_means(circ), test.pair_means(others.T).T
 
 
 def _versus_sets(ctx: Context, sets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,9 +56,10 @@ def check_random_circuits(ctx: Context) -> dict:
     sets = matched_random_sets(ctx.space, ctx.kept, n=ctx.options.n_random, gen=gen)
     circ, others = _versus_sets(ctx, sets)
     loss, losses = float(circ.mean()), others.mean(1).tolist()
+    cp, op = _by_pair(ctx, circ, others)
     ci = V.bootstrap(
-        lambda idx: others[:, idx].mean(2).min(0).values - circ[idx].mean(1),
-        len(circ),
+        lambda idx: op[:, idx].mean(2).min(0).values - cp[idx].mean(1),
+        len(cp),
         seed=ctx.options.seed,
     )
     lo = min(losses)
@@ -84,9 +94,10 @@ def check_swap_null(ctx: Context) -> dict:
     circ, others = _versus_sets(ctx, sets)
     loss, losses = float(circ.mean()), others.mean(1).tolist()
     share = sum(loss < x for x in losses) / len(losses)
+    cp, op = _by_pair(ctx, circ, others)
     ci = V.bootstrap(
-        lambda idx: (others[:, idx].mean(2) > circ[idx].mean(1)).double().mean(0),
-        len(circ),
+        lambda idx: (op[:, idx].mean(2) > cp[idx].mean(1)).double().mean(0),
+        len(cp),
         seed=ctx.options.seed,
     )
     return V.check_result(
@@ -109,13 +120,18 @@ def check_interchange(ctx: Context) -> dict:
     """Patching the circuit's values from B into A makes A follow B's answer."""
     model, batch = ctx.lm.model, ctx.data.test_batch
     got = interchange(model, ctx.space, ctx.kept, batch)
-    follow = (got.diffs > 0).double()
+    if got.n_patched_nodes == 0:
+        return V.check_result(
+            "interchange", "N/A", "patching needs activation nodes",
+            "not judged: the circuit has only token-embedding nodes, which are not patched.",
+        )  # fmt: skip
+    follow = (got.diffs > 0).double()  # per prompt: the output follows the source's answer
     share = float(follow.mean())
-    ci = V.mean_interval(follow, seed=ctx.options.seed)
+    n = len(follow) // 2  # A prompts receive first, then B prompts: pair i at i and n + i
+    ci = V.mean_interval((follow[:n] + follow[n:]) / 2, seed=ctx.options.seed)
     gen = torch.Generator().manual_seed(ctx.options.seed + 2)
     rand = matched_random_sets(ctx.space, ctx.kept, n=N_RANDOM_INTERCHANGE, gen=gen)
-    rand_shares = [float((interchange(model, ctx.space, r, batch).diffs > 0).double().mean())
-                   for r in rand]  # fmt: skip
+    rand_shares = [diff_accuracy(interchange(model, ctx.space, r, batch).diffs) for r in rand]
     rand_share = sum(rand_shares) / len(rand_shares)
     return V.check_result(
         "interchange",

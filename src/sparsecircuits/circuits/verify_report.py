@@ -45,6 +45,8 @@ def validate(
     """
     start = time.perf_counter()
     options = options or VerifyOptions()
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"--out {out}: not a directory (the reports go into a folder)")
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
         raise InputError(f"unknown check(s) {', '.join(unknown)}; known: {', '.join(CHECKS)}")
@@ -76,7 +78,7 @@ def validate(
         "n_nodes": doc.n_nodes,
         "target_loss": doc.target_loss,
         "ablation": doc.ablation,
-        "calibration": doc.calibration,
+        "calibration": doc.calibration.model_dump() if doc.calibration else None,
         "options": dataclasses.asdict(options),
         "checks": results,
         **tally(results),

@@ -24,9 +24,23 @@ def _larger(run: dict[str, Any], n: int) -> bool:
     return V.missed_or_larger(run["reached"], run["n_nodes"], n, ratio=V.SIZE_RATIO)
 
 
+def reference_size(ctx: Context) -> tuple[int, str]:
+    """The node count a control is measured against, and where it came from: the task itself
+    re-pruned with exactly the controls' settings (same step cap), so that neither a padded
+    circuit file nor fewer re-pruning steps makes a control look relatively small; the file's
+    own count if that re-prune misses the target. Cached on the context."""
+    if ctx.reference is None:
+        ctx.reference = prune_task(ctx.lm, ctx.doc.task, ctx.prune_config())
+        ctx.reference.pop("kept")
+    ref = ctx.reference
+    if ref["reached"]:
+        return ref["n_nodes"], f"the task re-pruned with the same settings: {ref['n_nodes']} nodes"
+    return ctx.doc.n_nodes, f"the circuit file: {ctx.doc.n_nodes} nodes (the re-prune missed)"
+
+
 def check_negative_controls(ctx: Context) -> dict:
-    """Each control task needs >= SIZE_RATIO x the nodes, or misses the target."""
-    cfg, n = ctx.prune_config(), ctx.doc.n_nodes
+    """Each control task needs >= SIZE_RATIO x the task's nodes, or misses the target."""
+    cfg, (n, source) = ctx.prune_config(), reference_size(ctx)
     runs: dict[str, dict[str, Any]] = {}
     for kind in CONTROL_KINDS:
         try:
@@ -47,8 +61,9 @@ def check_negative_controls(ctx: Context) -> dict:
         "negative_controls",
         verdict,
         f"each control misses the target or needs >= {V.SIZE_RATIO:g}x the circuit's nodes",
-        f"with the circuit's config ({n} nodes for the task): " + "; ".join(parts) + ".",
+        f"with the circuit's config (reference: {source}): " + "; ".join(parts) + ".",
         n_nodes_task=n,
+        reference=ctx.reference,
         controls=runs,
         prune_steps=cfg.steps,
     )
@@ -56,8 +71,8 @@ def check_negative_controls(ctx: Context) -> dict:
 
 def check_random_init(ctx: Context) -> dict:
     """The task on random weights (same sparsity, corpus statistics kept) needs >= SIZE_RATIO x
-    the nodes, or misses."""
-    cfg, n = ctx.prune_config(), ctx.doc.n_nodes
+    the task's nodes, or misses."""
+    cfg, (n, source) = ctx.prune_config(), reference_size(ctx)
     rlm = random_init_model(ctx.lm, seed=ctx.options.seed)
     space = NodeSpace(rlm.model.config, mask_embed=cfg.mask_embed)
     ablation = random_ablation(rlm, space, cfg, ctx.doc.task)
@@ -72,8 +87,9 @@ def check_random_init(ctx: Context) -> dict:
         f"randomly re-initialised weights (same sparsity pattern{keeps}; ablation values "
         f"recomputed): full-model loss {run['loss_full']:.3f}, circuit {run['n_nodes']} nodes "
         f"with loss {run['loss']:.3f} ({'reached' if run['reached'] else 'missed'} target "
-        f"{cfg.target_loss:.3f}) vs {n} nodes in the trained model.",
+        f"{cfg.target_loss:.3f}) vs the trained model's reference, {source}.",
         n_nodes_task=n,
+        reference=ctx.reference,
         random_model_hash=rlm.hash,
         kept_as_trained=kept,
         prune_steps=cfg.steps,
