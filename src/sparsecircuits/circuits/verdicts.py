@@ -16,9 +16,11 @@ from typing import Any, Literal
 
 import torch
 
+from sparsecircuits.tasks.metrics import CHANCE_LOSS
+
 Verdict = Literal["PASS", "FAIL", "N/A", "INFO"]
 
-CHANCE = math.log(2)  # nats per prompt: the two-token loss of a coin flip
+CHANCE = CHANCE_LOSS  # nats per prompt: the two-token loss of a coin flip
 NECESSITY_MIN_FRACTION = 0.5  # share of the full model's margin over chance the ablation removes
 NECESSITY_MIN_MARGIN = 0.1  # nats: a full model closer to chance than this has nothing to remove
 SIZE_RATIO = 2.0  # controls / random init must need this many times the circuit's nodes

@@ -8,6 +8,7 @@ the paper reports, including the 0.15 pruning target, are per-prompt means like 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -56,6 +57,9 @@ def prompt_loss(
 
 
 # ----------------------------------------------------------------------------- the one source
+CHANCE_LOSS = math.log(2)  # nats per prompt: the two-token loss of a coin flip (d = 0)
+
+
 # Every task loss, accuracy and calibration in the package (metrics, pruning, validation,
 # comparison) is computed from correct-minus-other logit differences by the functions below.
 def logit_diffs(logits: torch.Tensor, correct: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
