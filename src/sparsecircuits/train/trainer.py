@@ -15,12 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparsecircuits.data import Tokenizer, TokenStore, build_token_cache, load_corpus
-from sparsecircuits.data import train_tokenizer as fit_tokenizer
+from sparsecircuits.data import Tokenizer, TokenStore
 from sparsecircuits.errors import CheckpointError, ConfigError, DataError
 from sparsecircuits.fileio import atomic_dir, atomic_write_json, cache_root, read_json_object
 from sparsecircuits.model.gpt import GPT
-from sparsecircuits.model.io import SPARSITY_FILE, resolve_model_dir, save_model
+from sparsecircuits.model.io import SPARSITY_FILE, save_model
 from sparsecircuits.model.sparsity import WeightSparsity, sparse_parameter_names
 from sparsecircuits.train import distributed as D
 from sparsecircuits.train.bigram import bigram_log_probs
@@ -35,6 +34,7 @@ from sparsecircuits.train.checkpoint import (
 from sparsecircuits.train.config import TrainConfig
 from sparsecircuits.train.metrics import MetricsLog, evaluate
 from sparsecircuits.train.optim import build_optimizer
+from sparsecircuits.train.run_data import build_run_data
 from sparsecircuits.train.schedule import l0_fraction, lr_at, regrows
 from sparsecircuits.train.step import StepMode, train_step
 from sparsecircuits.train.support_adamw import SupportAdamW
@@ -156,39 +156,7 @@ class Trainer:
             atomic_write_json(self.run_dir / DATA_FILE, data)
 
     def _build_data(self) -> tuple[Tokenizer, TokenStore, TokenStore, dict[str, Any]]:
-        corpus = load_corpus(self.cfg.corpus, val_fraction=self.cfg.val_fraction)
-        run_tok = self.run_dir / TOKENIZER_FILE
-        if self.resume and run_tok.exists():
-            tok = Tokenizer.load(run_tok)
-        elif self.cfg.tokenizer is not None:
-            # A path, or a shipped model's name ("stdlib-sparse"): its tokenizer, so models
-            # trained on another corpus keep the stdlib vocabulary and compare token for token.
-            spec = self.cfg.tokenizer
-            tok = Tokenizer.load(spec if Path(spec).exists() else resolve_model_dir(spec))
-        else:
-            key = f"{corpus.fingerprint()[:16]}-{self.cfg.tokenizer_vocab}"
-            cached = self.cache_dir / "tokenizers" / key / TOKENIZER_FILE
-            if cached.exists():
-                tok = Tokenizer.load(cached)
-            else:
-                log.info(
-                    "training a %d-token BPE on %d files",
-                    self.cfg.tokenizer_vocab,
-                    len(corpus.train),
-                )
-                tok = fit_tokenizer(corpus.iter_texts("train"), vocab_size=self.cfg.tokenizer_vocab)
-                tok.save(cached.parent)
-        train, val = build_token_cache(corpus, tok, cache_dir=self.cache_dir / "tokens")
-        data = {
-            "corpus": self.cfg.corpus,
-            "corpus_fingerprint": corpus.fingerprint(),
-            "tokenizer_fingerprint": tok.fingerprint(),
-            "train_files": len(corpus.train),
-            "val_files": len(corpus.val),
-            "train_tokens": train.num_tokens,
-            "val_tokens": val.num_tokens,
-        }
-        return tok, train, val, data
+        return build_run_data(self.cfg, self.run_dir, self.cache_dir, resume=self.resume)
 
     def _build_model(self, tok: Tokenizer, train: TokenStore) -> GPT:
         mcfg = self.cfg.model
