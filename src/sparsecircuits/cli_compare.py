@@ -172,7 +172,7 @@ def print_comparison(result: dict[str, Any]) -> None:
         "circuit (every node ablated) reaches the target"
     )
     if flagged:
-        console.print("decided outside the node space (bigram table and biases): "
+        console.print("decided outside the node space (bigram table, biases, token embedding): "
                       + ", ".join(flagged))  # fmt: skip
     _print_search(console, result)
     _print_pretrain(console, result)

@@ -381,6 +381,6 @@ def test_cli_matched_loss_rows_and_pretraining_losses(planted, dense_dir, tmp_pa
     assert "matched / sparse" in text and "dense / sparse" in text
     assert "else_elif (missed by dense_matched)" in text  # the unplanted model misses it
     assert (
-        "decided outside the node space (bigram table and biases): else_elif (sparse, dense)"
-        in text
+        "decided outside the node space (bigram table, biases, token embedding): else_elif "
+        "(sparse, dense)" in text
     )

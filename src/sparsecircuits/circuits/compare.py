@@ -6,9 +6,10 @@ For every task and model: a random search of pruning configs around one centre c
 CPU budget per model that is the same for every model; the circuit is judged on the HELD-OUT
 test templates (:func:`~sparsecircuits.circuits.compare_stats.reached`); its node order (by
 decreasing mask logit tau, trained at the primary target) is re-cut for the other targets with
-forward passes only; and the empty circuit (every node ablated) is measured, so a task the
-bigram table and biases decide on their own is flagged. No task is dropped: the ratios list
-every task they leave out and why (:mod:`~sparsecircuits.circuits.compare_stats`).
+forward passes only; and the empty circuit (every node ablated) is measured, so a task that
+the bigram table, biases and the embedding's direct path decide on their own is flagged. No
+task is dropped: the ratios list every task they leave out and why
+(:mod:`~sparsecircuits.circuits.compare_stats`).
 """
 
 from __future__ import annotations

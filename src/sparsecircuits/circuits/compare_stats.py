@@ -44,7 +44,8 @@ def ratio_summary(
     :func:`target_key`) over every task that both models reach on the test templates, with
     every other task listed under ``excluded`` with its reason (no task is left out silently).
     ``without_flagged`` also excludes tasks that the empty circuit of either model already
-    reaches ("decided outside the node space": bigram table and biases)."""
+    reaches ("decided outside the node space": the bigram table, biases and the token
+    embedding's direct path to the logits, which no node gates without ``mask_embed``)."""
     ratios: dict[str, float] = {}
     excluded: dict[str, str] = {}
     for name, row in tasks.items():
