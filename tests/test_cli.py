@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsecircuits.cli import _parse_overrides
+from sparsecircuits.cli.common import parse_overrides as _parse_overrides
 from sparsecircuits.errors import SparseCircuitsError
 
 
@@ -230,7 +230,7 @@ def test_sample_long_prompt_keeps_its_tail_and_says_so(tiny_model_dir):
 
 
 def test_fit_prompt_leaves_room_for_new_tokens_but_keeps_half_the_context():
-    from sparsecircuits.cli import fit_prompt
+    from sparsecircuits.cli.model import fit_prompt
 
     ids = list(range(300))
     assert fit_prompt(ids[:128], context=128, max_new_tokens=500) == (ids[:128], "")

@@ -11,8 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sparsecircuits import cli
-from sparsecircuits.circuits.schema import load_circuit
-from sparsecircuits.cli_circuits import model_label
+from sparsecircuits.circuits.schema import load_circuit, model_label
 
 SMALL = ["--steps", "3", "--set", "n_train_pairs=8", "--set", "n_test_pairs=8",
          "--set", "batch_pairs=4", "--ablation", "zero"]  # fmt: skip

@@ -30,7 +30,7 @@ from sparsecircuits.circuits.compare_stats import (
 from sparsecircuits.circuits.edges import WEIGHT_KINDS, edge_set
 from sparsecircuits.circuits.nodes import NodeSpace
 from sparsecircuits.circuits.prune import PruneConfig, geometric_mean
-from sparsecircuits.cli_compare import print_comparison
+from sparsecircuits.cli.compare import print_comparison
 from sparsecircuits.data import (
     Tokenizer,
     build_token_cache,

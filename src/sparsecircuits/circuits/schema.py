@@ -9,6 +9,7 @@ a different model with a one-line error.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -160,6 +161,14 @@ class CircuitDoc(_Doc):
     def kept_flat(self, space: NodeSpace) -> list[int]:
         """Flat indices of the circuit's nodes in ``space`` (the model's numbering)."""
         return sorted(space.flat_index(n) for n in self.kept_nodes())
+
+
+def model_label(spec: str) -> str:
+    """A short directory-safe name for a model spec (shipped name, or the directory's name):
+    the ``<model>`` of the default output layout ``runs/<model>/<task>/<timestamp>/``."""
+    p = Path(spec)
+    name = p.parent.name if p.name == "model" else p.name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
 
 
 def node_record(node: Node, *, d_head: int, tau: float, delta: float | None) -> NodeRec:

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sparsecircuits.circuits.schema import CIRCUIT_FILE, CircuitDoc
-from sparsecircuits.cli_circuits import model_label
+from sparsecircuits.circuits.schema import CIRCUIT_FILE, CircuitDoc, model_label
 from sparsecircuits.errors import InputError
 
 log = logging.getLogger(__name__)

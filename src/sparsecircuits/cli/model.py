@@ -1,66 +1,21 @@
-"""Command line: ``sparsecircuits train | sample | eval-loss | info``.
+"""Model commands: ``sparsecircuits train | info | sample | eval-loss | export``.
 
-Heavy imports happen inside commands so ``--help`` is instant and the allocator tweak lands
-before torch allocates.
+Heavy imports happen inside commands so ``--help`` is instant.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from sparsecircuits._alloc import tune_allocator
-from sparsecircuits.cli_checkpoint import register as _register_checkpoint
-from sparsecircuits.cli_circuits import register as _register_circuits
-from sparsecircuits.cli_compare import register as _register_compare
-from sparsecircuits.cli_data import register as _register_data
-from sparsecircuits.cli_viz import register as _register_viz
+from sparsecircuits.cli.common import DEFAULT_MODEL, Device, ModelArg, parse_overrides
 from sparsecircuits.errors import InputError, SparseCircuitsError
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Train, inspect and run weight-sparse transformers.",
-)
 
-Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1...")]
-ModelArg = Annotated[
-    str,
-    typer.Argument(help="model directory (ours or official), a training run, or a shipped name"),
-]
-DEFAULT_MODEL = "stdlib-sparse"  # shipped with the package
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["model.n_layer=4", "optim.lr=0.01"]`` -> nested dict; values parsed as JSON if they can
-    be (numbers, booleans, null, lists), else kept as strings."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SparseCircuitsError(f"--set '{item}': expected KEY=VALUE, e.g. optim.lr=0.01")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise SparseCircuitsError(f"--set '{item}': '{p}' was already set to a value")
-        node[leaf] = value
-    return out
-
-
-@app.command()
 def train(
     preset: Annotated[str, typer.Option(help="tiny | small | paper")] = "small",
     out: Annotated[Path, typer.Option(help="run directory (checkpoints, metrics, model/)")] = Path(
@@ -81,7 +36,7 @@ def train(
     from sparsecircuits.train.config import TrainConfig, merge_overrides, preset_config
     from sparsecircuits.train.trainer import Trainer, read_run_config
 
-    overrides = _parse_overrides(set_)
+    overrides = parse_overrides(set_)
     for key, value in (("steps", steps), ("corpus", corpus), ("seed", seed)):
         if value is not None:
             overrides[key] = value
@@ -110,7 +65,6 @@ def train(
         )
 
 
-@app.command()
 def info(
     model: ModelArg = DEFAULT_MODEL,
     json_out: Annotated[bool, typer.Option("--json")] = False,
@@ -152,7 +106,6 @@ def fit_prompt(ids: list[int], *, context: int, max_new_tokens: int) -> tuple[li
     return ids[-keep:], warning
 
 
-@app.command()
 def sample(
     model: ModelArg = DEFAULT_MODEL,
     prompt: Annotated[str, typer.Option(help="text to continue")] = "def ",
@@ -192,7 +145,6 @@ def sample(
     typer.echo(tok.decode(out[0].tolist()))
 
 
-@app.command("eval-loss")
 def eval_loss(
     model: ModelArg = DEFAULT_MODEL,
     corpus: Annotated[
@@ -235,90 +187,6 @@ def eval_loss(
     )
 
 
-tasks_app = typer.Typer(no_args_is_help=True, help="The 20-task suite and its controls.")
-app.add_typer(tasks_app, name="tasks")
-
-
-@tasks_app.command("list")
-def tasks_list(
-    controls: Annotated[bool, typer.Option(help="also list the negative controls")] = True,
-) -> None:
-    """Every registered task with its one-line description."""
-    from sparsecircuits import tasks
-
-    for name in tasks.names(include_controls=controls):
-        task = tasks.get(name)
-        tag = "  [control]" if task.control else ""
-        typer.echo(f"{name:34s} {task.description}{tag}")
-
-
-@tasks_app.command("show")
-def tasks_show(
-    name: Annotated[str, typer.Argument(help="task name, e.g. bracket_counting")],
-    model: Annotated[str, typer.Option("--model", help="whose tokenizer resolves targets")] = (
-        DEFAULT_MODEL
-    ),
-    split: Annotated[str, typer.Option(help="train | test")] = "test",
-    n: Annotated[int, typer.Option(help="pairs to print")] = 3,
-    seed: Annotated[int, typer.Option()] = 0,
-) -> None:
-    """Sample pairs with their resolved target tokens under the model's tokenizer."""
-    from sparsecircuits import tasks
-    from sparsecircuits.data import Tokenizer
-    from sparsecircuits.model.io import read_config, resolve_model_dir
-
-    mdir = resolve_model_dir(model)
-    task = tasks.get(name)
-    if split not in tasks.SPLITS:
-        raise SparseCircuitsError(f"--split {split!r}: expected one of {', '.join(tasks.SPLITS)}")
-    batch = task.build(
-        Tokenizer.load(mdir),
-        split=split,
-        n=max(n, 50),
-        seed=seed,
-        max_len=read_config(mdir).block_size,
-    )
-    typer.echo(f"{task.name}: {task.description}{'  [control]' if task.control else ''}")
-    typer.echo(f"resolved contrasts over {batch.n} {split} pairs (tokenizer of {model}):")
-    for line in batch.describe():
-        typer.echo(f"  {line}")
-    for text, count in batch.moved_counts():
-        typer.echo(f"  shared first token {text!r} moved into both prompts in {count} pairs")
-    for i, raw in enumerate(batch.raw[:n]):
-        typer.echo(f"--- pair {i} (A -> {batch.tokens_a[i]!r}, B -> {batch.tokens_b[i]!r})")
-        typer.echo(f"[A] {raw.prompt_a}")
-        typer.echo(f"[B] {raw.prompt_b}")
-
-
-@app.command("eval")
-def eval_tasks(
-    model: Annotated[str, typer.Option("--model", help="model dir, run, or shipped name")] = (
-        DEFAULT_MODEL
-    ),
-    tasks: Annotated[list[str], typer.Option("--tasks", help="task names (default: all 20)")] = [],  # noqa: B006
-    n_pairs: Annotated[int, typer.Option(help="prompt pairs per task and split")] = 50,
-    seed: Annotated[int, typer.Option()] = 0,
-    json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
-    device: Device = "auto",
-) -> None:
-    """Per-task contrast loss (mean per prompt) and accuracy on train and test splits."""
-    from sparsecircuits.console import print_task_table
-    from sparsecircuits.data import Tokenizer
-    from sparsecircuits.model.io import load_model, resolve_model_dir
-    from sparsecircuits.tasks import evaluate_tasks
-    from sparsecircuits.train.distributed import resolve_device
-
-    mdir = resolve_model_dir(model)
-    m = load_model(mdir, device=resolve_device(device))
-    names = [n for item in tasks for n in item.split(",") if n] or None
-    table = evaluate_tasks(m, Tokenizer.load(mdir), names=names, n_pairs=n_pairs, seed=seed)
-    if json_out:
-        typer.echo(json.dumps({"model": str(model), "tasks": table}, indent=2))
-    else:
-        print_task_table(str(model), table)
-
-
-@app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="a finished training run directory")],
     name: Annotated[str, typer.Option(help="shipped model name, e.g. stdlib-sparse")],
@@ -343,23 +211,10 @@ def export(
     )
 
 
-_register_circuits(app)
-_register_compare(app)
-_register_checkpoint(app)
-_register_data(app)
-_register_viz(app)
-
-
-def main() -> None:
-    """Console entry point: one-line errors for bad input, exit status 2."""
-    tune_allocator()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        app()
-    except SparseCircuitsError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()
+def register(app: typer.Typer) -> None:
+    """Add the model commands to ``app``."""
+    app.command()(train)
+    app.command()(info)
+    app.command()(sample)
+    app.command("eval-loss")(eval_loss)
+    app.command()(export)

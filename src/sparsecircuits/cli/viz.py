@@ -12,11 +12,12 @@ from typing import Annotated
 
 import typer
 
+from sparsecircuits.cli.common import Device
+
 CircuitDir = Annotated[Path, typer.Argument(help="directory holding circuit.json")]
 ModelOpt = Annotated[
     str | None, typer.Option(help="model directory (default: the one named in circuit.json)")
 ]
-Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda, ...")]
 
 
 def _analyze(app: typer.Typer) -> None:

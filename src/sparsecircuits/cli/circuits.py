@@ -3,33 +3,23 @@
 from __future__ import annotations
 
 import math
-import re
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from sparsecircuits.circuits.schema import model_label
+from sparsecircuits.cli.common import DEFAULT_MODEL, Device, parse_overrides
 from sparsecircuits.errors import InputError
-
-Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda, ...")]
-DEFAULT_MODEL = "stdlib-sparse"
-
-
-def model_label(spec: str) -> str:
-    """A short directory-safe name for a model spec (shipped name, or the directory's name)."""
-    p = Path(spec)
-    name = p.parent.name if p.name == "model" else p.name
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
 
 
 def prune_config(options: dict[str, Any], sets: list[str]) -> Any:
     """A validated PruneConfig from CLI options (None = default) and ``--set`` overrides."""
     from sparsecircuits.circuits.prune import PruneConfig
-    from sparsecircuits.cli import _parse_overrides  # the train command's --set parser
 
     given = {k: v for k, v in options.items() if v is not None}
-    return PruneConfig.from_dict({**given, **_parse_overrides(sets)}, source="prune options")
+    return PruneConfig.from_dict({**given, **parse_overrides(sets)}, source="prune options")
 
 
 def register(app: typer.Typer) -> None:

@@ -11,7 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from sparsecircuits.cli_circuits import DEFAULT_MODEL, Device, prune_config
+from sparsecircuits.cli.circuits import prune_config
+from sparsecircuits.cli.common import DEFAULT_MODEL, Device
 from sparsecircuits.errors import InputError
 
 KIND_LABELS = {"sparse": "sparse", "dense": "dense", "dense_matched": "matched"}
