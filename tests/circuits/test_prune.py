@@ -14,6 +14,7 @@ from sparsecircuits.circuits.prune import (
     CircuitEvaluator,
     PruneConfig,
     bisect_k,
+    cut_k,
     gates_for,
     prune,
     train_masks,
@@ -61,6 +62,24 @@ def test_bisect_finds_smallest_k(loss, lo, hi, want_k, want_reached):
     assert len(calls) <= math.ceil(math.log2(hi - lo + 1)) + 2
     if reached:
         assert seen[k] <= 0.15 and (k == lo or seen[k - 1] > 0.15)
+
+
+@pytest.mark.parametrize(
+    ("n_on", "true_k", "total", "want"),
+    [(10, 4, 100, (4, True)), (10, 37, 100, (37, True)), (10, 100, 100, (100, True)),
+     (3, 101, 100, (100, False)), (0, 1, 100, (1, True))],
+)  # fmt: skip
+def test_cut_k_doubles_past_the_mask_then_bisects(n_on, true_k, total, want):
+    """Loss falls below the target first at ``true_k``: found inside [1, n_on] or by doubling
+    past it; a target no k meets keeps every node and says so."""
+    calls: list[int] = []
+
+    def loss_at(k: int) -> float:
+        calls.append(k)
+        return 0.1 if k >= true_k else 1.0
+
+    assert cut_k(loss_at, n_on=n_on, total=total, target=0.15, max_iters=50) == want
+    assert max(calls) <= total
 
 
 def test_bisect_stops_after_max_iters():

@@ -41,7 +41,7 @@ from sparsecircuits.circuits.pipeline import (
     load_for_circuits,
     task_data,
 )
-from sparsecircuits.circuits.prune import CircuitEvaluator, PruneConfig, bisect_k, gates_for
+from sparsecircuits.circuits.prune import CircuitEvaluator, PruneConfig, cut_k, gates_for
 from sparsecircuits.circuits.report import MASKS_FILE, SEARCH_FILE, save_prune_outputs
 from sparsecircuits.circuits.schema import CIRCUIT_FILE, CircuitDoc, load_circuit
 from sparsecircuits.errors import CheckpointError, InputError
@@ -293,10 +293,8 @@ def _at_targets(
             n, w, e = doc.n_nodes, doc.n_weight_edges, doc.n_edges
             lt, lh = doc.loss.circuit, doc.loss.circuit_test
         else:
-            lo, hi = 1, max(1, found.n_on)  # as prune(): double k until the target is met
-            while train_loss(hi) > t and hi < space.total:
-                lo, hi = hi, min(space.total, 2 * hi)
-            n, _, _ = bisect_k(train_loss, lo=lo, hi=hi, target=t, max_iters=cfg.max_bisect_iters)
+            n, _ = cut_k(train_loss, n_on=found.n_on, total=space.total, target=t,
+                         max_iters=cfg.max_bisect_iters)  # fmt: skip
             counts = edge_set(lm.model, space, order[:n]).count_by_kind()
             w, e = sum(counts[k] for k in WEIGHT_KINDS), sum(counts.values())
             lt, lh = train_loss(n), test_loss(n)

@@ -240,6 +240,20 @@ def bisect_k(
     return hi, True, seen
 
 
+def cut_k(
+    loss_at: Callable[[int], float], *, n_on: int, total: int, target: float, max_iters: int
+) -> tuple[int, bool]:
+    """The fewest top-k nodes (of a node order) whose loss ``loss_at(k)`` is <= ``target``:
+    search [1, n_on] first (the nodes the mask left on); if the mask's own set misses, double k
+    until the target is met or every node is kept, then bisect the last doubling. Returns
+    (k, reached)."""
+    lo, hi = 1, max(1, n_on)
+    while loss_at(hi) > target and hi < total:
+        lo, hi = hi, min(total, 2 * hi)
+    k, reached, _ = bisect_k(loss_at, lo=lo, hi=hi, target=target, max_iters=max_iters)
+    return k, reached
+
+
 def prune(
     evaluator: CircuitEvaluator,
     train: PromptSet,
@@ -269,13 +283,8 @@ def prune(
             seen[k] = loss
         return seen[k]
 
-    # Search [1, n_on] first. If the mask's own node set misses the target, double k until
-    # the target is met (or every node is kept), then bisect the last doubling.
-    target, iters = cfg.target_loss, cfg.max_bisect_iters
-    lo, hi = 1, max(1, n_on)
-    while loss_at(hi) > target and hi < space.total:
-        lo, hi = hi, min(space.total, 2 * hi)
-    k, reached, _ = bisect_k(loss_at, lo=lo, hi=hi, target=target, max_iters=iters)
+    k, reached = cut_k(loss_at, n_on=n_on, total=space.total, target=cfg.target_loss,
+                       max_iters=cfg.max_bisect_iters)  # fmt: skip
     # The bisection's points plus a few more give the loss-vs-k curve (k/4 ... 4k).
     for kk in sorted({max(1, k // 4), max(1, k // 2), 2 * k, 4 * k}):
         if kk <= space.total and kk not in seen:

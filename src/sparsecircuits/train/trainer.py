@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sparsecircuits.data import Tokenizer, TokenStore
+from sparsecircuits.data.tokenizer import TOKENIZER_FILE
 from sparsecircuits.errors import CheckpointError, ConfigError, DataError
 from sparsecircuits.fileio import atomic_dir, atomic_write_json, cache_root, read_json_object
 from sparsecircuits.model.gpt import GPT
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
-TOKENIZER_FILE = "tokenizer.json"
 FINAL_DIR = "model"
 DATA_FILE = "data.json"  # fingerprints of the corpus and tokenizer the run trains on
 RUN_ARTIFACTS = (
