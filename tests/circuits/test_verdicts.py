@@ -100,3 +100,10 @@ def test_swapped_sets_swap_within_groups():
     for s in swapped_sets(space, kept, k=2, n=20, gen=torch.Generator().manual_seed(1)):
         assert _histogram(space, s) == _histogram(space, kept)
         assert len(set(s.tolist()) - set(kept.tolist())) == 2
+
+
+def test_report_order_names_every_check_once():
+    """CHECKS (the report order) and the check functions must list the same checks."""
+    from sparsecircuits.circuits.verify import CHECKS, check_fns
+
+    assert list(CHECKS) == list(check_fns())
