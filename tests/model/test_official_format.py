@@ -330,7 +330,12 @@ def test_torch_compile_prefix_and_non_flash_mask_buffer(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("d_pos_emb", 8), ("use_tied_aux_matrix", True), ("mup", True), ("bigram_table_rank", 4)],
+    [
+        ("scale_invariance", True),
+        ("use_tied_aux_matrix", True),
+        ("mup", True),
+        ("bigram_table_rank", 4),
+    ],
 )
 def test_unsupported_official_field_value_names_the_field(tmp_path, field, value) -> None:
     config_json = variant_config("paper") | {field: value}

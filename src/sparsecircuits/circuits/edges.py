@@ -153,9 +153,12 @@ def edge_set(model: GPT, space: NodeSpace, kept: torch.Tensor) -> EdgeSet:
     if space.mask_embed:
         wte = model.transformer.wte.weight.detach().cpu()
         tokens = groups[(-1, Location.EMBED)]
+        d_model = space.config.d_model
         for layer in range(space.config.n_layer):
             for rloc in READS:
-                b.weights(wte, tokens, groups[(layer, rloc)], src_off=0,
+                reads = groups[(layer, rloc)]
+                reads = reads[reads < d_model]  # position channels do not read the embedding
+                b.weights(wte, tokens, reads, src_off=0,
                           dst_off=off(layer, rloc), kind="embed", rows_are_src=True)  # fmt: skip
     return b.build()
 

@@ -56,6 +56,8 @@ def location_size(config: GPTConfig, loc: Location) -> int:
         return config.mlp_width
     if loc is Location.EMBED:
         return config.vocab_size
+    if loc in READS:  # with concatenated positions, channels d_model.. are position channels
+        return config.d_model_in
     return config.d_model
 
 

@@ -234,6 +234,7 @@ def describe(
             n_head=c.n_head,
             d_head=c.d_head,
             d_mlp=c.mlp_width,
+            d_pos_emb=c.d_pos_emb,
         ),
         task=task,
         split="train",

@@ -42,6 +42,7 @@ class ModelRef(_Doc):
     n_head: int
     d_head: int
     d_mlp: int
+    d_pos_emb: int | None = None  # concatenated position channels (reads are wider)
 
 
 class NodeRec(_Doc):
@@ -85,6 +86,18 @@ class LayerDelta(_Doc):
     delta: float  # task-loss change when this block's circuit nodes are all ablated
 
 
+class ImportRec(_Doc):
+    """Where an imported circuit came from (``sparsecircuits import-viz``). Circuits found by
+    ``prune`` have none, and their files leave the key out."""
+
+    format: str  # "openai.viz_data": a viz_data.pt published by OpenAI
+    file: str  # the imported file, as given
+    sha256: str  # of that file
+    loss_scale: float  # factor taking the file's task losses to ours (0.5: per-pair sums)
+    placeholders: list[str]  # fields of this document the file does not record (stand-ins)
+    official: dict[str, Any]  # the file's own bookkeeping (JSON-converted)
+
+
 class CircuitDoc(_Doc):
     schema_: Literal["sparsecircuits.circuit"] = SCHEMA
     version: int = VERSION
@@ -118,6 +131,7 @@ class CircuitDoc(_Doc):
     pruning_curve: list[dict[str, float]]
     k_curve: list[dict[str, float]]
     seconds: float
+    imported_from: ImportRec | None = None  # only for imported circuits (docs/interop.md)
 
     @model_validator(mode="after")
     def _nodes_fit_the_model(self) -> CircuitDoc:
@@ -133,6 +147,8 @@ class CircuitDoc(_Doc):
             Location.ATTN_K: m.n_head * m.d_head,
             Location.ATTN_V: m.n_head * m.d_head,
             Location.MLP_NEURON: m.d_mlp,
+            Location.ATTN_IN: m.d_model + (m.d_pos_emb or 0),
+            Location.MLP_IN: m.d_model + (m.d_pos_emb or 0),
         }
         seen: set[tuple[int, str, int]] = set()
         for n in self.nodes:
@@ -201,6 +217,8 @@ def save_circuit(doc: CircuitDoc, directory: str | Path) -> Path:
     path = Path(directory) / CIRCUIT_FILE
     data = doc.model_dump(mode="json", by_alias=False)
     data = {"schema": data.pop("schema_"), **data}
+    if data.get("imported_from") is None:
+        data.pop("imported_from", None)  # pruned circuits' files stay as they always were
     atomic_write_json(path, data)
     return path
 

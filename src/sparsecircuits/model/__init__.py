@@ -14,6 +14,7 @@ _LAZY = {
     "GPTConfig": "sparsecircuits.model.config",
     "GPT": "sparsecircuits.model.gpt",
     "Hooks": "sparsecircuits.model.hooks",
+    "KVCache": "sparsecircuits.model.cache",
     "site_names": "sparsecircuits.model.hooks",
     "load_model": "sparsecircuits.model.io",
     "save_model": "sparsecircuits.model.io",

@@ -88,7 +88,12 @@ class GPTConfig(StrictModel):
     enable_bigram_table: bool = True  # dense vocab x vocab logit table indexed by current token
     learnable_bigram_table: bool = False  # False: a fixed buffer (filled from corpus statistics)
     sink: bool = True  # per-head attention-sink logit
-    learned_pos_emb: bool = True  # add learned absolute position embeddings (wpe)
+    learned_pos_emb: bool = True  # add learned absolute position embeddings (wpe) to x
+    # Concatenated position channels (official ``BlockCatPosEmb``): wpe is (block_size,
+    # d_pos_emb), never added to the residual; every attention and MLP reads
+    # ``cat([norm(x), norm_p(wpe)])``, so their inputs are d_model + d_pos_emb wide.
+    d_pos_emb: int | None = None
+    sinusoidal_cat_pos_emb: bool = False  # wpe = fixed sinusoids (frozen), not learned
 
     @field_validator("afrac_loctypes", mode="before")
     @classmethod
@@ -109,7 +114,27 @@ class GPTConfig(StrictModel):
             raise ValueError(f"d_mlp must be >= 1, got {self.d_mlp}")
         if self.afrac is not None and not 0.0 < self.afrac <= 1.0:
             raise ValueError(f"afrac must be in (0, 1], got {self.afrac}")
+        if self.d_pos_emb is not None:
+            if self.d_pos_emb < 1:
+                raise ValueError(f"d_pos_emb must be >= 1, got {self.d_pos_emb}")
+            if self.learned_pos_emb:
+                raise ValueError(
+                    "d_pos_emb (concatenated positions) and learned_pos_emb (added positions) "
+                    "exclude each other: set learned_pos_emb to false"
+                )
+        elif self.sinusoidal_cat_pos_emb:
+            raise ValueError("sinusoidal_cat_pos_emb needs d_pos_emb (the position channels)")
         return self
+
+    @property
+    def cat_pos_emb(self) -> bool:
+        """Whether positions are concatenated channels (``d_pos_emb`` set)."""
+        return self.d_pos_emb is not None
+
+    @property
+    def d_model_in(self) -> int:
+        """Width of what attention and the MLP read: d_model (+ d_pos_emb when concatenated)."""
+        return self.d_model + (self.d_pos_emb or 0)
 
     @property
     def mlp_width(self) -> int:

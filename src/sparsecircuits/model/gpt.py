@@ -17,43 +17,60 @@ from torch import nn
 
 from sparsecircuits.errors import InputError
 from sparsecircuits.kernels import add_logit_tables, causal_attention, cross_entropy
+from sparsecircuits.model.cache import KVCache, LayerCache
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.model.hooks import NO_HOOKS, Hooks, Intervention, site_names
-from sparsecircuits.model.layers import ActSparsity, AttentionSink, Linear, make_norm
+from sparsecircuits.model.layers import ActSparsity, AttentionSink, Linear, make_norm, sinusoids
+
+_NORM_WEIGHTS = ("ln_1.weight", "ln_2.weight", "ln_p1.weight", "ln_p2.weight", "ln_f.weight")
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head, self.d_head = config.n_head, config.d_head
-        self.c_attn = Linear(config.d_model, 3 * config.d_attn, bias=config.bias)
+        self.c_attn = Linear(config.d_model_in, 3 * config.d_attn, bias=config.bias)
         self.c_proj = Linear(config.d_attn, config.d_model, bias=config.bias)
         self.attn_imp = AttentionSink(config.n_head) if config.sink else None
         self.sparsify = ActSparsity(config)
 
     def forward(
-        self, x: torch.Tensor, hk: Hooks, query_pos: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        hk: Hooks,
+        *,
+        pos: torch.Tensor | None = None,
+        query_pos: torch.Tensor | None = None,
+        past: LayerCache | None = None,
     ) -> torch.Tensor:
-        """x (B, T, d_model) -> (B, T, d_model); with ``query_pos`` (B,) only those positions
-        are queried (keys and values still cover every position): -> (B, 1, d_model)."""
+        """x (B, T, d_model) -> (B, T, d_model). ``pos`` (1, T, d_pos_emb): normed position
+        channels, concatenated to x. With ``query_pos`` (B,) only those positions are queried
+        (keys and values still cover every position): -> (B, 1, d_model). With ``past`` the T
+        tokens follow the cached ones: their keys join the cache and they attend to all."""
         B, T, _ = x.shape
         sp = self.sparsify
-        x = hk("act_in", sp(x, "attn_in"))  # (B, T, d_model)
+        if pos is not None:
+            x = torch.cat([x, pos.expand(B, -1, -1)], dim=-1)  # (B, T, d_model + d_pos_emb)
+        x = hk("act_in", sp(x, "attn_in"))  # (B, T, d_model_in)
         q, k, v = sp.linear(self.c_attn, x, ("attn_q", "attn_k", "attn_v"))  # (B, T, d_attn)
-        key_pos = torch.arange(T, device=x.device)
         if query_pos is not None:
             q = q[torch.arange(B, device=x.device), query_pos][:, None]  # (B, 1, d_attn)
         q, k, v = hk("q", q), hk("k", k), hk("v", v)  # q (B, Tq, n_head*d_head)
         Tq = q.shape[1]
         q = q.view(B, Tq, self.n_head, self.d_head).transpose(1, 2)
         k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (k, v))
-        if query_pos is None:  # plain causal attention
+        offset = 0
+        if past is not None:
+            offset = past.offset
+            k, v = past.update(k, v)  # (B, H, offset + T, d_head)
+        if query_pos is None and offset == 0:  # plain causal attention
             attend = self.attn_imp if self.attn_imp is not None else causal_attention
             y = attend(q, k, v)
-        else:
-            visible = key_pos[None, None, :] <= query_pos[:, None, None]  # (B, 1, T)
+        else:  # which keys each query sees: those at or before its own position
+            qpos = query_pos[:, None] if query_pos is not None else offset + torch.arange(Tq)[None]
+            visible = torch.arange(k.shape[2], device=x.device) <= qpos.to(x.device)[..., None]
             if self.attn_imp is not None:
-                y = self.attn_imp(q, k, v, visible)
+                y = self.attn_imp(q, k, v, visible)  # visible (B or 1, Tq, Tk)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
         y = hk("y", y.transpose(1, 2).reshape(B, Tq, self.n_head * self.d_head))
@@ -63,14 +80,17 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = Linear(config.d_model, config.mlp_width, bias=config.bias)
+        self.c_fc = Linear(config.d_model_in, config.mlp_width, bias=config.bias)
         self.gelu = config.activation_type == "gelu"  # else ReLU
         self.c_proj = Linear(config.mlp_width, config.d_model, bias=config.bias)
         self.sparsify = ActSparsity(config)
 
-    def forward(self, x: torch.Tensor, hk: Hooks) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hk: Hooks, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d_model), pos (1, T, d_pos_emb) or None -> (B, T, d_model)."""
         sp = self.sparsify
-        x = hk("act_in", sp(x, "mlp_in"))  # (B, T, d_model)
+        if pos is not None:
+            x = torch.cat([x, pos.expand(x.shape[0], -1, -1)], dim=-1)
+        x = hk("act_in", sp(x, "mlp_in"))  # (B, T, d_model_in)
         if self.gelu:
             (h,) = sp.linear(self.c_fc, x, ("mlp_neuron",), gelu=True)
         else:
@@ -86,6 +106,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        if config.d_pos_emb is not None:  # each read norms the position channels on its own
+            self.ln_p1 = make_norm(config, width=config.d_pos_emb)
+            self.ln_p2 = make_norm(config, width=config.d_pos_emb)
+        self.cat_pos = config.d_pos_emb is not None
         self.relu_resid = config.residual_activation_type == "relu"
         self.sparsify = ActSparsity(config)
 
@@ -93,24 +117,43 @@ class Block(nn.Module):
         return self.sparsify(torch.relu(x) if self.relu_resid else x, loc)
 
     def forward_attn(
-        self, x: torch.Tensor, hk: Hooks, query_pos: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        hk: Hooks,
+        *,
+        pos: torch.Tensor | None = None,
+        query_pos: torch.Tensor | None = None,
+        past: LayerCache | None = None,
     ) -> torch.Tensor:
         x = hk("resid_in", x)
-        delta = self.attn(self.ln_1(x), hk.scoped("attn"), query_pos)
+        p = self.ln_p1(pos) if self.cat_pos else None
+        delta = self.attn(self.ln_1(x), hk.scoped("attn"), pos=p, query_pos=query_pos, past=past)
         if query_pos is not None:  # keep only the queried positions from here on
             x = x[torch.arange(x.shape[0], device=x.device), query_pos][:, None]
         x = x + hk("attn.resid_delta", delta)
         return self._resid(x, "resid_post_attn")
 
-    def forward_mlp(self, x: torch.Tensor, hk: Hooks) -> torch.Tensor:
+    def forward_mlp(self, x: torch.Tensor, hk: Hooks, *, pos: torch.Tensor | None = None):
+        """x (B, T, d_model), pos (1 or B, T, d_pos_emb) -> (B, T, d_model)."""
         x = hk("resid_mid", x)
-        x = x + hk("mlp.resid_delta", self.mlp(self.ln_2(x), hk.scoped("mlp")))
+        p = self.ln_p2(pos) if self.cat_pos else None
+        x = x + hk("mlp.resid_delta", self.mlp(self.ln_2(x), hk.scoped("mlp"), p))
         return self._resid(x, "resid_post_mlp")
 
     def forward(
-        self, x: torch.Tensor, hk: Hooks, query_pos: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        hk: Hooks,
+        *,
+        pos: torch.Tensor | None = None,
+        query_pos: torch.Tensor | None = None,
+        past: LayerCache | None = None,
     ) -> torch.Tensor:
-        return self.forward_mlp(self.forward_attn(x, hk, query_pos), hk)
+        """x (B, T, d_model) -> (B, T, d_model) (B, 1, d_model with ``query_pos``)."""
+        x = self.forward_attn(x, hk, pos=pos, query_pos=query_pos, past=past)
+        if self.cat_pos and query_pos is not None:  # each row's queried position only
+            pos = pos[0, query_pos.to(pos.device)][:, None]  # (B, 1, d_pos_emb)
+        return self.forward_mlp(x, hk, pos=pos)
 
 
 class GPT(nn.Module):
@@ -118,10 +161,11 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         d, V = config.d_model, config.vocab_size
+        d_pos = config.d_pos_emb or (d if config.learned_pos_emb else 0)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(V, d),
-                **({"wpe": nn.Embedding(config.block_size, d)} if config.learned_pos_emb else {}),
+                **({"wpe": nn.Embedding(config.block_size, d_pos)} if d_pos else {}),
                 h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
                 ln_f=make_norm(config),
             )
@@ -146,22 +190,27 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layer))
-            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            elif name.endswith(_NORM_WEIGHTS):
                 nn.init.ones_(p)
             elif p.dim() == 2 and name != "bigram_table":  # Linear and Embedding weights
                 nn.init.normal_(p, std=0.02)
             else:  # biases, LayerNorm biases, sink logits, a learnable bigram table
                 nn.init.zeros_(p)
+        if self.config.sinusoidal_cat_pos_emb:  # fixed, like the official model's
+            wpe = self.transformer.wpe.weight
+            wpe.copy_(sinusoids(self.config.block_size, self.config.d_pos_emb))
+            wpe.requires_grad_(False)
 
     # ----------------------------------------------------------------------------- forward
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token (+ position) embeddings. idx: (B, T) int64 -> (B, T, d_model)."""
+    def embed(self, idx: torch.Tensor, *, offset: int = 0) -> torch.Tensor:
+        """Token (+ added position) embeddings of tokens at positions offset, offset + 1, ...
+        idx: (B, T) int64 -> (B, T, d_model)."""
         if idx.dim() != 2:
             raise InputError(f"token ids must have shape (batch, seq), got {tuple(idx.shape)}")
         n_tok = idx.shape[1]
-        if n_tok > self.config.block_size:
+        if offset + n_tok > self.config.block_size:
             raise InputError(
-                f"sequence of {n_tok} tokens is longer than the model's context "
+                f"sequence of {offset + n_tok} tokens is longer than the model's context "
                 f"(block_size {self.config.block_size})"
             )
         if idx.numel():
@@ -170,8 +219,15 @@ class GPT(nn.Module):
                 raise InputError(f"token ids must be in [0, {self.config.vocab_size})")
         x = self.transformer.wte(idx)
         if self.config.learned_pos_emb:
-            x = x + self.transformer.wpe.weight[:n_tok]
+            x = x + self.transformer.wpe.weight[offset : offset + n_tok]
         return x
+
+    def positions(self, n_tok: int, *, offset: int = 0) -> torch.Tensor | None:
+        """Concatenated position channels of positions offset .. offset + n_tok - 1:
+        (1, n_tok, d_pos_emb); None unless the config has ``d_pos_emb``."""
+        if not self.config.cat_pos_emb:
+            return None
+        return self.transformer.wpe.weight[offset : offset + n_tok][None]
 
     def unembed(self, x: torch.Tensor, idx: torch.Tensor, hk: Hooks = NO_HOOKS) -> torch.Tensor:
         """Final norm and logits. x: (B, T, d_model), idx: (B, T) -> (B, T, vocab)."""
@@ -190,9 +246,11 @@ class GPT(nn.Module):
         """
         layer, mid = self._parse_start(start)
         hk = hooks or NO_HOOKS
+        pos = self.positions(x.shape[1])
         for i in range(layer, self.config.n_layer):
             block, bhk = self.transformer.h[i], hk.scoped(str(i))
-            x = block.forward_mlp(x, bhk) if (mid and i == layer) else block(x, bhk)
+            run = block.forward_mlp if (mid and i == layer) else block
+            x = run(x, bhk, pos=pos)
         return self.unembed(x, idx, hk)
 
     def forward_last(
@@ -203,20 +261,31 @@ class GPT(nn.Module):
         hold one position per row) and the vocabulary projection runs once per row."""
         hk = hooks or NO_HOOKS
         last = lengths.to(idx.device) - 1
-        x = self.embed(idx)
+        x, pos = self.embed(idx), self.positions(idx.shape[1])
         n = self.config.n_layer
         for i, block in enumerate(self.transformer.h):
-            x = block(x, hk.scoped(str(i)), last if i == n - 1 else None)
+            x = block(x, hk.scoped(str(i)), pos=pos, query_pos=last if i == n - 1 else None)
         rows = torch.arange(idx.shape[0], device=idx.device)
         if n == 0:
             x = x[rows, last][:, None]
         return self.unembed(x, idx[rows, last][:, None], hk)[:, 0]
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, hooks: Hooks | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        hooks: Hooks | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) -> (logits (B, T, vocab), mean next-token CE in nats or None)."""
-        logits = self.forward_from(0, self.embed(idx), idx, hooks=hooks)
+        """idx (B, T) -> (logits (B, T, vocab), mean next-token CE in nats or None).
+
+        With ``cache`` the tokens continue the ``cache.length`` cached ones (positions
+        ``cache.length ..``); their keys and values are added to the cache."""
+        if cache is None:
+            logits = self.forward_from(0, self.embed(idx), idx, hooks=hooks)
+        else:
+            logits = self._forward_cached(idx, cache, hooks or NO_HOOKS)
         loss = None
         if targets is not None:
             loss = cross_entropy(logits.float().flatten(0, 1), targets.flatten())
@@ -247,11 +316,13 @@ class GPT(nn.Module):
         names: Collection[str] | None = None,
         interventions: Mapping[str, Intervention] | None = None,
         detach: bool = True,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward and record activations. ``names=None`` records every site.
 
         Returns ``(logits (B, T, vocab), {name: activation})``. With ``detach=False`` the cached
-        tensors stay in the autograd graph (for gradients w.r.t. activations).
+        tensors stay in the autograd graph (for gradients w.r.t. activations). With a KV
+        ``cache`` (see ``forward``) the sites hold the new positions only.
         """
         all_names = self.hook_names()
         wanted = all_names if names is None else list(names)
@@ -260,7 +331,7 @@ class GPT(nn.Module):
             raise InputError(f"unknown hook name(s): {', '.join(unknown)}")
         self._check_interventions(interventions)
         hooks = Hooks(cache_names=wanted, interventions=interventions, detach=detach)
-        logits, _ = self(idx, hooks=hooks)
+        logits, _ = self(idx, hooks=hooks, cache=cache)
         return logits, hooks.cache
 
     def run_with_hooks(
@@ -281,6 +352,15 @@ class GPT(nn.Module):
         """Total parameter count (tied weights counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def _forward_cached(self, idx: torch.Tensor, cache: KVCache, hk: Hooks) -> torch.Tensor:
+        cache.check(idx.shape[0], idx.shape[1])
+        offset = cache.length
+        x, pos = self.embed(idx, offset=offset), self.positions(idx.shape[1], offset=offset)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, hk.scoped(str(i)), pos=pos, past=LayerCache(cache, i))
+        cache.advance(idx.shape[1])
+        return self.unembed(x, idx, hk)
+
     @torch.no_grad()
     def generate(
         self,
@@ -290,14 +370,38 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` continuations of idx (B, T); returns (B, T + new)."""
+        """Continue idx (B, T) by ``max_new_tokens`` sampled tokens; returns (B, T + new).
+        ``temperature`` 0 takes the likeliest token. With ``use_cache`` each new token costs
+        one position's pass (keys and values of earlier ones are cached); once the context is
+        full, every step re-reads the last block_size tokens, exactly as without the cache."""
+        block, cache = self.config.block_size, None
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size :])
-            logits = logits[:, -1, :].float() / max(temperature, 1e-6)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
-                logits[logits < v[:, [-1]]] = -torch.inf
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            if cache is not None and cache.length == idx.shape[1] - 1 < block:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            else:  # first step, or the window slides: positions shift, the cache is stale
+                cache = KVCache.for_model(self, batch=idx.shape[0]) if use_cache else None
+                logits, _ = self(idx[:, -block:], cache=cache)
+            last = logits[:, -1, :]
+            nxt = sample_next(last, temperature=temperature, top_k=top_k, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids (B, 1) from logits (B, vocab): argmax at temperature 0 (ties to the
+    lowest id), else a sample from softmax(logits / temperature) over the top_k."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
+        logits[logits < v[:, [-1]]] = -torch.inf
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)

@@ -42,6 +42,8 @@ OFFICIAL_WEIGHTS_FILE = "final_model.pt"
 FORMAT = "sparsecircuits.gpt"
 PRETRAINED_ROOT = Path(__file__).resolve().parents[1] / "pretrained"  # package data
 FORMAT_VERSION = 1
+# Config fields added after models were first hashed, with the default that leaves them out.
+_LATER_FIELDS = {"d_pos_emb": None, "sinusoidal_cat_pos_emb": False}
 
 
 def save_model(
@@ -77,7 +79,11 @@ def weights_hash(model: GPT) -> str:
     Signed zeros are hashed as +0.0: masking weights by multiplication leaves -0.0 entries, which
     the compact format (nonzeros only) restores as +0.0.
     """
-    h = hashlib.sha256(json.dumps(model.config.to_json_dict(), sort_keys=True).encode())
+    config = model.config.to_json_dict()
+    for key, default in _LATER_FIELDS.items():  # so hashes of older models stay what they were
+        if config.get(key) == default:
+            config.pop(key)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().to("cpu").contiguous()
         if t.is_floating_point():

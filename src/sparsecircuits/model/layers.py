@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 
 import torch
@@ -157,11 +158,13 @@ class RMSNorm(nn.RMSNorm):
         return rms_norm(x, self.weight, self.eps)
 
 
-def make_norm(config: GPTConfig) -> nn.Module:
-    """RMSNorm (paper default, torch's default eps) or LayerNorm."""
+def make_norm(config: GPTConfig, *, width: int | None = None) -> nn.Module:
+    """RMSNorm (paper default, torch's default eps) or LayerNorm over ``width`` channels
+    (default d_model)."""
+    width = config.d_model if width is None else width
     if config.rms_norm:
-        return RMSNorm(config.d_model)
-    return LayerNorm(config.d_model, bias=config.ln_bias)
+        return RMSNorm(width)
+    return LayerNorm(width, bias=config.ln_bias)
 
 
 class AttentionSink(nn.Module):
@@ -200,3 +203,13 @@ class AttentionSink(nn.Module):
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention with the sink, without a T x T mask tensor."""
         return causal_attention(q, k, v, self.sink_logit)
+
+
+def sinusoids(n_pos: int, width: int) -> torch.Tensor:
+    """The official fixed position channels (n_pos, width): sin then cos of positions at
+    width // 2 periods log-spaced from 4 to n_pos tokens, zero-padded (odd width)."""
+    half = max(1, width // 2)
+    periods = torch.logspace(math.log10(4.0), math.log10(max(4.0, float(n_pos))), steps=half)
+    angles = torch.arange(n_pos, dtype=torch.float32)[:, None] * (2 * math.pi / periods)
+    enc = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(enc, (0, max(0, width - enc.shape[1])))[:, :width]

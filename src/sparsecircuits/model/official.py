@@ -18,9 +18,7 @@ _OFFICIAL_IGNORED: dict[str, tuple[Any, ...] | None] = {
     "bigram_table_rank": (None,),
     "unembed_rank": (None,),
     "use_tied_aux_matrix": (False, None),
-    "d_pos_emb": (None,),
-    "dropout_cat_pos_emb": (False,),
-    "sinusoidal_cat_pos_emb": (False,),
+    "dropout_cat_pos_emb": None,  # training only
     "mup": (False,),
     "mup_width_multiplier": None,
     "afrac_ste": None,  # training-time straight-through options
@@ -58,12 +56,23 @@ _OFFICIAL_DEFAULTS: dict[str, Any] = {
     "enable_bigram_table": False,
     "learnable_bigram_table": False,
     "sink": False,
+    "d_pos_emb": None,
+    "sinusoidal_cat_pos_emb": False,
 }
 
 
 # Sizes of an official config; those in _NULLABLE may be null (then derived from the others).
-_SIZES = ("block_size", "vocab_size", "n_layer", "n_head", "d_head", "d_model", "d_mlp")
-_NULLABLE = ("d_head", "d_mlp", "n_mlp", "n_embd")
+_SIZES = (
+    "block_size",
+    "vocab_size",
+    "n_layer",
+    "n_head",
+    "d_head",
+    "d_model",
+    "d_mlp",
+    "d_pos_emb",
+)
+_NULLABLE = ("d_head", "d_mlp", "n_mlp", "n_embd", "d_pos_emb")
 
 
 def _check_size(path: Path, key: str, value: Any) -> None:
@@ -112,7 +121,8 @@ def official_config(path: Path) -> GPTConfig:
                 f"{n_head} is 0; give d_head, or an n_head no larger than d_model"
             )
         data["d_head"] = d_model // n_head
-    data["learned_pos_emb"] = True  # the official model always adds wpe
+    # The official model adds wpe to the residual unless positions are concatenated channels.
+    data["learned_pos_emb"] = data.get("d_pos_emb") is None
     return GPTConfig.from_dict(data, source=str(path))
 
 

@@ -49,7 +49,8 @@ def sparse_parameter_names(
         return name.endswith(_BLOCK_WEIGHTS)
 
     # named_parameters() skips tied duplicates, so a tied unembedding is listed as wte only.
-    return [name for name, _ in model.named_parameters() if is_sparse(name)]
+    # Frozen parameters (fixed sinusoidal positions) are not trained, so never projected.
+    return [name for name, p in model.named_parameters() if p.requires_grad and is_sparse(name)]
 
 
 def l0_budget(shape: torch.Size | tuple[int, ...], frac: float) -> int:

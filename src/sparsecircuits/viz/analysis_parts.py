@@ -104,8 +104,10 @@ def attention_heads(doc: CircuitDoc) -> dict[tuple[int, int], list[int]]:
 
 
 def residual_channels(doc: CircuitDoc) -> list[int]:
-    """Residual channels the circuit reads or writes (sorted)."""
-    return sorted({n.index for n in doc.nodes if n.loc in (*READS, *WRITES)})
+    """Residual channels the circuit reads or writes (sorted); a read's position channels
+    (index >= d_model, with concatenated positions) are not residual channels."""
+    d_model = doc.model.d_model
+    return sorted({n.index for n in doc.nodes if n.loc in (*READS, *WRITES) and n.index < d_model})
 
 
 @torch.no_grad()
