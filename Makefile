@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt setup.py $(wildcard src/spars
 	# torch first, pinned: pip takes the CPU wheel on disk and never resolves a newer torch
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	# builds the compiled CPU kernels too (optional: without a compiler the torch fallback runs)
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,hf]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -50,9 +50,10 @@ from sparsecircuits.errors import DataError
 
 NAME = "python-env"
 RECIPE_VERSION = 1
-# Every distribution pinned in constraints.txt that ships .py files, at its pinned version (a
-# test keeps the two in step). pip and setuptools are left out: their versions come with the
-# Python build, not with our pins.
+# Every distribution pinned in constraints.txt when recipe version 1 was fixed that ships .py
+# files, at its pinned version (a test keeps the two in step). pip and setuptools are left out:
+# their versions come with the Python build, not with our pins. Pins added later (the [hf]
+# extra's) are not in the corpus, so the corpus stays what it was.
 PACKAGES: dict[str, str] = {
     "altair": "6.3.0",
     "annotated-doc": "0.0.7",
