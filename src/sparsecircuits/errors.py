@@ -29,3 +29,7 @@ class DataError(SparseCircuitsError):
 
 class InputError(SparseCircuitsError):
     """A runtime input (e.g. a token sequence) is out of range for the model."""
+
+
+class DownloadError(SparseCircuitsError):
+    """An artefact cannot be fetched: unreachable, missing there, or not the expected bytes."""

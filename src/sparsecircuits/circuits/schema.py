@@ -212,14 +212,20 @@ def edge_record(edge: Edge) -> EdgeRec:
     return EdgeRec(src=node_id(edge.src), dst=node_id(edge.dst), kind=edge.kind, weight=edge.weight)
 
 
-def save_circuit(doc: CircuitDoc, directory: str | Path) -> Path:
-    """Write ``directory/circuit.json`` atomically; returns its path."""
-    path = Path(directory) / CIRCUIT_FILE
+def circuit_dict(doc: CircuitDoc) -> dict[str, Any]:
+    """circuit.json's object: key ``schema`` first; ``imported_from`` only when set, so pruned
+    circuits' files stay as they always were."""
     data = doc.model_dump(mode="json", by_alias=False)
     data = {"schema": data.pop("schema_"), **data}
     if data.get("imported_from") is None:
-        data.pop("imported_from", None)  # pruned circuits' files stay as they always were
-    atomic_write_json(path, data)
+        data.pop("imported_from", None)
+    return data
+
+
+def save_circuit(doc: CircuitDoc, directory: str | Path) -> Path:
+    """Write ``directory/circuit.json`` atomically; returns its path."""
+    path = Path(directory) / CIRCUIT_FILE
+    atomic_write_json(path, circuit_dict(doc))
     return path
 
 

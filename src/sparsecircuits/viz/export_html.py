@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sparsecircuits.circuits.schema import CircuitDoc, load_circuit
+from sparsecircuits.circuits.schema import CircuitDoc, circuit_dict, load_circuit
 from sparsecircuits.errors import CheckpointError
 from sparsecircuits.fileio import atomic_write_bytes
 from sparsecircuits.viz.analysis import analyze
@@ -65,9 +65,8 @@ def _json_for_script(obj: Any) -> str:
 
 
 def circuit_json(doc: CircuitDoc) -> dict[str, Any]:
-    """circuit.json's object (key ``schema`` first), as written by ``save_circuit``."""
-    data = doc.model_dump(mode="json")
-    return {"schema": data.pop("schema_"), **data}
+    """circuit.json's object, as written by ``save_circuit``."""
+    return circuit_dict(doc)
 
 
 def header_html(doc: CircuitDoc) -> str:

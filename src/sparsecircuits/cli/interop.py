@@ -1,0 +1,125 @@
+"""Interop commands: ``sparsecircuits pull | import-viz`` (registered on the main app).
+
+``pull`` is the only command that uses the network, and only when called. Heavy imports happen
+inside the commands so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sparsecircuits.cli.common import Device
+
+
+@contextlib.contextmanager
+def _download_bars() -> Iterator[Callable[[str, int, int | None], None]]:
+    """A rich progress bar per file (bytes, speed, time left); silent when not a terminal."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda name, done, total: None
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console) as progress:
+        bars: dict[str, int] = {}
+
+        def update(name: str, done: int, total: int | None) -> None:
+            if name not in bars:
+                bars[name] = progress.add_task(name, total=total)
+            progress.update(bars[name], completed=done, total=total)
+
+        yield update
+
+
+def _pull(app: typer.Typer) -> None:
+    @app.command("pull")
+    def pull_cmd(
+        name: Annotated[
+            str,
+            typer.Argument(
+                help="csp_yolo1 | csp_yolo2 | tinypython | blob:models/NAME | blob:PATH/FILE | "
+                "hub:openai/circuit-sparsity"
+            ),
+        ],
+        cache: Annotated[
+            Path | None, typer.Option(help="download root (default: the cache's pull/)")
+        ] = None,
+        base_url: Annotated[
+            str | None,
+            typer.Option(help="blob store URL (default: $SPARSECIRCUITS_BLOB_URL or OpenAI's)"),
+        ] = None,
+        sha256: Annotated[
+            str | None, typer.Option(help="expected SHA-256 of a single-file blob:PATH")
+        ] = None,
+        force: Annotated[bool, typer.Option("--force", help="download again")] = False,
+        timeout: Annotated[float, typer.Option(help="seconds to connect / between reads")] = 30.0,
+    ) -> None:
+        """Fetch OpenAI's published circuit-sparsity models and circuits into the cache
+        (resumable; checked against pinned sizes and SHA-256 where known)."""
+        from sparsecircuits.errors import InputError
+        from sparsecircuits.interop.pull import pull
+
+        if timeout <= 0:
+            raise InputError(f"--timeout must be > 0 seconds, got {timeout}")
+        with _download_bars() as progress:
+            path = pull(name, cache=cache, url=base_url, sha256=sha256, force=force,
+                        timeout=timeout, progress=progress)  # fmt: skip
+        typer.echo(f"{name}: {path}")
+
+
+def _import_viz(app: typer.Typer) -> None:
+    @app.command("import-viz")
+    def import_viz_cmd(
+        viz_data: Annotated[Path, typer.Argument(help="an official viz_data.pt")],
+        model: Annotated[
+            str, typer.Option(help="the official model directory the circuit was pruned in")
+        ],
+        out: Annotated[Path, typer.Option(help="circuit directory to write")],
+        task: Annotated[
+            str | None,
+            typer.Option(help="our task name (default: from the viz/<model>/<task>/... path)"),
+        ] = None,
+        analyze: Annotated[
+            bool, typer.Option(help="also write the dashboard's analysis.json")
+        ] = True,
+        windows: Annotated[int, typer.Option(help="pretraining windows for the analysis")] = 64,
+        force: Annotated[bool, typer.Option("--force", help="replace a non-empty --out")] = False,
+        device: Device = "cpu",
+    ) -> None:
+        """Turn an official circuit (viz_data.pt) into circuit.json for our dashboard."""
+        from sparsecircuits.errors import InputError
+        from sparsecircuits.interop.viz_import import import_viz
+        from sparsecircuits.train.distributed import resolve_device
+
+        if windows < 1:
+            raise InputError(f"--windows must be >= 1, got {windows}")
+        res = import_viz(viz_data, model=model, out=out, task=task, analyze=analyze,
+                         n_windows=windows, force=force, device=resolve_device(device))  # fmt: skip
+        d = res.doc
+        extra = "with analysis.json" if res.analysed else f"no analysis.json: {res.note}"
+        typer.echo(
+            f"{out}: {d.task}, {d.n_nodes} nodes, {d.n_weight_edges} weight edges, loss full "
+            f"{d.loss.full:.3f} circuit {d.loss.circuit:.3f} (per-prompt means, halved from the "
+            f"file); {extra}; open with `sparsecircuits viz {out}`"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the interop commands to ``app``."""
+    _pull(app)
+    _import_viz(app)
