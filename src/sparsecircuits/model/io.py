@@ -1,5 +1,7 @@
-"""Save and load models: our format (``model.safetensors`` + ``config.json``) and OpenAI's
-official directories (``beeg_config.json`` + ``final_model.pt``, read by ``model/official.py``)."""
+"""Save and load models: our format (``model.safetensors`` + ``config.json``); read only:
+OpenAI's official directories (``beeg_config.json`` + ``final_model.pt``, ``model/official.py``),
+Hugging Face-style snapshots (``config.json`` with a ``model_type``, ``model/snapshot.py``) and
+jacobcd52's format (``config.json`` with ``model_config``, ``model/jacob.py``)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from sparsecircuits.model.compact import (
 )
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.model.gpt import GPT
+from sparsecircuits.model.jacob import is_jacob_config, read_jacob
 from sparsecircuits.model.official import official_config, read_official_state
+from sparsecircuits.model.snapshot import is_snapshot_config, read_snapshot
 from sparsecircuits.model.sparse_storage import (
     CSRLinear,
     csr_from_flat,
@@ -140,39 +144,65 @@ def resolve_model_dir(spec: str | Path) -> Path:
     raise CheckpointError(f"{spec}: no such model directory or shipped model (shipped: {known})")
 
 
+def model_format(directory: Path) -> str | None:
+    """Which reader ``directory`` needs: "sparsecircuits", "snapshot" (a ``config.json`` with a
+    ``model_type``), "jacobcd52" (one with ``model_config``), "official" or None."""
+    if (directory / CONFIG_FILE).exists():
+        data = read_json_object(directory / CONFIG_FILE)
+        if is_snapshot_config(data):
+            return "snapshot"
+        return "jacobcd52" if is_jacob_config(data) else "sparsecircuits"
+    return "official" if (directory / OFFICIAL_CONFIG_FILE).exists() else None
+
+
 def load_model(
     path: str | Path,
     *,
     device: str | torch.device = "cpu",
     storage: Literal["dense", "sparse"] = "dense",
 ) -> GPT:
-    """Load a model in our format or OpenAI's official format; returns it in eval mode.
+    """Load a model in any format we read (see :func:`model_format`); returns it in eval mode.
 
     ``path``: anything :func:`resolve_model_dir` accepts (a directory, a run, a shipped model's
     name). Official directories need ``beeg_config.json`` and ``final_model.pt`` (legacy keys such
     as ``n_mlp`` are understood); the result gives the logits of the official inference code.
-    ``storage="sparse"`` (CPU inference) keeps weights stored as indices + values as CSR
-    nonzeros only, never allocating their dense matrices (``model/sparse_storage.py``).
+    Snapshots and jacobcd52's models are read without running any code they ship.
+    ``storage="sparse"`` (CPU inference, our format only) keeps weights stored as indices +
+    values as CSR nonzeros only, never allocating their dense matrices
+    (``model/sparse_storage.py``).
     """
     path = resolve_model_dir(path)
     if storage == "sparse" and torch.device(device).type != "cpu":
         raise ConfigError(f"storage='sparse' runs on the CPU; got device {device!r}")
-    if storage == "sparse" and (path / CONFIG_FILE).exists():
+    kind = model_format(path)
+    if storage == "sparse" and kind in ("snapshot", "jacobcd52"):
+        raise ConfigError(
+            f"{path}: storage='sparse' reads only the sparsecircuits format, not a {kind} "
+            "directory; load it with storage='dense'"
+        )
+    if storage == "sparse" and kind == "sparsecircuits":
         return _load_sparse(path).eval()
-    if (path / CONFIG_FILE).exists():
+    source = str(path)
+    if kind == "sparsecircuits":
         config = read_config(path)
         state = _read_safetensors(path / WEIGHTS_FILE)
-    elif (path / OFFICIAL_CONFIG_FILE).exists():
+    elif kind == "snapshot":
+        config, state, source = read_snapshot(path)
+    elif kind == "jacobcd52":
+        config, state, source = read_jacob(path)
+    elif kind == "official":
         config = official_config(path / OFFICIAL_CONFIG_FILE)
         state = read_official_state(path / OFFICIAL_WEIGHTS_FILE, config)
     else:
         raise CheckpointError(
-            f"{path}: expected {CONFIG_FILE} + {WEIGHTS_FILE} (sparsecircuits) or "
-            f"{OFFICIAL_CONFIG_FILE} + {OFFICIAL_WEIGHTS_FILE} (official circuit-sparsity)"
+            f"{path}: expected {CONFIG_FILE} + {WEIGHTS_FILE} (sparsecircuits), "
+            f"{OFFICIAL_CONFIG_FILE} + {OFFICIAL_WEIGHTS_FILE} (official circuit-sparsity), "
+            f"a Hugging Face snapshot ({CONFIG_FILE} with model_type + *.safetensors) or "
+            f"jacobcd52's format ({CONFIG_FILE} with model_config + pytorch_model.bin)"
         )
     with torch.device("meta"):  # no throw-away random init: the state's tensors are used
         model = GPT(config)
-    load_state(model, state, source=str(path), assign=True)
+    load_state(model, state, source=source, assign=True)
     return model.to(device).eval()
 
 
