@@ -236,6 +236,31 @@ def test_cached_pattern_follows_in_place_weight_changes() -> None:
     assert state.pattern is not first
 
 
+def test_inference_reuses_gathered_values_until_the_weight_changes() -> None:
+    w = _weight(1, 12, 20, 0.3, "plain")
+    b = torch.randn(12)
+    state = LinearKernelState()
+    x = torch.randn(3, 20)
+    with torch.no_grad():
+        assert_close(sparse_linear(x, w, b, state), x.double() @ w.double().t() + b.double())
+        values = state.values
+        sparse_linear(x, w, b, state)
+        assert state.values is values  # unchanged weight: no second gather
+        w.mul_(2.0)  # same support, new values: the cache must not serve the old ones
+        assert_close(sparse_linear(x, w, b, state), x.double() @ w.double().t() + b.double())
+        assert state.values is not values
+    with torch.inference_mode():  # inference tensors have no version counter: never cached
+        wi = w.clone()
+        sparse_linear(x, wi, b, state)
+        wi.mul_(-1.0)
+        assert_close(sparse_linear(x, wi, b, state), x.double() @ wi.double().t() + b.double())
+    # With gradients the autograd path runs (and gives the same product).
+    wg = w.clone().requires_grad_()
+    y = sparse_linear(x, wg, b, state)
+    assert y.grad_fn is not None
+    assert_close(y.detach(), x.double() @ w.double().t() + b.double())
+
+
 def test_dense_weights_and_other_dtypes_take_the_dense_path(monkeypatch) -> None:
     monkeypatch.setenv(BELOW, "0.5")
     state = LinearKernelState()

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from sparsecircuits.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,18 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         fn.argtypes = args
         fn.restype = _RESTYPES.get(name)
     return lib, ""
+
+
+# Below this many elementary operations a kernel call runs on one thread: waking a second one
+# costs more than it saves (decoding one token: a 1024x256 product at 1/32 density took 14 us
+# on one thread and 35-1000 us on two, measured while other processes shared the cores).
+SMALL_WORK = 1 << 17
+
+
+def threads_for(work: int) -> int:
+    """Threads for a kernel call doing about ``work`` multiply-adds or element visits: 1 for
+    small calls, else torch's thread count. Results do not depend on it (threads split rows)."""
+    return 1 if work < SMALL_WORK else torch.get_num_threads()
 
 
 def requested_backend() -> str:

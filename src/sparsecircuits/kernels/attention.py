@@ -18,7 +18,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from sparsecircuits.kernels._lib import lib
+from sparsecircuits.kernels._lib import lib, threads_for
 
 NARROW_HEADS = (8, 16, 32, 64)
 
@@ -104,7 +104,7 @@ class _NarrowAttention(torch.autograd.Function):
         rc = lib().sc_attn_fwd(
             B, H, T, D, q.data_ptr(), k.data_ptr(), v.data_ptr(), strides.data_ptr(),
             _ptr(sink), ctypes.c_float(scale), y.data_ptr(), lse.data_ptr(),
-            torch.get_num_threads(),
+            threads_for(B * H * T * T * D),
         )  # fmt: skip
         if rc != 0:  # unreachable: available() checked d_head
             raise RuntimeError(f"sc_attn_fwd: unsupported d_head {D}")

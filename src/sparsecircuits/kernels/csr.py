@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsecircuits.kernels._lib import lib
+from sparsecircuits.kernels._lib import lib, threads_for
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def gather(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         out = torch.empty(index.numel(), dtype=src.dtype)
         lib().sc_gather(
             src.data_ptr(), index.data_ptr(), index.numel(), out.data_ptr(),
-            torch.get_num_threads(),
+            threads_for(index.numel()),
         )  # fmt: skip
         return out
     return torch.index_select(src.reshape(-1), 0, index)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from sparsecircuits.kernels._lib import cpu_flags, lib
+from sparsecircuits.kernels._lib import cpu_flags, lib, threads_for
 from sparsecircuits.kernels.crossover import sparse_below
 from sparsecircuits.kernels.csr import CSRPattern, build_pattern, gather
 from sparsecircuits.kernels.optim import sumsq
@@ -160,7 +160,8 @@ def spmm(
         lib().sc_spmm(
             N, n_in, out_features, crow.data_ptr(), col.data_ptr(), val.data_ptr(),
             x.data_ptr(), b.data_ptr() if b is not None else 0, y.data_ptr(),
-            x_col_sum.data_ptr() if x_col_sum is not None else 0, torch.get_num_threads(),
+            x_col_sum.data_ptr() if x_col_sum is not None else 0,
+            threads_for(N * max(1, col.numel())),
         )  # fmt: skip
         return y
     if x_col_sum is not None:
@@ -370,6 +371,7 @@ class LinearKernelState:
     density: float = 1.0
     key: tuple[int, int] | None = None  # (data_ptr, _version) of the cached weight
     pattern_key: tuple[int, int] | None = None
+    values: tuple[tuple, torch.Tensor] | None = None  # (key, values) for inference calls
 
     def density_of(self, weight: torch.Tensor) -> float:
         key = _key(weight)
@@ -389,6 +391,17 @@ class LinearKernelState:
         if pattern is not None and self.pattern_key == self.key and pattern.nnz == support_size:
             self.pattern_key = key
             self.key = key
+
+    def values_for(self, weight: torch.Tensor, pattern: CSRPattern) -> torch.Tensor:
+        """The pattern's values gathered from ``weight``, cached while both are unchanged
+        (inference reuses them every call; a decoding step is one token, where the gather
+        would cost as much as the product)."""
+        key = (_key(weight), id(pattern))
+        cached = self.values
+        if cached is None or cached[0] != key or key[0] is None:
+            cached = (key, gather(weight.detach(), pattern.flat))
+            self.values = cached  # one assignment: concurrent callers see a consistent pair
+        return cached[1]
 
     def pattern_for(self, weight: torch.Tensor) -> CSRPattern:
         key = _key(weight)
@@ -448,5 +461,11 @@ def sparse_linear(
         return F.linear(x, weight, bias)
     out_f, in_f = weight.shape
     lead = x.shape[:-1]
-    y = _SparseLinear.apply(x.reshape(-1, in_f), weight, bias, pattern, state)
+    x2 = x.reshape(-1, in_f)
+    if not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    ):  # inference: no autograd node, and the values gathered once per weight version
+        val = state.values_for(weight, pattern)
+        return spmm(pattern.crow, pattern.col, val, x2, bias, pattern.rows).view(*lead, out_f)
+    y = _SparseLinear.apply(x2, weight, bias, pattern, state)
     return y.view(*lead, out_f)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecircuits.errors import InputError
-from sparsecircuits.kernels._lib import lib
+from sparsecircuits.kernels._lib import lib, threads_for
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -87,7 +87,7 @@ class _AddLogitTables(torch.autograd.Function):
         lib().sc_add_logit_tables(
             logits.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(),
             None if table is None else table.data_ptr(), idx.data_ptr(), logits.numel() // n, n,
-            torch.get_num_threads(),
+            threads_for(logits.numel()),
         )  # fmt: skip
         return out
 

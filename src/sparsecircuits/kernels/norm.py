@@ -8,7 +8,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from sparsecircuits.kernels._lib import lib
+from sparsecircuits.kernels._lib import lib, threads_for
 from sparsecircuits.kernels.select import as_rows
 
 
@@ -22,7 +22,7 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(x2.shape[0])
         lib().sc_rmsnorm_fwd(
             x2.data_ptr(), w.data_ptr(), x2.shape[0], n, ctypes.c_float(eps), y.data_ptr(),
-            rstd.data_ptr(), torch.get_num_threads(),
+            rstd.data_ptr(), threads_for(x2.numel()),
         )  # fmt: skip
         ctx.save_for_backward(x2, w, rstd)
         return y.view(x.shape)

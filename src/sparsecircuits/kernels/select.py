@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparsecircuits.kernels._lib import lib
+from sparsecircuits.kernels._lib import lib, threads_for
 
 _INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
              torch.bfloat16: torch.int16}  # fmt: skip
@@ -156,7 +156,7 @@ def abstopk_(x: torch.Tensor, k: int) -> torch.Tensor:
         return x.copy_(abstopk_forward(x, k, with_mask=False)[0])
     lib().sc_abstopk(
         x2.data_ptr(), x2.stride(0), x2.data_ptr(), x2.stride(0), None, x2.shape[0], n,
-        max(0, k), torch.get_num_threads(),
+        max(0, k), threads_for(x2.shape[0] * n),
     )  # fmt: skip
     return x
 
