@@ -1,4 +1,5 @@
-"""Interop commands: ``sparsecircuits pull | import-viz`` (registered on the main app).
+"""Interop commands: ``sparsecircuits pull | import-viz | export-hf`` (registered on the main
+app).
 
 ``pull`` is the only command that uses the network, and only when called. Heavy imports happen
 inside the commands so ``--help`` stays fast.
@@ -13,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from sparsecircuits.cli.common import Device
+from sparsecircuits.cli.common import Device, ModelArg
 
 
 @contextlib.contextmanager
@@ -119,7 +120,33 @@ def _import_viz(app: typer.Typer) -> None:
         )
 
 
+def export_hf(
+    model: ModelArg,
+    out: Annotated[Path, typer.Argument(help="directory to write (replaced whole with --force)")],
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="tokenizer.json or its directory; default: the model's")
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(help="load the export with transformers and compare it to the model"),
+    ] = True,
+    force: Annotated[bool, typer.Option(help="replace an existing OUT")] = False,
+) -> None:
+    """Write MODEL as a directory that transformers loads offline:
+    ``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`` and
+    ``AutoTokenizer.from_pretrained(OUT)``. The export is loaded back and compared to MODEL:
+    logits (to 1e-5 + 1.3e-6 x the position's largest |logit|, given the same AbsTopK
+    selections), its own AbsTopK selections (equal up to float32 near-ties), greedy generation,
+    left-padded batches and the tokenizer; on a mismatch nothing is written."""
+    from sparsecircuits.interop.export_hf import export_hf as run_export
+
+    target = run_export(model, out, tokenizer=tokenizer, check=check, overwrite=force)
+    checked = "; checked against sparsecircuits" if check else " (not checked)"
+    typer.echo(f"exported {model} to {target}{checked}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the interop commands to ``app``."""
     _pull(app)
     _import_viz(app)
+    app.command("export-hf")(export_hf)
