@@ -139,3 +139,34 @@ def test_circuit_ablation_kinds(viz_lm, doc):
     t.check(space)
     assert t.kind == "task_mean" and any(float(v.abs().sum()) > 0 for v in t.values.values())
     assert pg.circuit_ablation(viz_lm, doc).kind == doc.ablation
+
+
+def _reference_continuation(model, tok, ids, n_new, interventions=None):
+    """Greedy decoding written out: a full forward of the whole text every step."""
+    idx = torch.tensor([ids])
+    for _ in range(n_new):
+        if interventions:
+            logits = model.run_with_hooks(idx, interventions=interventions)
+        else:
+            logits, _ = model(idx)
+        idx = torch.cat([idx, logits[:, -1:].argmax(-1)], dim=1)
+    new = idx[0, len(ids) :].tolist()
+    return tok.decode(new[: new.index(tok.eot_id)] if tok.eot_id in new else new)
+
+
+def test_greedy_continuation_clean_and_ablated_matches_full_recomputation(viz_lm, doc, zero):
+    model, tok = viz_lm.model, viz_lm.tokenizer
+    # Every attention write of layer 0 zeroed: enough to change what the model writes next.
+    chosen = [n.id for n in doc.nodes if n.layer == 0 and n.loc is Location.ATTN_OUT]
+    r = _run(viz_lm, doc, ablation=zero, change=chosen, continue_tokens=12)
+    ids = tok.encode(TEXT)
+    assert r.continuation == _reference_continuation(model, tok, ids, 12)
+    space = NodeSpace(model.config, mask_embed=doc.mask_embed)
+    interventions = pg.ablation_interventions(
+        model, space, Ablation("zero", zero_values(space)),
+        [pg.parse_node_id(c) for c in chosen], torch.tensor([ids]),
+    )  # fmt: skip
+    assert r.continuation_changed == _reference_continuation(model, tok, ids, 12, interventions)
+    assert r.continuation_changed != r.continuation  # the ablation really reached the decoding
+    clean_only = _run(viz_lm, doc, continue_tokens=5)
+    assert clean_only.continuation_changed is None and clean_only.continuation is not None

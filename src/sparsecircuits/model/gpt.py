@@ -371,18 +371,23 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        interventions: Mapping[str, Intervention] | None = None,
     ) -> torch.Tensor:
         """Continue idx (B, T) by ``max_new_tokens`` sampled tokens; returns (B, T + new).
         ``temperature`` 0 takes the likeliest token. With ``use_cache`` each new token costs
         one position's pass (keys and values of earlier ones are cached); once the context is
-        full, every step re-reads the last block_size tokens, exactly as without the cache."""
+        full, every step re-reads the last block_size tokens, exactly as without the cache.
+        ``interventions`` run on every pass; with the cache they see only the new positions,
+        so they must act on each position alike (e.g. an ablation)."""
+        self._check_interventions(interventions)
+        hooks = Hooks(interventions=interventions) if interventions else None
         block, cache = self.config.block_size, None
         for _ in range(max_new_tokens):
             if cache is not None and cache.length == idx.shape[1] - 1 < block:
-                logits, _ = self(idx[:, -1:], cache=cache)
+                logits, _ = self(idx[:, -1:], cache=cache, hooks=hooks)
             else:  # first step, or the window slides: positions shift, the cache is stale
                 cache = KVCache.for_model(self, batch=idx.shape[0]) if use_cache else None
-                logits, _ = self(idx[:, -block:], cache=cache)
+                logits, _ = self(idx[:, -block:], cache=cache, hooks=hooks)
             last = logits[:, -1, :]
             nxt = sample_next(last, temperature=temperature, top_k=top_k, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)

@@ -59,6 +59,11 @@ def playground_page(ctx: Ctx) -> None:
                 help="mean: pretraining mean per channel; task_mean: mean over task prompts",
             )
         source = st.text_area("Source prompt (patch mode)", key="pg_source", height=100)
+        n_cont = st.number_input(
+            "Continue greedily (tokens; 0 = off)", 0, 128, 0, key="pg_continue",
+            help="the model's own continuation of the prompt (KV-cached decoding), clean and, "
+            "in ablate mode, with the chosen nodes ablated at every position",
+        )  # fmt: skip
         st.form_submit_button("Run", type="primary")
     ablation = None
     try:
@@ -76,6 +81,7 @@ def playground_page(ctx: Ctx) -> None:
             lm,
             doc,
             ablation,
+            int(n_cont),
         )
     except SparseCircuitsError as e:
         st.error(str(e))
@@ -97,7 +103,18 @@ def _show(r: PlaygroundResult, kind: str) -> None:
     with right:
         st.markdown(f"**Next token, {'changed' if changed else 'clean'}** (top 10)")
         _top_table(r.top_changed, "top_changed")
+    if r.continuation is not None:
+        _continuation(r)
     _heatmap(r)
+
+
+def _continuation(r: PlaygroundResult) -> None:
+    cols = st.columns(2 if r.continuation_changed is not None else 1)
+    cols[0].markdown("**Greedy continuation, clean**")
+    cols[0].code(r.continuation or "(nothing before <|endoftext|>)", language="python")
+    if r.continuation_changed is not None:
+        cols[1].markdown("**Greedy continuation, nodes ablated**")
+        cols[1].code(r.continuation_changed or "(nothing before <|endoftext|>)", language="python")
 
 
 def _targets(r: PlaygroundResult) -> None:

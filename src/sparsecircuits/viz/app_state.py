@@ -166,6 +166,7 @@ def playground(
     _lm: LoadedModel,
     _doc: CircuitDoc,
     _ablation: Ablation | None,
+    continue_tokens: int = 0,
 ) -> pg.PlaygroundResult:
     from sparsecircuits.viz import playground as pg
 
@@ -180,6 +181,7 @@ def playground(
         mode=mode,
         source_text=source,
         target_ids=target_ids,
+        continue_tokens=continue_tokens,
     )
 
 

@@ -78,6 +78,8 @@ class PlaygroundResult:
     targets: list[TargetLogit]
     changed_nodes: list[str]
     mode: Mode
+    continuation: str | None = None  # greedy continuation of the prompt, clean
+    continuation_changed: str | None = None  # ... with the nodes ablated (ablate mode only)
 
     @property
     def logit_diff(self) -> tuple[float, float] | None:
@@ -213,11 +215,14 @@ def run_playground(
     source_text: str | None = None,
     target_ids: Sequence[int] = (),
     k: int = 10,
+    continue_tokens: int = 0,
 ) -> PlaygroundResult:
     """Run ``text`` clean and with the nodes ``change`` (circuit.json ids) ablated (``mode``
     "ablate", with ``ablation``'s values) or patched from ``source_text`` ("patch").
 
     ``target_ids``: the task tokens whose last-position logits are compared (usually two).
+    ``continue_tokens``: also continue the prompt greedily by that many tokens (KV-cached),
+    clean and, when ablating, with the nodes ablated at every position.
     """
     block = model.config.block_size
     dev = next(model.parameters()).device
@@ -239,7 +244,18 @@ def run_playground(
         TargetLogit(int(t), tokenizer.id_to_token(int(t)), float(last[t]), float(last2[t]))
         for t in target_ids
     ]
+    cont = cont_changed = None
+    if continue_tokens > 0:
+        cont = continue_greedily(model, tokenizer, idx, n_new=continue_tokens)
+        if interventions and mode == "ablate":
+            if any(n.loc is Location.EMBED for n in chosen):
+                raise InputError("continuing with token nodes ablated is not supported")
+            cont_changed = continue_greedily(
+                model, tokenizer, idx, n_new=continue_tokens, interventions=interventions
+            )
     return PlaygroundResult(
+        continuation=cont,
+        continuation_changed=cont_changed,
         tokens=[tokenizer.id_to_token(i) for i in ids],
         node_ids=node_ids,
         acts=acts,
@@ -250,6 +266,24 @@ def run_playground(
         changed_nodes=list(change),
         mode=mode,
     )
+
+
+def continue_greedily(
+    model: GPT,
+    tokenizer: Tokenizer,
+    idx: torch.Tensor,
+    *,
+    n_new: int,
+    interventions: Mapping[str, Intervention] | None = None,
+) -> str:
+    """The text of ``n_new`` greedy tokens after the prompt idx (1, T) (KV-cached; stops early
+    at ``<|endoftext|>``). ``interventions`` must act on each position alike."""
+    out = model.generate(idx, max_new_tokens=n_new, temperature=0, interventions=interventions)
+    new = out[0, idx.shape[1] :].tolist()
+    eot = tokenizer.eot_id
+    if eot in new:
+        new = new[: new.index(eot)]
+    return tokenizer.decode(new)
 
 
 def _interventions(
