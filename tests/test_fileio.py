@@ -22,3 +22,18 @@ def test_atomic_files_and_dirs_get_umask_permissions(tmp_path):
         os.umask(old)
     assert _mode(tmp_path / "a.json") == 0o644
     assert _mode(tmp_path / "d") == 0o755
+
+
+def test_a_key_given_twice_is_a_one_line_error(tmp_path):
+    import pytest
+
+    from sparsecircuits.errors import ConfigError
+    from sparsecircuits.fileio import read_json_object
+
+    path = tmp_path / "config.json"
+    path.write_text('{"a": {"d_pos_emb": 4, "d_pos_emb": null}}')
+    with pytest.raises(ConfigError, match="'d_pos_emb' appears twice") as err:
+        read_json_object(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    path.write_text('{"a": 1, "b": {"a": 2}}')  # the same key in two objects is fine
+    assert read_json_object(path) == {"a": 1, "b": {"a": 2}}

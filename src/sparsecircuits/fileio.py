@@ -85,14 +85,24 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json_object(path: str | os.PathLike, *, missing: type[Exception] | None = None) -> dict:
     """Parse a JSON file that must hold an object.
 
-    Malformed JSON or a non-object raises ConfigError naming the file; a missing file raises
-    ``missing`` (default ConfigError) with the same one-line form.
+    Malformed JSON, a key given twice in one object or a non-object raises ConfigError naming
+    the file; a missing file raises ``missing`` (default ConfigError) with the same one-line
+    form.
     """
     from sparsecircuits.errors import ConfigError
 
     path = Path(path)
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:  # json would keep the last silently: a config could say two things
+                raise ConfigError(f"{path}: key '{key}' appears twice in one object")
+            seen[key] = value
+        return seen
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=no_duplicates)
     except FileNotFoundError:
         raise (missing or ConfigError)(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

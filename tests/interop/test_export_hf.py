@@ -214,7 +214,12 @@ def test_pipeline_and_nnsight_run(exported):
 CORRUPTIONS = {
     "tanh GELU": ("F.gelu(h)", 'F.gelu(h, approximate="tanh")'),  # arithmetic
     "top-k of x, not |x|": ("torch.topk(x.abs(), k", "torch.topk(x, k"),  # the selection
-}
+    # the right entries, wrong values: the forced run rebuilds AbsTopK from x and cannot see it
+    "kept values made positive": ("x.gather(-1, idx))", "x.gather(-1, idx).abs())"),
+    # a template that does not even load: still one line, still nothing written
+    "raises on import": ("import torch.nn.functional as F\n",
+                         "import torch.nn.functional as F\nraise RuntimeError('broken')\n"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))

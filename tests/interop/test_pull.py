@@ -55,7 +55,11 @@ def _handler(store: Store) -> type[BaseHTTPRequestHandler]:
                 self.end_headers()
                 return
             start = 0
+            etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
             m = re.fullmatch(r"bytes=(\d+)-", rng or "")
+            if_range = self.headers.get("If-Range")
+            if if_range is not None and if_range != etag:  # changed: RFC 9110, the whole file
+                m = None
             if m and not store.ignore_range:
                 start = int(m.group(1))
                 if start >= len(data):
@@ -69,6 +73,7 @@ def _handler(store: Store) -> type[BaseHTTPRequestHandler]:
             else:
                 self.send_response(200)
             body = data[start:]
+            self.send_header("ETag", etag)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             cut = store.cut_first.pop(path, None)
@@ -165,6 +170,18 @@ def test_interruption_without_retries_keeps_the_part_for_the_next_run(store, tmp
     got = pull("blob:x/a.bin", cache=tmp_path, url=store.url, retries=0, timeout=TIMEOUT)
     assert got.read_bytes() == data and not part.exists()
     assert [r for _, r in store.seen] == [None, "bytes=7000-"]
+
+
+def test_a_file_that_changed_between_attempts_is_not_spliced(store, tmp_path):
+    old, new = os.urandom(30_000), os.urandom(30_000)  # same size: only If-Range can tell
+    store.files["x/a.bin"] = old
+    store.cut_first["x/a.bin"] = 9_000
+    with pytest.raises(DownloadError, match="interrupted"):
+        pull("blob:x/a.bin", cache=tmp_path, url=store.url, retries=0, timeout=TIMEOUT)
+    store.files["x/a.bin"] = new  # replaced on the server before the resume
+    got = pull("blob:x/a.bin", cache=tmp_path, url=store.url, retries=0, timeout=TIMEOUT)
+    assert got.read_bytes() == new
+    assert not list(tmp_path.rglob("*.part")) and not list(tmp_path.rglob("*.etag"))
 
 
 def test_existing_part_file_is_resumed(store, tmp_path):

@@ -23,6 +23,7 @@ from sparsecircuits.circuits.schema import CIRCUIT_FILE, check_model, load_circu
 from sparsecircuits.errors import CheckpointError, InputError
 from sparsecircuits.interop.viz_import import LOSS_SCALE, import_viz, infer_task
 from sparsecircuits.model.io import load_model, weights_hash
+from sparsecircuits.viz.analysis import analysis_writer
 from sparsecircuits.viz.analysis_schema import load_analysis
 from sparsecircuits.viz.app_data import discover_circuits, edge_index, require_circuits
 from sparsecircuits.viz.app_layer import layer_figure
@@ -98,7 +99,7 @@ def official_cfg(official_dir) -> dict[str, Any]:
 def test_import_opens_in_the_dashboard(official_dir, official_cfg, tmp_path):
     src = write_viz(tmp_path, viz_data(official_cfg))
     out = tmp_path / "runs" / "csp_tiny" / "single_double_quote" / "official-18"
-    res = import_viz(src, model=official_dir, out=out, n_windows=WINDOWS)
+    res = import_viz(src, model=official_dir, out=out, analyze=analysis_writer(n_windows=WINDOWS))
     assert res.analysed and res.note is None
     model = load_model(official_dir)
     doc = load_circuit(out, model=model)  # our schema, and the model's weights hash
@@ -150,7 +151,7 @@ def test_without_a_tokenizer_the_circuit_is_still_written(official_dir, official
     for name in ("beeg_config.json", "final_model.pt"):
         shutil.copy(official_dir / name, bare / name)
     src = write_viz(tmp_path, viz_data(official_cfg))
-    res = import_viz(src, model=bare, out=tmp_path / "c")
+    res = import_viz(src, model=bare, out=tmp_path / "c", analyze=analysis_writer(n_windows=2))
     assert not res.analysed and "no tokenizer" in (res.note or "")
     doc = load_circuit(tmp_path / "c")
     assert doc.model.weights_hash == weights_hash(load_model(official_dir))
@@ -160,7 +161,7 @@ def test_without_a_tokenizer_the_circuit_is_still_written(official_dir, official
 def test_pruned_circuits_keep_their_file_format(official_dir, official_cfg, tmp_path):
     """``imported_from`` is an optional key: a circuit without it writes no such key."""
     res = import_viz(write_viz(tmp_path, viz_data(official_cfg)), model=official_dir,
-                     out=tmp_path / "c", analyze=False)  # fmt: skip
+                     out=tmp_path / "c", analyze=None)  # fmt: skip
     plain = res.doc.model_copy(update={"imported_from": None})
     save_circuit(plain, tmp_path / "plain")
     assert "imported_from" not in json.loads((tmp_path / "plain" / CIRCUIT_FILE).read_text())
@@ -243,6 +244,13 @@ def _bad_cases(cfg: dict[str, Any], official_dir: Path) -> dict[str, tuple[Any, 
             "field 'importances.ch_interv_losses.0.attn.q': 1 values for the 2 channels",
         ),
         "another model": (other, "n_layer=8 (model: 2)"),
+        "positions concatenated in the file's model": (
+            dict(
+                good,
+                importances={**good["importances"], "beeg_model_config": {**cfg, "d_pos_emb": 32}},
+            ),
+            "d_pos_emb=32 (model: None)",
+        ),
         "not weights-only": (
             {**good, "samples": Unsafe()},
             "cannot be read with torch.load(weights_only=True)",
@@ -257,7 +265,7 @@ def test_bad_files_are_one_line_errors_and_write_nothing(official_dir, official_
         src = write_viz(root, data)
         out = root / "out"
         with pytest.raises(CheckpointError) as err:
-            import_viz(src, model=official_dir, out=out, analyze=False)
+            import_viz(src, model=official_dir, out=out, analyze=None)
         text = str(err.value)
         assert message in text and "\n" not in text and text.startswith(str(src)), (name, text)
         assert not out.exists(), name
@@ -268,14 +276,15 @@ def test_task_and_output_checks(official_dir, official_cfg, tmp_path):
     src = write_viz(tmp_path, viz_data(official_cfg), task="some_unknown_task")
     assert infer_task(src) is None
     with pytest.raises(InputError, match="give --task NAME"):
-        import_viz(src, model=official_dir, out=tmp_path / "c", analyze=False)
-    res = import_viz(src, model=official_dir, out=tmp_path / "c", task="their_task")
+        import_viz(src, model=official_dir, out=tmp_path / "c", analyze=None)
+    res = import_viz(src, model=official_dir, out=tmp_path / "c", task="their_task",
+                     analyze=analysis_writer(n_windows=2))  # fmt: skip
     assert res.doc.task == "their_task" and not res.analysed  # not a task we can build
     assert "not one of our tasks" in (res.note or "")
     with pytest.raises(InputError, match=r"exists and is not an empty directory \(--force"):
         import_viz(src, model=official_dir, out=tmp_path / "c", task="if_equals")
     res = import_viz(src, model=official_dir, out=tmp_path / "c", task="if_equals", force=True,
-                     analyze=False)  # fmt: skip
+                     analyze=None)  # fmt: skip
     assert load_circuit(tmp_path / "c").task == "if_equals"
     (tmp_path / "f").write_text("a file, not a circuit directory")
     with pytest.raises(InputError, match="not an empty directory"):

@@ -8,7 +8,7 @@ import torch
 
 from sparsecircuits.errors import InputError
 from sparsecircuits.model import KVCache
-from sparsecircuits.model.gpt import sample_next
+from sparsecircuits.model.sampling import sample_next
 from tests.model.helpers import TINY, tiny_model, tokens
 
 ALL_SITES = ",".join(

@@ -183,3 +183,18 @@ def test_bad_position_fields_are_one_line_errors(tmp_path, fields, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_model(d)
     assert "\n" not in str(err.value) and "beeg_config.json" in str(err.value)
+
+
+@pytest.mark.parametrize("sinusoidal", [False, True])
+def test_fixed_positions_are_never_projected_even_in_a_frozen_model(sinusoidal):
+    from sparsecircuits.model.sparsity import sparse_parameter_names
+
+    config = GPTConfig(
+        n_layer=1, d_model=16, n_head=2, d_head=4, block_size=8, vocab_size=32, d_pos_emb=4,
+        learned_pos_emb=False, sinusoidal_cat_pos_emb=sinusoidal,
+    )  # fmt: skip
+    model = GPT(config)
+    names = sparse_parameter_names(model)
+    model.requires_grad_(False)  # pruning freezes every parameter: the list must not change
+    assert sparse_parameter_names(model) == names
+    assert ("transformer.wpe.weight" in names) is not sinusoidal

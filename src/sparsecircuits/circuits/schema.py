@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sparsecircuits.circuits.nodes import Location, Node, NodeSpace
 from sparsecircuits.errors import CheckpointError
 from sparsecircuits.fileio import atomic_write_json
-from sparsecircuits.model.config import format_validation_error
+from sparsecircuits.model.config import format_validation_error, read_width
 
 if TYPE_CHECKING:  # torch-free at import: the dashboard reads circuit files without torch
     from sparsecircuits.circuits.edges import Edge
@@ -147,8 +147,8 @@ class CircuitDoc(_Doc):
             Location.ATTN_K: m.n_head * m.d_head,
             Location.ATTN_V: m.n_head * m.d_head,
             Location.MLP_NEURON: m.d_mlp,
-            Location.ATTN_IN: m.d_model + (m.d_pos_emb or 0),
-            Location.MLP_IN: m.d_model + (m.d_pos_emb or 0),
+            Location.ATTN_IN: read_width(m.d_model, m.d_pos_emb),
+            Location.MLP_IN: read_width(m.d_model, m.d_pos_emb),
         }
         seen: set[tuple[int, str, int]] = set()
         for n in self.nodes:

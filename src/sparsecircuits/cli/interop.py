@@ -106,11 +106,13 @@ def _import_viz(app: typer.Typer) -> None:
         from sparsecircuits.errors import InputError
         from sparsecircuits.interop.viz_import import import_viz
         from sparsecircuits.train.distributed import resolve_device
+        from sparsecircuits.viz.analysis import analysis_writer
 
         if windows < 1:
             raise InputError(f"--windows must be >= 1, got {windows}")
-        res = import_viz(viz_data, model=model, out=out, task=task, analyze=analyze,
-                         n_windows=windows, force=force, device=resolve_device(device))  # fmt: skip
+        writer = analysis_writer(n_windows=windows) if analyze else None
+        res = import_viz(viz_data, model=model, out=out, task=task, analyze=writer,
+                         force=force, device=resolve_device(device))  # fmt: skip
         d = res.doc
         extra = "with analysis.json" if res.analysed else f"no analysis.json: {res.note}"
         typer.echo(

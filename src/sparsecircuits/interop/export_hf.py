@@ -128,6 +128,13 @@ def export_hf(
         if check:
             try:
                 report = verify_export(gpt, tok, tmp)
+            except SparseCircuitsError:
+                raise
+            except Exception as err:  # transformers or the template failed to load or run
+                raise CheckpointError(
+                    f"export to {out} refused: transformers could not load or run it "
+                    f"({type(err).__name__}: {err}); nothing was written"
+                ) from None
             finally:
                 _forget_dynamic_module(tmp)
             failed = failures(report, tie_rtol=tie_rtol)
@@ -237,8 +244,8 @@ def verify_export(
 def failures(report: ParityReport, *, tie_rtol: float = TIE_RTOL) -> list[str]:
     """What makes ``report`` a mismatch (empty if none): forced logits or padded-batch logits
     beyond ``ATOL + RTOL * max|logit|`` (the position's), an AbsTopK choice of the export's own
-    farther than ``tie_rtol`` from the threshold, forced generation that differs, or tokenizer
-    ids that differ."""
+    farther than ``tie_rtol`` from the threshold, an AbsTopK output that is not its kept inputs,
+    forced generation that differs, or tokenizer ids that differ."""
     failed = []
     tol = f"{ATOL:g} + {RTOL:g} max|logit|"
     if report.logits.n_beyond:
@@ -250,6 +257,11 @@ def failures(report: ParityReport, *, tie_rtol: float = TIE_RTOL) -> list[str]:
         failed.append(
             f"an AbsTopK choice differs {report.topk.worst_gap:.3g} (relative) from the "
             f"threshold (> {tie_rtol:g}, more than rounding)"
+        )
+    if report.topk.wrong_values:
+        failed.append(
+            f"the export's AbsTopK returns other values than the kept inputs in "
+            f"{report.topk.wrong_values} (token, site) rows"
         )
     if not report.generate_equal:
         failed.append("greedy generation differs")

@@ -28,18 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsecircuits.circuits.nodes import SITE
 from sparsecircuits.model.gpt import GPT
+from sparsecircuits.model.layers import abstopk_k
 
 # Our hook site holding each location's output (after AbsTopK), for block i.
-_SITE = {
-    "attn_in": "{i}.attn.act_in",
-    "attn_q": "{i}.attn.q",
-    "attn_k": "{i}.attn.k",
-    "attn_v": "{i}.attn.v",
-    "attn_out": "{i}.attn.resid_delta",
-    "mlp_in": "{i}.mlp.act_in",
-    "mlp_neuron": "{i}.mlp.post_act",
-    "mlp_out": "{i}.mlp.resid_delta",
+_SITE = {loc.value: "{i}." + site for loc, site in SITE.items()} | {
     "resid_post_attn": "{i}.resid_mid",
     "resid_post_mlp": "{next}",  # the next block's resid_in, or final_resid
 }
@@ -81,10 +75,19 @@ class TieStats:
     rows: int = 0  # (token, site) decisions compared
     flips: int = 0  # of those, where the kept sets differ
     worst_gap: float = 0.0  # largest | |x| - threshold | / threshold over differing entries
+    # Where the kept sets agree, the export's AbsTopK output must be x at the kept entries and
+    # 0 elsewhere, exactly (it only selects): rows where it is not (a wrong value path that
+    # the forced run, which rebuilds the output from x, would hide).
+    wrong_values: int = 0
 
-    def add(self, x: torch.Tensor, own: torch.Tensor, ours: torch.Tensor, k: int) -> None:
-        """x (N, width) the site's input, own / ours (N, width) the kept entries."""
+    def add(self, x: torch.Tensor, own_out: torch.Tensor, ours: torch.Tensor, k: int) -> None:
+        """x (N, width) the site's input, own_out (N, width) what the export's AbsTopK
+        returned, ours (N, width) the entries our model kept."""
         self.rows += x.shape[0]
+        own = own_out != 0
+        same_set = ((own != ours) & (x != 0)).any(-1).logical_not()
+        want = torch.where(ours, x, torch.zeros_like(x))
+        self.wrong_values += int(((own_out != want).any(-1) & same_set).sum())
         differ = (own != ours) & (x != 0)
         bad = differ.any(-1)
         if not bool(bad.any()) or not 0 < k < x.shape[-1]:  # no choice made: nothing to judge
@@ -115,8 +118,8 @@ class _Forced:
         end = start + x.shape[1]
         self.cursor[loc] = end
         mask, forced = mask[:, start:end], self.forced[:, start:end]  # (B, T, w), (B, T)
-        k = int(self.own.afrac * x.shape[-1])
-        self.stats.add(x[forced], own[forced] != 0, mask[forced], k)
+        k = abstopk_k(self.own.afrac, x.shape[-1])
+        self.stats.add(x[forced], own[forced], mask[forced], k)
         return torch.where(forced[..., None], torch.where(mask, x, 0.0), own)
 
 

@@ -21,18 +21,27 @@ hash are accepted with a warning; their computed SHA-256 is recorded in
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sparsecircuits.errors import ConfigError, DownloadError, InputError
-from sparsecircuits.fileio import atomic_write_json, cache_root, read_json_object
+from sparsecircuits.fileio import (
+    atomic_write_json,
+    cache_root,
+    read_json_object,
+)
+from sparsecircuits.interop.download import (
+    RETRIES,
+    TIMEOUT_S,
+    Progress,
+    download,
+    file_sha256,
+    reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +49,6 @@ BLOB_URL = "https://openaipublic.blob.core.windows.net/circuit-sparsity"  # the 
 BLOB_URL_ENV = "SPARSECIRCUITS_BLOB_URL"  # overrides BLOB_URL (mirrors, tests)
 HUB_REPO = "openai/circuit-sparsity"
 MANIFEST_FILE = "pull-manifest.json"
-TIMEOUT_S = 30.0  # seconds to connect, and between two reads of one response
-RETRIES = 3  # resumed attempts after an interrupted transfer, per file
-CHUNK = 1 << 20  # bytes per read
-
-# (file label, bytes so far, total bytes or None when the server does not say)
-Progress = Callable[[str, int, int | None], None]
 
 
 @dataclass(frozen=True)
@@ -223,162 +226,6 @@ def _is_current(dest: Path, art: Artefact, entry: Any) -> bool:
     return isinstance(entry, dict) and entry.get("size") == size and "sha256" in entry
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
-class _Interrupted(Exception):
-    """The transfer stopped early; the ``.part`` file holds what arrived."""
-
-
-def download(
-    url: str,
-    dest: str | os.PathLike,
-    *,
-    size: int | None = None,
-    sha256: str | None = None,
-    timeout: float = TIMEOUT_S,
-    retries: int = RETRIES,
-    progress: Progress | None = None,
-) -> tuple[int, str]:
-    """Fetch ``url`` into ``dest`` through ``dest.part`` (resumed when present); returns (size
-    in bytes, SHA-256). A size or hash other than the expected one removes the ``.part`` and
-    raises :class:`DownloadError`; ``dest`` only ever appears complete and checked."""
-    dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
-    part.parent.mkdir(parents=True, exist_ok=True)
-    session = _requests().Session()
-    total = None
-    try:
-        for attempt in range(retries + 1):
-            try:
-                total = _fetch(session, url, part, timeout=timeout, progress=progress)
-                break
-            except _Interrupted:
-                have = part.stat().st_size if part.exists() else 0
-                if attempt == retries:
-                    raise DownloadError(
-                        f"{url}: transfer interrupted ({retries + 1} attempt(s); {have} bytes "
-                        f"kept in {part}: run pull again to resume)"
-                    ) from None
-                log.warning("%s: interrupted at %d bytes; resuming", url, have)
-    except DownloadError:
-        if not part.exists():
-            _discard(part)  # leave no empty folder behind a failed first attempt
-        raise
-    finally:
-        session.close()
-    got = part.stat().st_size
-    for want, what in ((size, "pinned size"), (total, "size the server announced")):
-        if want is not None and got != want:
-            _discard(part)
-            raise DownloadError(
-                f"{dest.name}: expected {want} bytes ({what}), got {got} from {url}; removed"
-            )
-    digest = file_sha256(part)
-    if sha256 is not None and digest != sha256.lower():
-        _discard(part)
-        raise DownloadError(
-            f"{dest.name}: expected sha256 {sha256.lower()}, got {digest} from {url}; removed"
-        )
-    os.replace(part, dest)
-    return got, digest
-
-
-def _discard(part: Path) -> None:
-    """Remove a rejected download, and its folder if that leaves it empty."""
-    part.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # not empty: other files of the artefact are there
-        part.parent.rmdir()
-
-
-def _fetch(session: Any, url: str, part: Path, *, timeout: float, progress: Progress | None):
-    """One request: append to ``part`` on 206, rewrite it on 200. Returns the file's total size
-    (None if unknown); raises _Interrupted when the body stops short."""
-    requests = _requests()
-    have = part.stat().st_size if part.exists() else 0
-    # identity: a compressed body would make Content-Length and Range count other bytes
-    headers = {"Accept-Encoding": "identity"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    try:
-        resp = session.get(url, headers=headers, stream=True, timeout=timeout)
-    except requests.Timeout:
-        raise DownloadError(f"{url}: no answer within {timeout:g} s") from None
-    except requests.RequestException as err:
-        raise DownloadError(f"cannot reach {url}: {_reason(err)}") from None
-    with resp:
-        status = resp.status_code
-        if status == 416 and have:  # .part is as long as the file or longer: start afresh
-            part.unlink()
-            raise _Interrupted
-        if status == 404:
-            raise DownloadError(f"no such artefact at {url} (HTTP 404)")
-        if status >= 400:
-            raise DownloadError(f"{url}: HTTP {status} {resp.reason}")
-        total = None
-        if status == 206 and have:
-            start, total = _content_range(resp.headers.get("Content-Range", ""))
-            if start != have:  # cannot append to what we have
-                part.unlink()
-                raise _Interrupted
-            mode = "ab"
-        else:  # 200: the whole file (the server ignored or did not get a Range)
-            have, mode = 0, "wb"
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-        with open(part, mode) as f:
-            while chunk := _read(resp.raw):
-                f.write(chunk)
-                have += len(chunk)
-                if progress is not None:
-                    progress(part.name.removesuffix(".part"), have, total)
-    if total is not None and have < total:
-        raise _Interrupted
-    return total
-
-
-def _read(raw: Any) -> bytes:
-    """The next bytes of a body as they arrive (``read1``: what a dropped connection had already
-    delivered reaches the ``.part`` file instead of dying in a read buffer)."""
-    import urllib3
-
-    try:
-        return raw.read1(CHUNK)
-    except (urllib3.exceptions.HTTPError, _requests().RequestException):  # dropped, timed out
-        raise _Interrupted from None
-
-
-def _content_range(value: str) -> tuple[int | None, int | None]:
-    """(first byte, total size) of a ``Content-Range: bytes A-B/TOTAL`` header."""
-    m = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*", value)
-    if not m:
-        return None, None
-    return int(m.group(1)), (None if m.group(2) == "*" else int(m.group(2)))
-
-
-def _reason(err: Exception) -> str:
-    """The innermost useful words of a requests/urllib3 error, on one line."""
-    text = str(err)
-    m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
-    if m:
-        return m.group(1).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
-
-
-def _requests() -> Any:
-    try:
-        import requests
-    except ImportError:
-        raise DownloadError("pull needs the 'requests' package: pip install requests") from None
-    return requests
-
-
 def _pull_hub(repo: str, directory: Path, *, force: bool) -> Path:
     """A Hub snapshot of ``repo`` into ``directory`` (``huggingface_hub.snapshot_download``)."""
     try:
@@ -390,5 +237,5 @@ def _pull_hub(repo: str, directory: Path, *, force: bool) -> Path:
     try:
         path = snapshot_download(repo_id=repo, local_dir=directory, force_download=force)
     except Exception as err:  # the Hub raises many types (offline, 404, auth); report one line
-        raise DownloadError(f"hub:{repo}: {type(err).__name__}: {_reason(err)}") from None
+        raise DownloadError(f"hub:{repo}: {type(err).__name__}: {reason(err)}") from None
     return Path(path)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,12 +54,14 @@ from sparsecircuits.circuits.schema import (
 )
 from sparsecircuits.errors import CheckpointError, InputError, SparseCircuitsError
 from sparsecircuits.fileio import atomic_dir, atomic_write
-from sparsecircuits.interop.pull import file_sha256
+from sparsecircuits.interop.download import file_sha256
 from sparsecircuits.model.config import format_validation_error
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.io import load_model, resolve_model_dir, weights_hash
 
 log = logging.getLogger(__name__)
+# Writes the dashboard's data (analysis.json) for a circuit of a loaded model into a directory.
+Analyzer = Callable[[LoadedModel, CircuitDoc, Path], None]
 
 FORMAT = "openai.viz_data"
 LOSS_SCALE = 0.5  # official per-pair sums -> our per-prompt means
@@ -231,9 +234,12 @@ def _check_config(off: OfficialCircuit, model: GPT, *, src: str, spec: str) -> N
         return
     c = model.config
     ours = {"n_layer": c.n_layer, "n_head": c.n_head, "d_model": c.d_model, "d_head": c.d_head,
-            "d_mlp": c.mlp_width, "vocab_size": c.vocab_size}  # fmt: skip
+            "d_mlp": c.mlp_width, "vocab_size": c.vocab_size,
+            "block_size": c.block_size}  # fmt: skip
     bad = [f"{k}={cfg[k]} (model: {v})" for k, v in ours.items()
            if isinstance(cfg.get(k), int) and cfg[k] != v]  # fmt: skip
+    if "d_pos_emb" in cfg and cfg["d_pos_emb"] != c.d_pos_emb:  # null = positions added
+        bad.append(f"d_pos_emb={cfg['d_pos_emb']} (model: {c.d_pos_emb})")
     if bad:
         raise CheckpointError(
             f"{src}: field 'importances.beeg_model_config': made for another model than {spec}: "
@@ -332,8 +338,7 @@ def import_viz(
     model: str | Path,
     out: str | Path,
     task: str | None = None,
-    analyze: bool = True,
-    n_windows: int = 64,
+    analyze: Analyzer | None = None,
     force: bool = False,
     device: str | torch.device = "cpu",
 ) -> ImportResult:
@@ -342,8 +347,9 @@ def import_viz(
     official model directory it was pruned in, or any directory ``load_model`` reads).
 
     ``task``: our task name (default: from the ``viz/<model>/<task>/...`` path); ``analyze``:
-    also compute the dashboard's ``analysis.json`` over ``n_windows`` pretraining windows of
-    ``block_size`` tokens (needs a tokenizer in the model directory and a task we know);
+    a function writing the dashboard's data for the circuit into the directory it is given
+    (the CLI passes ``viz.analysis``'s; this layer does not import the dashboard), run when
+    the model directory has a tokenizer and the task is one we know;
     ``force``: replace a non-empty ``out``. Everything is checked before anything is written,
     and ``out`` appears complete or not at all.
     """
@@ -366,17 +372,15 @@ def import_viz(
     doc, edges = build_doc(off, gpt, spec=spec, digest=digest, task=task, src=src,
                            sha=file_sha256(path))  # fmt: skip
     lm, note = (None, None)
-    if analyze:
+    if analyze is not None:
         lm, note = _analysable(doc, gpt, model_dir, spec, digest)
     with atomic_dir(out) as tmp:
         if doc.edges_file is not None:
             arrays = {k: getattr(edges, k).contiguous() for k in ("src", "dst", "kind", "weight")}
             atomic_write(tmp / doc.edges_file, lambda t: save_file(arrays, t))
         save_circuit(doc, tmp)
-        if lm is not None:
-            from sparsecircuits.viz.analysis import ANALYSIS_FILE, compute_analysis, write_analysis
-
-            write_analysis(compute_analysis(lm, doc, n_windows=n_windows), tmp / ANALYSIS_FILE)
+        if lm is not None and analyze is not None:
+            analyze(lm, doc, tmp)
     if note:
         log.warning("%s: no analysis.json (%s)", out, note)
     return ImportResult(out, doc, lm is not None, note if analyze else "not asked for")

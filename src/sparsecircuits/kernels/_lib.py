@@ -141,7 +141,8 @@ SMALL_WORK = 1 << 17
 
 def threads_for(work: int) -> int:
     """Threads for a kernel call doing about ``work`` multiply-adds or element visits: 1 for
-    small calls, else torch's thread count. Results do not depend on it (threads split rows)."""
+    small calls, else torch's thread count. Only for kernels whose threads split rows, so
+    results do not depend on it (not for per-thread partial sums)."""
     return 1 if work < SMALL_WORK else torch.get_num_threads()
 
 

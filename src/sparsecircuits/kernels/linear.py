@@ -161,7 +161,8 @@ def spmm(
             N, n_in, out_features, crow.data_ptr(), col.data_ptr(), val.data_ptr(),
             x.data_ptr(), b.data_ptr() if b is not None else 0, y.data_ptr(),
             x_col_sum.data_ptr() if x_col_sum is not None else 0,
-            threads_for(N * max(1, col.numel())),
+            # column sums are per-thread partials: their rounding must not depend on the size
+            torch.get_num_threads() if x_col_sum is not None else threads_for(N * col.numel()),
         )  # fmt: skip
         return y
     if x_col_sum is not None:

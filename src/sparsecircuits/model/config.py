@@ -42,6 +42,12 @@ def format_validation_error(err: ValidationError, *, source: str) -> str:
     return f"{source}: field '{field}': {first['msg']} (got {given_s})"
 
 
+def read_width(d_model: int, d_pos_emb: int | None) -> int:
+    """Width of a residual read (``attn.act_in``, ``mlp.act_in``): the residual's d_model
+    channels, then d_pos_emb concatenated position channels (none when None)."""
+    return d_model + (d_pos_emb or 0)
+
+
 class StrictModel(BaseModel):
     """Base for every config: unknown fields and wrong types are errors, never ignored."""
 
@@ -134,7 +140,7 @@ class GPTConfig(StrictModel):
     @property
     def d_model_in(self) -> int:
         """Width of what attention and the MLP read: d_model (+ d_pos_emb when concatenated)."""
-        return self.d_model + (self.d_pos_emb or 0)
+        return read_width(self.d_model, self.d_pos_emb)
 
     @property
     def mlp_width(self) -> int:

@@ -21,6 +21,7 @@ from sparsecircuits.model.cache import KVCache, LayerCache
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.model.hooks import NO_HOOKS, Hooks, Intervention, site_names
 from sparsecircuits.model.layers import ActSparsity, AttentionSink, Linear, make_norm, sinusoids
+from sparsecircuits.model.sampling import sample_next
 
 _NORM_WEIGHTS = ("ln_1.weight", "ln_2.weight", "ln_p1.weight", "ln_p2.weight", "ln_f.weight")
 
@@ -67,8 +68,11 @@ class CausalSelfAttention(nn.Module):
             attend = self.attn_imp if self.attn_imp is not None else causal_attention
             y = attend(q, k, v)
         else:  # which keys each query sees: those at or before its own position
-            qpos = query_pos[:, None] if query_pos is not None else offset + torch.arange(Tq)[None]
-            visible = torch.arange(k.shape[2], device=x.device) <= qpos.to(x.device)[..., None]
+            if query_pos is not None:
+                qpos = query_pos[:, None].to(x.device)
+            else:
+                qpos = offset + torch.arange(Tq, device=x.device)[None]
+            visible = torch.arange(k.shape[2], device=x.device) <= qpos[..., None]
             if self.attn_imp is not None:
                 y = self.attn_imp(q, k, v, visible)  # visible (B or 1, Tq, Tk)
             else:
@@ -392,21 +396,3 @@ class GPT(nn.Module):
             nxt = sample_next(last, temperature=temperature, top_k=top_k, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
-
-
-def sample_next(
-    logits: torch.Tensor,
-    *,
-    temperature: float,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Next token ids (B, 1) from logits (B, vocab): argmax at temperature 0 (ties to the
-    lowest id), else a sample from softmax(logits / temperature) over the top_k."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
-        logits[logits < v[:, [-1]]] = -torch.inf
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)

@@ -93,6 +93,12 @@ def weights_kept_support(model: nn.Module, supports: dict[int, int]) -> None:
             m.kernel.values_changed(m.weight, supports[id(m.weight)])
 
 
+def abstopk_k(afrac: float, width: int) -> int:
+    """Entries AbsTopK keeps of ``width`` channels at keep-fraction ``afrac`` (the official
+    ``int(afrac * width)``)."""
+    return int(afrac * width)
+
+
 class ActSparsity:
     """AbsTopK at the configured node locations: ``k = int(afrac * width)`` per token."""
 
@@ -100,12 +106,16 @@ class ActSparsity:
         self.afrac = config.afrac
         self.locs = frozenset(config.afrac_loctypes) if config.afrac is not None else frozenset()
 
+    def k(self, width: int) -> int:
+        """Entries AbsTopK keeps of ``width`` channels."""
+        return abstopk_k(self.afrac, width)
+
     def __call__(self, x: torch.Tensor, loc: str) -> torch.Tensor:
         """AbsTopK of ``x`` at ``loc``. Without gradients it works in place: every caller
         passes a temporary of the forward pass (a norm's, a product's or a sum's output)."""
         if loc not in self.locs:
             return x
-        k = int(self.afrac * x.shape[-1])
+        k = self.k(x.shape[-1])
         if not (torch.is_grad_enabled() and x.requires_grad):
             return abstopk_(x, k)
         return abstopk(x, k)
@@ -114,7 +124,7 @@ class ActSparsity:
         """GELU, then AbsTopK at ``loc`` (one fused backward pass for both)."""
         if loc not in self.locs:
             return F.gelu(x)
-        return gelu_abstopk(x, int(self.afrac * x.shape[-1]))
+        return gelu_abstopk(x, self.k(x.shape[-1]))
 
     def linear(
         self, module: nn.Module, x: torch.Tensor, locs: tuple[str, ...], *, gelu: bool = False
@@ -128,7 +138,7 @@ class ActSparsity:
         a module with hooks is called as a module, so that they run."""
         width = module.out_features // len(locs)
         if isinstance(module, Linear) and not _hooked(module) and self.locs.issuperset(locs):
-            segs = tuple(Segment(width, int(self.afrac * width), gelu) for _ in locs)
+            segs = tuple(Segment(width, self.k(width), gelu) for _ in locs)
             fused = sparse_linear_topk(x, module.weight, module.bias, module.kernel, segs)
             if fused is not None:
                 return fused

@@ -49,8 +49,13 @@ def sparse_parameter_names(
         return name.endswith(_BLOCK_WEIGHTS)
 
     # named_parameters() skips tied duplicates, so a tied unembedding is listed as wte only.
-    # Frozen parameters (fixed sinusoidal positions) are not trained, so never projected.
-    return [name for name, p in model.named_parameters() if p.requires_grad and is_sparse(name)]
+    # Fixed sinusoidal positions are never trained, so never projected (decided by the config,
+    # not by requires_grad: callers freeze whole models for pruning).
+    config = getattr(model, "config", None)
+    fixed = (
+        {"transformer.wpe.weight"} if getattr(config, "sinusoidal_cat_pos_emb", False) else set()
+    )
+    return [name for name, _ in model.named_parameters() if name not in fixed and is_sparse(name)]
 
 
 def l0_budget(shape: torch.Size | tuple[int, ...], frac: float) -> int:

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,16 @@ def write_analysis(doc: AnalysisDoc, path: str | Path) -> None:
     """Write compact JSON atomically (indentation would triple the size of the float arrays)."""
     data = json.dumps(dump_analysis(doc), separators=(",", ":"), allow_nan=False)
     atomic_write_bytes(path, data.encode())
+
+
+def analysis_writer(*, n_windows: int = 64) -> Callable[[LoadedModel, CircuitDoc, Path], None]:
+    """A function writing ``analysis.json`` of a circuit into a directory (for importers below
+    this layer, e.g. ``interop.viz_import``)."""
+
+    def write(lm: LoadedModel, doc: CircuitDoc, directory: Path) -> None:
+        write_analysis(compute_analysis(lm, doc, n_windows=n_windows), directory / ANALYSIS_FILE)
+
+    return write
 
 
 @torch.no_grad()

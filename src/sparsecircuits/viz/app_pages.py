@@ -283,5 +283,12 @@ def embeddings_page(ctx: Ctx) -> None:
         cols = [int(c) for c in channels] if only and channels else None
         st.plotly_chart(wpe_figure(emb.wpe, cols), theme=None, config=PLOT_CONFIG)
         st.caption("Positional embedding: blue > 0, red < 0, white 0 (colour bar).")
+    elif ctx.doc.model.d_pos_emb:
+        d = ctx.doc.model.d_model
+        st.caption(
+            f"Positions are {ctx.doc.model.d_pos_emb} concatenated channels, not added to the "
+            f"residual stream: position channel j is read node `attn_in`/`mlp_in` index {d} + j "
+            "(see them in the layer view)."
+        )
     else:
         st.caption("The model has no learned positional embedding.")

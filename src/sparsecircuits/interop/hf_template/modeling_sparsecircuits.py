@@ -7,8 +7,10 @@ added or concatenated position embeddings. Parameter names are sparsecircuits' (
 checkpoints'): ``transformer.h.0.attn.c_attn.weight``, ...
 
 This is the one sanctioned second copy of sparsecircuits' forward pass (``model/gpt.py``): every
-``sparsecircuits export-hf`` runs both on the same inputs and refuses to write a directory whose
-logits differ by more than 1e-5. It imports only torch, transformers and its configuration.
+``sparsecircuits export-hf`` runs both on the same inputs and refuses to write a directory where
+they differ beyond float32 rounding (logits with the same AbsTopK selections, AbsTopK's output
+values, its choices away from near-ties, generation, padded batches). It imports only torch,
+transformers and its configuration.
 
 Conventions:
 
