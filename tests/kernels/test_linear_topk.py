@@ -95,7 +95,8 @@ def test_falls_back_where_it_does_not_apply(monkeypatch) -> None:
 def test_inference_fused_forward_equals_the_ops_one_by_one(extra, segs) -> None:
     """Without gradients the product and AbsTopKs run as one pass (no masks): bitwise the
     plain product followed by each segment's AbsTopK, with and without a bias (a strided
-    one too). Fewer tokens than a tile per thread take the ops one by one."""
+    one too). A single tile (decoding: 3 tokens here) runs fused on one thread; between one
+    tile and one tile per thread the ops run one by one."""
     out_f = sum(s.width for s in segs)
     n_tok = 32 * torch.get_num_threads() + extra
     for bias in (True, False):
@@ -105,13 +106,16 @@ def test_inference_fused_forward_equals_the_ops_one_by_one(extra, segs) -> None:
         with torch.no_grad():
             got = sparse_linear_topk(x[None], w, b, LinearKernelState(), segs)
             few = sparse_linear_topk(x[None, :3], w, b, LinearKernelState(), segs)
+            mid = sparse_linear_topk(x[None, :40], w, b, LinearKernelState(), segs)
             parts = sparse_linear(x, w, b, LinearKernelState()).split(
                 [s.width for s in segs], dim=-1
             )
-        assert got is not None and few is None
-        for o, p, s in zip(got, parts, segs, strict=True):
-            assert o.shape == (1, n_tok, s.width)
+        assert got is not None and few is not None
+        assert (mid is None) is (torch.get_num_threads() > 1)
+        for o, f, p, s in zip(got, few, parts, segs, strict=True):
+            assert o.shape == (1, n_tok, s.width) and f.shape == (1, 3, s.width)
             assert torch.equal(o[0], abstopk(p, s.k))
+            assert torch.equal(f[0], abstopk(p[:3], s.k))
 
 
 def test_model_forward_hooks_still_run_and_fusion_changes_nothing(monkeypatch) -> None:

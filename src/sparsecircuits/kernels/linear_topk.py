@@ -74,20 +74,26 @@ def spmm_topk(
     lib().sc_spmm_topk(
         n, pattern.cols, pattern.rows, pattern.crow.data_ptr(), pattern.col.data_ptr(),
         val.data_ptr(), x.data_ptr(), b.data_ptr() if b is not None else 0,
-        len(segments), *(r.data_ptr() for r in table), torch.get_num_threads(),
+        len(segments), *(r.data_ptr() for r in table), _threads(n),
     )  # fmt: skip
     return outs, masks
 
 
+def _threads(rows: int) -> int:
+    """``spmm_topk`` splits the work by tiles of 32 tokens only: all threads from one tile per
+    thread on; a single tile (decoding) runs on one thread."""
+    return torch.get_num_threads() if rows >= 32 * torch.get_num_threads() else 1
+
+
 def _fused_forward_applies(x: torch.Tensor, bias: torch.Tensor | None, segments) -> bool:
     """Whether ``spmm_topk`` takes these: no GELU segment (torch's GELU stays torch's),
-    float32 CPU tensors (the caller's pattern guarantees the compiled library), and a tile of
-    32 tokens per thread at least (it splits the work by tiles only; the plain product also
-    splits few tokens' rows over the threads)."""
+    float32 CPU tensors (the caller's pattern guarantees the compiled library), and either a
+    tile of 32 tokens per thread at least or a single tile on one thread (between the two,
+    the plain product, which splits few tokens' rows over the threads, is faster)."""
     rows = x.numel() // max(1, x.shape[-1])
     return (
         not any(s.gelu for s in segments)
-        and rows >= 32 * torch.get_num_threads()
+        and (rows >= 32 * torch.get_num_threads() or rows <= 32)
         and all(
             t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, bias) if t is not None
         )
@@ -161,7 +167,7 @@ def sparse_linear_topk(
         if pattern is None:
             return None
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        val = gather(weight.detach(), pattern.flat)
+        val = state.values_for(weight, pattern)
         outs, _ = spmm_topk(pattern, val, x2, bias.detach() if bias is not None else None,
                             segments, with_mask=False)  # fmt: skip
         return tuple(o.view(*lead, o.shape[-1]) for o in outs)

@@ -20,7 +20,14 @@ from sparsecircuits.kernels import add_logit_tables, causal_attention, cross_ent
 from sparsecircuits.model.cache import KVCache, LayerCache
 from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.model.hooks import NO_HOOKS, Hooks, Intervention, site_names
-from sparsecircuits.model.layers import ActSparsity, AttentionSink, Linear, make_norm, sinusoids
+from sparsecircuits.model.layers import (
+    ActSparsity,
+    AttentionSink,
+    Linear,
+    attend_all,
+    make_norm,
+    sinusoids,
+)
 from sparsecircuits.model.sampling import sample_next
 
 _NORM_WEIGHTS = ("ln_1.weight", "ln_2.weight", "ln_p1.weight", "ln_p2.weight", "ln_f.weight")
@@ -67,6 +74,8 @@ class CausalSelfAttention(nn.Module):
         if query_pos is None and offset == 0:  # plain causal attention
             attend = self.attn_imp if self.attn_imp is not None else causal_attention
             y = attend(q, k, v)
+        elif query_pos is None and Tq == 1:  # decoding one token: it sees every key
+            y = attend_all(q, k, v, self.attn_imp)
         else:  # which keys each query sees: those at or before its own position
             if query_pos is not None:
                 qpos = query_pos[:, None].to(x.device)

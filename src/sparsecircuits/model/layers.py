@@ -168,6 +168,22 @@ class RMSNorm(nn.RMSNorm):
         return rms_norm(x, self.weight, self.eps)
 
 
+def attend_all(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: AttentionSink | None
+) -> torch.Tensor:
+    """Attention of queries that see every key (a decoding step), with the sink's logit as one
+    more softmax entry whose value is 0. q (B, H, Tq, d_head), k and v (B, H, T, d_head) ->
+    (B, H, Tq, d_head). Written out: for one query this is cheaper than building a mask and
+    padding k and v with the sink's slot."""
+    if sink is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    B, H, Tq, _ = q.shape
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Tq, T)
+    b = sink.sink_logit.to(q.dtype).view(1, H, 1, 1).expand(B, H, Tq, 1)
+    p = torch.softmax(torch.cat([b, scores], dim=-1), dim=-1)[..., 1:]
+    return p @ v
+
+
 def make_norm(config: GPTConfig, *, width: int | None = None) -> nn.Module:
     """RMSNorm (paper default, torch's default eps) or LayerNorm over ``width`` channels
     (default d_model)."""
