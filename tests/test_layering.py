@@ -41,3 +41,25 @@ def test_no_library_module_imports_the_cli():
         if "cli" not in p.relative_to(PACKAGE).parts[:1]
     }
     assert not {k: v for k, v in offenders.items() if v}
+
+
+# Data flows one way: a package may import its own layer and those before it, never a later one.
+LAYERS = [
+    ["kernels"], ["model"], ["data", "train"], ["tasks", "circuits"], ["interop", "bridges"],
+    ["monitor"], ["serve", "audit", "redteam"], ["viz", "cli"],
+]  # fmt: skip
+
+
+def test_no_package_imports_a_later_layer():
+    """Imports inside functions included (a lazy import is still a dependency)."""
+    rank = {name: i for i, names in enumerate(LAYERS) for name in names}
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).parts
+        if len(parts) < 2 or parts[0] not in rank:
+            continue
+        for module in _imports(path):
+            top = module.split(".")[1] if module.startswith("sparsecircuits.") else None
+            if top in rank and rank[top] > rank[parts[0]]:
+                offenders.append(f"{'/'.join(parts)} imports {module}")
+    assert not offenders, offenders
