@@ -314,3 +314,23 @@ def test_support_adamw_brings_compact_moments_back_before_a_dense_update() -> No
         out.append([w.detach().clone(), st_["exp_avg"].clone(), st_["exp_avg_sq"].clone()])
     for a, b in zip(*out, strict=True):
         assert torch.equal(a, b)
+
+
+def test_inference_between_support_steps_sees_the_new_weights(monkeypatch) -> None:
+    """Support steps write the weights through the compiled kernels; inference caches the
+    weights' CSR values by version, so every such write must bump the parameter's version
+    (a write through ``p.data`` would not, and evaluation would use stale weights)."""
+    from sparsecircuits.train.support_adamw import SupportAdamW
+
+    monkeypatch.setenv("SPARSECIRCUITS_SPARSE_BELOW", "1.01")
+    model, opt, sp, xy = _setup(3)
+    step = dict(lr=1e-2, frac=1 / 8, optim=OptimConfig(lr=1e-2), support_opt=SupportAdamW(opt))
+    train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], mode="regrow", **step)
+    for _ in range(2):
+        train_step(model, opt, sp, xy[:, :-1], xy[:, 1:], mode="support", **step)
+        with torch.no_grad():
+            cached, _ = model(xy[:, :-1])
+            monkeypatch.setenv("SPARSECIRCUITS_SPARSE_BELOW", "0")  # dense: reads the weights
+            dense, _ = model(xy[:, :-1])
+            monkeypatch.setenv("SPARSECIRCUITS_SPARSE_BELOW", "1.01")
+        torch.testing.assert_close(cached, dense, atol=1e-4, rtol=1e-4)

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -372,7 +373,8 @@ class LinearKernelState:
     density: float = 1.0
     key: tuple[int, int] | None = None  # (data_ptr, _version) of the cached weight
     pattern_key: tuple[int, int] | None = None
-    values: tuple[tuple, torch.Tensor] | None = None  # (key, values) for inference calls
+    # (weight ref, its key, pattern, values) of the last inference call
+    values: tuple[Any, tuple[int, int], CSRPattern, torch.Tensor] | None = None
 
     def density_of(self, weight: torch.Tensor) -> float:
         key = _key(weight)
@@ -397,12 +399,21 @@ class LinearKernelState:
         """The pattern's values gathered from ``weight``, cached while both are unchanged
         (inference reuses them every call; a decoding step is one token, where the gather
         would cost as much as the product)."""
-        key = (_key(weight), id(pattern))
+        key = _key(weight)
         cached = self.values
-        if cached is None or cached[0] != key or key[0] is None:
-            cached = (key, gather(weight.detach(), pattern.flat))
-            self.values = cached  # one assignment: concurrent callers see a consistent pair
-        return cached[1]
+        # The same tensor object (not just the same address and version: a weight replaced by
+        # a load can land on the freed one's memory at the same version), unchanged since.
+        if (
+            cached is not None
+            and key is not None
+            and cached[0]() is weight
+            and cached[1] == key
+            and cached[2] is pattern
+        ):
+            return cached[3]
+        val = gather(weight.detach(), pattern.flat)
+        self.values = (weakref.ref(weight), key, pattern, val)  # one assignment: consistent
+        return val
 
     def pattern_for(self, weight: torch.Tensor) -> CSRPattern:
         key = _key(weight)

@@ -89,6 +89,9 @@ def adamw_at_(
             exp_avg_sq.data_ptr(), ctypes.addressof(hp), int(compact) | 2 * int(compact_grad),
             torch.get_num_threads(),
         )  # fmt: skip
+        # Written behind autograd's back: bump the version so caches keyed on it (the linear
+        # layers' patterns and inference values) see the new weights.
+        torch.autograd.graph.increment_version(w)
         return
     pf, mf, vf = w.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1)
     g = grad.reshape(-1) if compact_grad else grad.reshape(-1)[index]

@@ -161,7 +161,7 @@ class WeightSparsity:
         be zero there already."""
         for n, mask in self.masks.items():
             if id(self.params[n]) not in skip:
-                self.params[n].data.masked_fill_(~mask, 0.0)
+                self.params[n].masked_fill_(~mask, 0.0)  # (not .data: bump its version)
 
     @torch.no_grad()
     def report(self, frac: float) -> list[MatrixL0]:

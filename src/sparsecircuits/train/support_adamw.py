@@ -90,7 +90,7 @@ class SupportAdamW:
         state["step"] += 1
         beta1, beta2 = group["betas"]
         adamw_at_(
-            p.data, held[1], held[2], grad, index,
+            p.detach(), held[1], held[2], grad, index,  # detach shares p's version counter
             step=int(state["step"]), lr=group["lr"], weight_decay=group["weight_decay"],
             beta1=beta1, beta2=beta2, eps=group["eps"], grad_scale=scale, compact=True,
             compact_grad=compact_grad,
