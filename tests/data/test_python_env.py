@@ -195,10 +195,12 @@ def test_other_version_is_refused(env: dict) -> None:
         _load(env, packages={"alpha": "1.1", "beta": "2.0"})
 
 
-# Pinned after recipe version 1 (the [hf] extra: transformers, nnsight, datasets and theirs).
+# Pinned after recipe version 1: the [hf] extra (transformers, nnsight, datasets and theirs)
+# and the server's (fastapi, prometheus-client, opentelemetry).
 LATER_PINS = {
     "cloudpickle", "datasets", "dill", "httpcore", "httpx", "multiprocess", "nnsight", "regex",
-    "transformers", "websocket-client", "xxhash", "zstandard",
+    "transformers", "websocket-client", "xxhash", "zstandard", "fastapi", "prometheus-client",
+    "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-semantic-conventions",
 }  # fmt: skip
 
 
