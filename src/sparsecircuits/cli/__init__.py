@@ -1,5 +1,5 @@
 """Command line: ``sparsecircuits`` and its command groups, one module each (``model``,
-``tasks``, ``circuits``, ``compare``, ``data``, ``checkpoint``, ``viz``, ``interop``).
+``tasks``, ``circuits``, ``compare``, ``data``, ``checkpoint``, ``viz``, ``interop``, ``monitor``, ``serve``).
 
 Library code never imports this package. Heavy imports happen inside commands so ``--help`` is
 instant and the allocator tweak lands before torch allocates.
@@ -13,7 +13,18 @@ import sys
 import typer
 
 from sparsecircuits._alloc import tune_allocator
-from sparsecircuits.cli import checkpoint, circuits, compare, data, interop, model, tasks, viz
+from sparsecircuits.cli import (
+    checkpoint,
+    circuits,
+    compare,
+    data,
+    interop,
+    model,
+    monitor,
+    serve,
+    tasks,
+    viz,
+)
 from sparsecircuits.errors import SparseCircuitsError
 
 app = typer.Typer(
@@ -22,7 +33,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Train, inspect and run weight-sparse transformers.",
 )
-for group in (model, tasks, circuits, compare, checkpoint, data, viz, interop):
+for group in (model, tasks, circuits, compare, checkpoint, data, viz, interop, monitor, serve):
     group.register(app)
 
 

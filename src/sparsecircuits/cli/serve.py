@@ -1,0 +1,89 @@
+"""``sparsecircuits serve``: the model server (FastAPI + uvicorn), bound to 127.0.0.1 unless
+told otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sparsecircuits.cli.common import DEFAULT_MODEL, Device, ModelArg
+from sparsecircuits.errors import InputError
+
+
+def serve(
+    model: ModelArg = DEFAULT_MODEL,
+    host: Annotated[
+        str, typer.Option(help="address to bind (127.0.0.1: this machine only)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    workers: Annotated[int, typer.Option(help="model worker threads (>= 1)")] = 1,
+    queue: Annotated[
+        int, typer.Option(help="requests that may wait for a worker; more get 503 (>= 0)")
+    ] = 16,
+    timeout: Annotated[float, typer.Option(help="seconds each request may take (> 0)")] = 120.0,
+    catalog: Annotated[
+        Path | None, typer.Option(help="circuit catalogue (per-request telemetry)")
+    ] = None,
+    policy: Annotated[Path | None, typer.Option(help="policy YAML (needs --catalog)")] = None,
+    baseline: Annotated[
+        Path | None, typer.Option(help="baseline.json (default: the one beside the catalogue)")
+    ] = None,
+    device: Device = "auto",
+) -> None:
+    """Serve OpenAI-compatible completions (POST /v1/completions, GET /v1/models) with the
+    policy's decision in every response, and the operator's routes (/v1/telemetry/ID,
+    /metrics, /healthz)."""
+    if (catalog is None) != (policy is None) or (baseline is not None and catalog is None):
+        raise InputError("--catalog and --policy go together (and --baseline needs them)")
+    if workers < 1 or queue < 0 or timeout <= 0:
+        raise InputError(
+            f"--workers must be >= 1, --queue >= 0 and --timeout > 0; got {workers}, {queue}, "
+            f"{timeout}"
+        )
+    import uvicorn
+
+    from sparsecircuits.data import Tokenizer
+    from sparsecircuits.model.io import load_model, resolve_model_dir
+    from sparsecircuits.serve.app import create_app
+    from sparsecircuits.train.distributed import resolve_device
+
+    mdir = resolve_model_dir(model)
+    m = load_model(mdir, device=resolve_device(device))
+    factory = None
+    if catalog is not None:
+        factory = _monitor_factory(m, catalog=catalog, policy=policy, baseline=baseline)
+    app = create_app(
+        m,
+        Tokenizer.load(mdir),
+        factory=factory,
+        model_name=model if not Path(model).exists() else mdir.name,
+        workers=workers,
+        queue_size=queue,
+        timeout_s=timeout,
+    )
+    typer.echo(f"serve: {mdir.name} at http://{host}:{port}/v1  (Ctrl+C to stop)")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def _monitor_factory(model, *, catalog: Path, policy: Path, baseline: Path | None):
+    """The per-request circuit telemetry of a catalogue, its baseline and a policy; each file
+    is checked against the others (the model's weights hash, the catalogue's hash, the
+    catalogue's families)."""
+    from sparsecircuits.interop.download import file_sha256
+    from sparsecircuits.monitor.calibrate import BASELINE_FILE, load_baseline
+    from sparsecircuits.monitor.catalog import catalog_path, load_catalog
+    from sparsecircuits.monitor.live import CircuitMonitorFactory
+    from sparsecircuits.monitor.policy import load_policy
+
+    path = catalog_path(catalog)
+    doc = load_catalog(path, model)  # refuses a catalogue built for another model
+    base = load_baseline(baseline or path.parent / BASELINE_FILE, catalog_sha256=file_sha256(path))
+    pol = load_policy(policy, families=doc.monitored())
+    return CircuitMonitorFactory(model, doc, base, pol, catalog_path=path)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` to ``app``."""
+    app.command()(serve)

@@ -1,0 +1,141 @@
+"""The FastAPI app: OpenAI-compatible completions with the policy's decision, and the
+operator's routes.
+
+End users: ``POST /v1/completions`` (whole or as server-sent events) and ``GET /v1/models``.
+Operators: ``GET /v1/telemetry/{request_id}``, ``GET /metrics`` (Prometheus), ``GET /healthz``.
+These routes have no authentication: the server binds 127.0.0.1 unless told otherwise, and a
+deployment that exposes it puts the operator routes behind its own proxy.
+
+Every error is JSON in OpenAI's shape with a one-line message, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sparsecircuits.data.tokenizer import Tokenizer
+from sparsecircuits.model.gpt import GPT
+from sparsecircuits.monitor.runtime import MonitorFactory, NullMonitorFactory
+from sparsecircuits.serve.schemas import (
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    describe_validation_error,
+    error_body,
+)
+from sparsecircuits.serve.server import ApiError, Server
+
+log = logging.getLogger("sparsecircuits.serve")
+
+
+def error_response(
+    status: int, message: str, *, type: str, param: str | None = None, **kw: Any
+) -> JSONResponse:
+    """An OpenAI-shaped error (``kw``: JSONResponse options such as headers)."""
+    return JSONResponse(error_body(message, type=type, param=param), status_code=status, **kw)
+
+
+def create_app(
+    model: GPT,
+    tokenizer: Tokenizer,
+    *,
+    factory: MonitorFactory | None = None,
+    model_name: str = "sparsecircuits",
+    workers: int = 1,
+    queue_size: int = 16,
+    timeout_s: float = 120.0,
+    telemetry_capacity: int = 1000,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> FastAPI:
+    """The server's app. ``factory``: per-request telemetry (None: :class:`NullMonitorFactory`,
+    no catalogue). ``workers`` threads run requests; ``queue_size`` more may wait, the next is
+    refused with 503. ``timeout_s``: each request's deadline from its arrival.
+    ``telemetry_capacity``: how many requests' telemetry ``/v1/telemetry`` keeps.
+    ``tracer_provider``: where request spans go (default: OpenTelemetry's global provider,
+    which exports nothing unless the host process configures it)."""
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids, the model only "
+            f"{model.config.vocab_size}"
+        )
+    server = Server(
+        model.eval(), tokenizer, factory=factory or NullMonitorFactory(), model_name=model_name,
+        workers=workers, queue_size=queue_size, timeout_s=timeout_s,
+        telemetry_capacity=telemetry_capacity, tracer_provider=tracer_provider,
+    )  # fmt: skip
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        server.pool.close(timeout=1.0)
+
+    app = FastAPI(title="sparsecircuits", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if err.status == 503 else None
+        return error_response(err.status, str(err), type=err.type, param=err.param, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        server.metrics.rejected.labels("bad_request").inc()
+        message, param = describe_validation_error(list(err.errors()))
+        return error_response(400, message, type="invalid_request_error", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return error_response(err.status_code, str(err.detail), type=kind)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, err: Exception) -> JSONResponse:
+        log.error("unhandled %s on %s", type(err).__name__, request.url.path)
+        return error_response(500, "internal server error", type="server_error")
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest) -> Any:
+        job = server.submit(body)
+        if body.stream:
+            return StreamingResponse(server.sse(job), media_type="text/event-stream")
+        return await server.complete(job)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = ModelCard(id=server.model_name, created=server.created)
+        return ModelList(data=[card]).model_dump()
+
+    @app.get("/v1/telemetry/{request_id}")
+    async def telemetry(request_id: str) -> Any:
+        record = server.store.get(request_id)
+        if record is None:
+            return error_response(
+                404,
+                f"no telemetry for request '{request_id}' (the server keeps the last "
+                f"{server.store.capacity} requests)",
+                type="not_found_error",
+                param="request_id",
+            )
+        return record
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        server.metrics.queue_depth.set(server.pool.waiting)
+        server.metrics.busy_workers.set(server.pool.busy)
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return server.health()
+
+    return app

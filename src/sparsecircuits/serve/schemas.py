@@ -1,0 +1,96 @@
+"""Request and response bodies of the server, in OpenAI's completions schema.
+
+Fields are strict (a string is not coerced to a number, ``16.0`` is not an integer) and unknown
+fields are refused: a client that sends ``n`` or ``logprobs`` learns at once that this server
+ignores nothing silently. The response carries the policy's decision, never activations or
+logits (the operator reads those on ``/v1/telemetry/{id}``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReason = Literal["stop", "length", "content_filter"]
+
+
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions``. ``temperature`` 0 is greedy; ``seed`` makes sampling
+    repeatable (same seed, same prompt, same options: same text)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str = Field(min_length=1)
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, lt=2**64)  # torch.Generator's seed range
+    stream: bool = False
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Choice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason | None
+    decision: dict[str, Any] | None = None  # Decision.to_json(); in a chunk: only on a change
+
+
+class CompletionResponse(BaseModel):
+    """The whole completion (non-streaming), or one server-sent chunk of it (streaming, where
+    ``usage`` comes with the last chunk only)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "sparsecircuits"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def error_body(message: str, *, type: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``, the message
+    on one line."""
+    return {
+        "error": {"message": " ".join(message.split()), "type": type, "param": param, "code": None}
+    }
+
+
+def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """One line and the offending field from pydantic's error list (the first error)."""
+    if not errors:
+        return "invalid request body", None
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or None
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return f"unknown field '{field}' (this server accepts: {_FIELDS})", field
+    if kind == "missing":
+        return f"field '{field}' is required", field
+    if kind in ("json_invalid", "model_attributes_type", "dict_type"):
+        return "the body must be a JSON object", None
+    msg = err.get("msg", "invalid value")
+    return (f"field '{field}': {msg}" if field else msg), field
+
+
+_FIELDS = ", ".join(CompletionRequest.model_fields)
