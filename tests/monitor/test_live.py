@@ -122,9 +122,31 @@ def test_a_dampen_decision_changes_the_following_passes(planted, catalog, baseli
     q = tel["families"]["quotes"]
     assert tel["decision"]["action"] == "dampen" and tel["decision"]["at_token"] == -1
     assert q["dampened"] and set(mon.hooks()._interventions) == set(f.families["quotes"].sites)
-    # After the prompt's pass every family node is scaled to 0: engagement 0 from then on.
-    assert q["engagement"][len(ids) :] == [0.0] * tel["n_generated_tokens"]
-    assert any(v > 0 for v in q["engagement"][: len(ids)])
+    # The next pass really writes 0 into every family node ...
+    hooks = mon.hooks()
+    planted.model(torch.tensor([ids]), hooks=hooks)
+    fam = f.families["quotes"]
+    for site in fam.sites:
+        assert not hooks.cache[site][0, :, fam.index[site]].any(), site
+    # ... but engagement is read before the dampening: the request still shows what it drives.
+    assert any(v > 0 for v in q["engagement"][len(ids) :])
+
+
+def test_a_dampen_does_not_blind_a_stricter_rule_on_the_same_family(
+    planted, catalog, baseline, tmp_path
+):
+    """A request that trips the mild rule must still meet the strict one: engagement after the
+    dampen is measured on the activations before it (else scale 0 would pin z below any
+    threshold for the rest of the request)."""
+    f = _factory(planted, catalog, baseline, tmp_path,
+                 "  - family: quotes\n    action: dampen\n    z: 0.0001\n    k: 1\n    n: 1\n"
+                 "    dampen: {mode: scale, factor: 0.0}\n"
+                 "  - family: quotes\n    action: block\n    z: 0.0001\n    k: 2\n    n: 2\n")  # fmt: skip
+    mon = f.start("r4")
+    ids = planted.tokenizer.encode("y = 'abc")[:1]  # one prompt token: block needs two
+    _generate(planted.model, mon, ids, steps=6)
+    d = mon.telemetry()["decision"]
+    assert d["action"] == "block" and d["at_token"] is not None and d["at_token"] >= 0
 
 
 def test_describe_names_what_is_loaded(planted, catalog, baseline, tmp_path):

@@ -4,8 +4,10 @@ Each pass, :class:`CircuitMonitor` records the sites of the monitored families; 
 turns the new positions' activations into per-token engagement and robust z per family, feeds
 every policy rule's streaming k-of-n counter, and returns the strictest decision fired so far.
 After a ``dampen`` decision, the following passes carry an intervention on exactly that family's
-nodes (so its later engagement is measured after dampening). Telemetry holds scores, flags and
-the decision, never activations.
+nodes. Engagement is always measured on the activations *before* the monitor's own dampening
+(the intervention hands its input to the monitor): otherwise a request that trips a mild
+``dampen`` rule would blind every stricter rule on that family for the rest of the request.
+Telemetry holds scores, flags and the decision, never activations.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class CircuitMonitor:
         self.z: dict[str, list[float]] = {n: [] for n in factory.families}
         self.dampened: list[str] = []
         self._interventions: dict[str, Intervention] = {}
+        self._pre: dict[str, torch.Tensor] = {}  # this pass's activations before dampening
         self._passes = 0
         self._generated = 0  # generated tokens whose activations were observed
         self._prompt_tokens = 0
@@ -62,9 +65,11 @@ class CircuitMonitor:
             at = list(range(self._generated, self._generated + n_new))
             self._generated += n_new
         self._passes += 1
+        seen = {**cache, **self._pre}  # before the monitor's own dampening, where it acted
+        self._pre = {}
         z_now: dict[str, list[float]] = {}
         for name, fam in self.f.families.items():
-            e = engagement(cache, fam)[0].cpu()  # (T_new,)
+            e = engagement(seen, fam)[0].cpu()  # (T_new,)
             z = self.f.baseline.z(name, e)
             self.eng[name] += [_r(v) for v in e.tolist()]
             self.z[name] += [_r(v) for v in z.tolist()]
@@ -84,6 +89,7 @@ class CircuitMonitor:
             fns = dampen_interventions(self.f.families[rule.family], mode=d.mode,
                                        factor=d.factor or 0.0)  # fmt: skip
             self._interventions = chain(self._interventions, fns)
+            self._interventions = {s: self._seeing(s, fn) for s, fn in self._interventions.items()}
             self.dampened.append(rule.family)
         if rule.action.severity > self.decision.action.severity:
             self.decision = Decision(
@@ -92,6 +98,16 @@ class CircuitMonitor:
                 reason=f"{rule.family}: z > {rule.flag.z:g} on >= {rule.flag.k} of the last "
                 f"{rule.flag.n} tokens (z {z:.2f})",
             )  # fmt: skip
+
+    def _seeing(self, site: str, fn: Intervention) -> Intervention:
+        """``fn``, handing its input to the monitor first (the first wrapper of a site wins,
+        so with two dampened families the value before both is kept)."""
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            self._pre.setdefault(site, x.detach())
+            return fn(x)
+
+        return run
 
     def telemetry(self) -> dict[str, Any]:
         fams = {}
