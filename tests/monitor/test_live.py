@@ -141,7 +141,8 @@ def test_a_dampen_does_not_blind_a_stricter_rule_on_the_same_family(
     f = _factory(planted, catalog, baseline, tmp_path,
                  "  - family: quotes\n    action: dampen\n    z: 0.0001\n    k: 1\n    n: 1\n"
                  "    dampen: {mode: scale, factor: 0.0}\n"
-                 "  - family: quotes\n    action: block\n    z: 0.0001\n    k: 2\n    n: 2\n")  # fmt: skip
+                 "  - family: quotes\n    action: block\n    z: 0.0001\n"
+                 "    k: 2\n    n: 2\n")  # fmt: skip
     mon = f.start("r4")
     ids = planted.tokenizer.encode("y = 'abc")[:1]  # one prompt token: block needs two
     _generate(planted.model, mon, ids, steps=6)

@@ -1,5 +1,6 @@
 """Command line: ``sparsecircuits`` and its command groups, one module each (``model``,
-``tasks``, ``circuits``, ``compare``, ``data``, ``checkpoint``, ``viz``, ``interop``, ``monitor``, ``serve``).
+``tasks``, ``circuits``, ``compare``, ``data``, ``checkpoint``, ``viz``, ``interop``,
+``monitor``, ``serve``).
 
 Library code never imports this package. Heavy imports happen inside commands so ``--help`` is
 instant and the allocator tweak lands before torch allocates.
