@@ -80,19 +80,43 @@ def _viz(app: typer.Typer) -> None:
         headless: Annotated[bool, typer.Option("--headless", help="do not open a browser")] = False,
         runs_dir: Annotated[Path, typer.Option(help="root of the prune outputs")] = Path("runs"),
         model: ModelOpt = None,
+        server: Annotated[
+            str | None,
+            typer.Option(
+                help="the Monitor page reads request telemetry from this model server "
+                "(`sparsecircuits serve`), e.g. http://127.0.0.1:8000"
+            ),
+        ] = None,
+        catalog: Annotated[
+            Path | None,
+            typer.Option(
+                help="the monitor catalogue, for the Monitor page's links from a family "
+                "to its circuits (default: the one the --server loaded)"
+            ),
+        ] = None,
     ) -> None:
         """Start the interactive circuit dashboard (Streamlit) and print its URL."""
         from sparsecircuits.viz import launch
         from sparsecircuits.viz.app_data import require_circuits
 
         launch.check_installed()
+        if server is not None:
+            from sparsecircuits.viz.monitor_view import server_base
+
+            server = server_base(server)  # a one-line error now, not on the page
         if target is not None and Path(target).exists():
             target = str(Path(target).resolve())
         if model is not None and Path(model).exists():
             model = str(Path(model).resolve())
         entries = require_circuits(target, runs_dir=runs_dir)
         cmd = launch.streamlit_command(
-            port=port, host=host, target=target, runs_dir=runs_dir, model=model
+            port=port,
+            host=host,
+            target=target,
+            runs_dir=runs_dir,
+            model=model,
+            server=server,
+            catalog=catalog,
         )
         base = launch.url(host, port)
         tasks = sorted({e.task for e in entries})

@@ -42,6 +42,8 @@ class AppArgs:
     target: str | None
     runs_dir: str
     model: str | None
+    server: str | None = None  # the Monitor page's model server (``--server URL``)
+    catalog: str | None = None  # its catalogue directory (else the server's ``/healthz``)
 
 
 def parse_args(argv: list[str]) -> AppArgs:
@@ -50,8 +52,10 @@ def parse_args(argv: list[str]) -> AppArgs:
     p.add_argument("target", nargs="?", default=None)
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--model", default=None)
+    p.add_argument("--server", default=None)
+    p.add_argument("--catalog", default=None)
     ns, _ = p.parse_known_args(argv)
-    return AppArgs(ns.target, ns.runs_dir, ns.model)
+    return AppArgs(ns.target, ns.runs_dir, ns.model, ns.server, ns.catalog)
 
 
 def _mtime(path: Path) -> float:

@@ -27,12 +27,19 @@ def streamlit_command(
     target: str | None = None,
     runs_dir: str | Path = "runs",
     model: str | None = None,
+    server: str | None = None,
+    catalog: str | Path | None = None,
 ) -> list[str]:
-    """The ``streamlit run`` command line of the dashboard (the app's arguments after ``--``)."""
+    """The ``streamlit run`` command line of the dashboard (the app's arguments after ``--``;
+    ``server``/``catalog``: the Monitor page's model server and its catalogue)."""
     app_args = [] if target is None else [str(target)]
     app_args += ["--runs-dir", str(Path(runs_dir).resolve())]
     if model is not None:
         app_args += ["--model", model]
+    if server is not None:
+        app_args += ["--server", server]
+    if catalog is not None:
+        app_args += ["--catalog", str(Path(catalog).resolve())]
     return [
         sys.executable,
         "-m",
