@@ -168,6 +168,9 @@ def test_telemetry_route(model, tokenizer):
         ({"prompt": ["x"]}, "prompt"),
         ({"max_tokens": 3}, "prompt"),
         ({"prompt": "x", "temperature": -0.5}, "temperature"),
+        ({"prompt": "x", "temperature": 1e-45}, "temperature"),  # would overflow the logits
+        ({"prompt": "x", "temperature": 2.5}, "temperature"),
+        ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),  # would hold a worker
         ({"prompt": "x", "top_p": 0}, "top_p"),
         ({"prompt": "x", "stream": "yes"}, "stream"),
         ({"prompt": "x", "n": 2}, "n"),
@@ -287,3 +290,25 @@ def test_past_its_deadline_a_request_gets_504_json(model, tokenizer):
     assert json.loads(events[0][len("data: ") :])["error"]["type"] == "timeout"
     assert events[-1] == "data: [DONE]"
     assert 'sparsecircuits_rejected_requests_total{reason="timeout"} 2.0' in metrics
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(client):
+    big = b'{"prompt": "' + b"x" * (2 << 20) + b'"}'
+    r = client.post(URL, content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+    assert client.post(URL, json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_operator_routes_need_the_operator_key_when_one_is_set(model, tokenizer):
+    import hashlib
+
+    key = "k" * 32
+    app = create_app(model, tokenizer, model_name="tiny",
+                     operator_key_sha256=hashlib.sha256(key.encode()).hexdigest())  # fmt: skip
+    with TestClient(app) as c:
+        rid = c.post(URL, json={"prompt": "x", "max_tokens": 2}).json()["id"]  # users: open
+        for route in (f"/v1/telemetry/{rid}", "/metrics", "/healthz"):
+            for headers in ({}, {"authorization": "Bearer wrong"}):
+                r = c.get(route, headers=headers)
+                assert r.status_code == 401 and r.json()["error"]["type"] == "auth_error", route
+            assert c.get(route, headers={"authorization": f"Bearer {key}"}).status_code == 200

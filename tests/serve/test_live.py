@@ -109,3 +109,13 @@ def test_sparsecircuits_serve_process(tmp_path: Path, model, tokenizer):
     # uvicorn shuts down gracefully, then re-raises the signal it caught
     assert proc.returncode in (0, -15) and "Application shutdown complete" in err, err
     assert "completion_tokens=3" in err and SECRET not in err  # ids and counts, no prompt
+
+
+def test_cli_refuses_to_expose_operator_routes_without_a_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("SPARSECIRCUITS_OPERATOR_KEY", raising=False)
+    res = CliRunner().invoke(cli_app, ["serve", "--host", "0.0.0.0", "--device", "cpu"])
+    assert isinstance(res.exception, InputError) and "operator" in str(res.exception)
+    short = tmp_path / "key"
+    short.write_text("abc")
+    res = CliRunner().invoke(cli_app, ["serve", "--operator-key-file", str(short)])
+    assert isinstance(res.exception, InputError) and "16 characters" in str(res.exception)

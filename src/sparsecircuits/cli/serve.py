@@ -3,6 +3,9 @@ told otherwise."""
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +33,13 @@ def serve(
     baseline: Annotated[
         Path | None, typer.Option(help="baseline.json (default: the one beside the catalogue)")
     ] = None,
+    operator_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="file holding the key the operator routes require (or set "
+            f"{OPERATOR_KEY_ENV}); needed to bind beyond loopback"
+        ),
+    ] = None,
     device: Device = "auto",
 ) -> None:
     """Serve OpenAI-compatible completions (POST /v1/completions, GET /v1/models) with the
@@ -41,6 +51,12 @@ def serve(
         raise InputError(
             f"--workers must be >= 1, --queue >= 0 and --timeout > 0; got {workers}, {queue}, "
             f"{timeout}"
+        )
+    key = _operator_key(operator_key_file)
+    if key is None and not _loopback(host):
+        raise InputError(
+            f"--host {host} would expose the operator routes (telemetry, metrics) to whoever "
+            f"reaches the server: give --operator-key-file or {OPERATOR_KEY_ENV}"
         )
     import uvicorn
 
@@ -58,6 +74,7 @@ def serve(
         m,
         Tokenizer.load(mdir),
         factory=factory,
+        operator_key_sha256=None if key is None else hashlib.sha256(key.encode()).hexdigest(),
         model_name=model if not Path(model).exists() else mdir.name,
         workers=workers,
         queue_size=queue,
@@ -65,6 +82,34 @@ def serve(
     )
     typer.echo(f"serve: {mdir.name} at http://{host}:{port}/v1  (Ctrl+C to stop)")
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+OPERATOR_KEY_ENV = "SPARSECIRCUITS_OPERATOR_KEY"
+
+
+def _operator_key(path: Path | None) -> str | None:
+    """The operator key from ``path`` or the environment (None: none given). Only its hash
+    goes further; the key itself is never logged or stored."""
+    if path is not None:
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise InputError(f"{path}: cannot read the operator key ({err.strerror})") from None
+        if len(key) < 16:
+            raise InputError(f"{path}: an operator key needs at least 16 characters")
+        return key
+    key = os.environ.get(OPERATOR_KEY_ENV, "").strip()
+    if key and len(key) < 16:
+        raise InputError(f"{OPERATOR_KEY_ENV}: an operator key needs at least 16 characters")
+    return key or None
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` binds this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _monitor_factory(model, *, catalog: Path, policy: Path, baseline: Path | None):

@@ -3,20 +3,24 @@ operator's routes.
 
 End users: ``POST /v1/completions`` (whole or as server-sent events) and ``GET /v1/models``.
 Operators: ``GET /v1/telemetry/{request_id}``, ``GET /metrics`` (Prometheus), ``GET /healthz``.
-These routes have no authentication: the server binds 127.0.0.1 unless told otherwise, and a
-deployment that exposes it puts the operator routes behind its own proxy.
+With an operator key (only its SHA-256 is kept) these need ``Authorization: Bearer KEY``, so
+that end users who can reach the completions cannot read scores (an evasion oracle); without
+one they are open, which ``sparsecircuits serve`` allows only on loopback. Request bodies over
+``MAX_BODY_BYTES`` are refused (413) before they are read.
 
 Every error is JSON in OpenAI's shape with a one-line message, never a stack trace.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
@@ -36,6 +40,46 @@ from sparsecircuits.serve.schemas import (
 from sparsecircuits.serve.server import ApiError, Server
 
 log = logging.getLogger("sparsecircuits.serve")
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: a prompt that fits a context is far smaller
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 JSON, by its declared
+    length before anything is read, or as soon as the received bytes pass it."""
+
+    def __init__(self, app: Any, *, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = error_response(
+            413, f"request body over {self.limit} bytes", type="invalid_request_error"
+        )
+        await body({"type": "http"}, None, send)
+
+
+class _TooLarge(Exception):
+    """A streamed request body passed the limit."""
 
 
 def error_response(
@@ -56,13 +100,15 @@ def create_app(
     timeout_s: float = 120.0,
     telemetry_capacity: int = 1000,
     tracer_provider: trace.TracerProvider | None = None,
+    operator_key_sha256: str | None = None,
 ) -> FastAPI:
     """The server's app. ``factory``: per-request telemetry (None: :class:`NullMonitorFactory`,
     no catalogue). ``workers`` threads run requests; ``queue_size`` more may wait, the next is
     refused with 503. ``timeout_s``: each request's deadline from its arrival.
     ``telemetry_capacity``: how many requests' telemetry ``/v1/telemetry`` keeps.
     ``tracer_provider``: where request spans go (default: OpenTelemetry's global provider,
-    which exports nothing unless the host process configures it)."""
+    which exports nothing unless the host process configures it). ``operator_key_sha256``: hex
+    SHA-256 of the key the operator routes require (None: open)."""
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} ids, the model only "
@@ -81,6 +127,16 @@ def create_app(
 
     app = FastAPI(title="sparsecircuits", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+
+    def operator(request: Request) -> None:
+        """Refuse an operator route without the operator's key (when one is set)."""
+        if operator_key_sha256 is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        digest = hashlib.sha256(given.encode()).hexdigest()
+        if not given or not hmac.compare_digest(digest, operator_key_sha256):
+            raise ApiError(401, "operator route: missing or wrong operator key", type="auth_error")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -115,7 +171,7 @@ def create_app(
         card = ModelCard(id=server.model_name, created=server.created)
         return ModelList(data=[card]).model_dump()
 
-    @app.get("/v1/telemetry/{request_id}")
+    @app.get("/v1/telemetry/{request_id}", dependencies=[Depends(operator)])
     async def telemetry(request_id: str) -> Any:
         record = server.store.get(request_id)
         if record is None:
@@ -128,13 +184,13 @@ def create_app(
             )
         return record
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(operator)])
     async def metrics() -> Response:
         server.metrics.queue_depth.set(server.pool.waiting)
         server.metrics.busy_workers.set(server.pool.busy)
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/healthz")
+    @app.get("/healthz", dependencies=[Depends(operator)])
     async def healthz() -> dict[str, Any]:
         return server.health()
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 FinishReason = Literal["stop", "length", "content_filter"]
+MAX_TOKENS = 1024  # per request
+MIN_TEMPERATURE = 1e-2
 
 
 class CompletionRequest(BaseModel):
@@ -23,11 +25,22 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: str = Field(min_length=1)
-    max_tokens: int = Field(default=16, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    # Bounded: a request holds a worker for as many passes as it asks for (and its telemetry
+    # grows with them), so one client must not be able to hold a worker until the deadline.
+    max_tokens: int = Field(default=16, ge=1, le=MAX_TOKENS)
+    # OpenAI's range; 0 is greedy. A tiny positive temperature overflows logits / temperature
+    # (inf, then NaN probabilities), so (0, MIN_TEMPERATURE) is refused rather than failing.
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, lt=2**64)  # torch.Generator's seed range
     stream: bool = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_tiny(cls, v: float) -> float:
+        if 0.0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return v
 
 
 class Usage(BaseModel):
