@@ -79,3 +79,48 @@ def test_load_catalog_errors_are_one_line(tmp_path: Path, catalog_dir: Path):
     bad.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=r"families\.quotes\.nodes"):
         load_catalog(bad)
+
+
+@pytest.mark.parametrize(
+    ("results", "admitted", "reason"),
+    [
+        ([{"name": "sufficiency", "verdict": "PASS", "summary": "s"},
+          {"name": "necessity", "verdict": "PASS", "summary": "n"}], True, ""),
+        ([{"name": "sufficiency", "verdict": "PASS", "summary": "s", "uncertain": True},
+          {"name": "necessity", "verdict": "PASS", "summary": "n"}], False,
+         "sufficiency PASS (uncertain): s"),
+        ([{"name": "sufficiency", "verdict": "FAIL", "summary": "s"},
+          {"name": "necessity", "verdict": "PASS", "summary": "n"}], False, "sufficiency FAIL: s"),
+        ([{"name": "sufficiency", "verdict": "PASS", "summary": "s"},
+          {"name": "necessity", "verdict": "N/A", "summary": "n"}], False, "necessity N/A: n"),
+    ],
+)  # fmt: skip
+def test_admission_needs_two_certain_passes(results, admitted, reason):
+    from sparsecircuits.monitor.catalog import admit
+
+    assert admit(results) == (admitted, reason)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["families"]["quotes"]["admitted"].append(TASK_B), "is not an admitted"),
+        (lambda d: d["families"]["quotes"]["nodes"].update({"7.attn.q": [0]}) or
+         d["families"]["quotes"]["scale"].update({"7.attn.q": [1.0]}) or
+         d["families"]["quotes"]["mean"].update({"7.attn.q": [0.0]}), "not a node site"),
+        (lambda d: d["families"]["quotes"]["nodes"].update(
+            {k: [*v[:-1], 10_000] for k, v in list(d["families"]["quotes"]["nodes"].items())[:1]}),
+         "outside"),
+        (lambda d: d["families"]["quotes"]["scale"].update(
+            {k: v[:-1] for k, v in list(d["families"]["quotes"]["scale"].items())[:1]}),
+         "other numbers of scales"),
+    ],
+)  # fmt: skip
+def test_an_edited_or_stale_catalogue_is_refused_on_load(catalog_dir, tmp_path, planted, edit,
+                                                        message):  # fmt: skip
+    data = json.loads((catalog_dir / CATALOG_FILE).read_text())
+    edit(data)
+    (tmp_path / CATALOG_FILE).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_catalog(tmp_path, planted.model)
+    assert "\n" not in str(err.value)

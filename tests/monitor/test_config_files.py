@@ -98,3 +98,21 @@ def test_bad_policies_are_one_line_errors(tmp_path):
                     **fams)  # fmt: skip
     with pytest.raises(ConfigError, match="no such policy"):
         load_policy(tmp_path / "missing.yaml")
+
+
+def test_rule_names_are_unique_and_k_n_resolve_against_the_baseline(tmp_path):
+    from sparsecircuits.monitor.calibrate import FlagRule
+
+    p = tmp_path / "policy.yaml"
+    two = "version: 1\nrules:\n  - {name: r, family: quotes, action: log}\n" \
+          "  - {name: r, family: quotes, action: block}\n"  # fmt: skip
+    _one_line_error(p, two, r"'rules.1.name': 'r' names two rules", families=["quotes"])
+    clash = "version: 1\nrules:\n  - {family: quotes, action: log}\n" \
+            "  - {name: 'rules[0]', family: quotes, action: block}\n"  # fmt: skip
+    _one_line_error(p, clash, "names two rules", families=["quotes"])
+    p.write_text("version: 1\nrules:\n  - {family: quotes, action: log, k: 10}\n")
+    policy = load_policy(p, families=["quotes"])  # n comes from the baseline
+    assert policy.rules(FlagRule(z=4, k=3, n=16))[0].flag.k == 10
+    with pytest.raises(ConfigError, match=r"k \(10\) must be <= n \(8\)") as err:
+        policy.rules(FlagRule(z=4, k=3, n=8))
+    assert "\n" not in str(err.value)

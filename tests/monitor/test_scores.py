@@ -148,3 +148,32 @@ def test_causal_share_of_the_planted_circuit_and_of_decoys(planted, catalog):
     )  # fmt: skip
     low = causal_share(planted.model, idx, emitted, decoy, answers=answers)
     assert abs(low["logit_diff_change"][T.TASK]) < 0.5 * abs(share["logit_diff_change"][T.TASK])
+
+
+def test_causal_share_equals_a_hand_built_mean_ablation(planted, catalog):
+    """Against an ablation written in the test: each family node replaced by its stored mean at
+    its hook site, every other node untouched; signs are full minus ablated (a sign flip or
+    zero- instead of mean-ablation fails)."""
+    model = planted.model
+    fam = catalog.family_nodes("quotes")
+    answers = catalog.answers("quotes")
+    idx = _ids(planted)
+    emitted = planted.tokenizer.encode("'")[0]
+
+    def by_hand(site):
+        def fn(x):
+            out = x.clone()
+            out[..., fam.index[site]] = fam.mean[site].to(x.dtype)
+            return out
+
+        return fn
+
+    full = model(idx)[0][0, -1].float()
+    abl = model.run_with_hooks(idx, interventions={s: by_hand(s) for s in fam.sites})[0, -1]
+    (a, b) = answers[T.TASK]
+    share = causal_share(model, idx, emitted, fam, answers=answers)
+    want_lp = float(full.log_softmax(-1)[emitted] - abl.float().log_softmax(-1)[emitted])
+    want_ld = float((full[a] - full[b]) - (abl[a] - abl[b]))
+    assert share["logprob_change"] == pytest.approx(want_lp, abs=1e-4)
+    assert share["logit_diff_change"][T.TASK] == pytest.approx(want_ld, abs=1e-4)
+    assert any(float(m.abs().max()) > 0 for m in fam.mean.values())  # means are not all zero

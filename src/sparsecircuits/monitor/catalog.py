@@ -31,7 +31,7 @@ from sparsecircuits.circuits.prune import PruneConfig
 from sparsecircuits.circuits.report import save_prune_outputs
 from sparsecircuits.circuits.schema import check_model, load_circuit
 from sparsecircuits.circuits.verify import VerifyOptions, build_context, run_checks
-from sparsecircuits.errors import CheckpointError, ConfigError
+from sparsecircuits.errors import CheckpointError, ConfigError, SparseCircuitsError
 from sparsecircuits.fileio import atomic_write_json
 from sparsecircuits.model.config import format_validation_error
 from sparsecircuits.model.gpt import GPT
@@ -54,6 +54,7 @@ class _Doc(BaseModel):
 class CheckRec(_Doc):
     verdict: str  # PASS | FAIL | N/A
     summary: str
+    uncertain: bool = False  # its 95% interval straddles the threshold
 
 
 class CircuitEntry(_Doc):
@@ -75,6 +76,43 @@ class FamilyEntry(_Doc):
     nodes: dict[str, list[int]]  # site -> channel indices (ascending)
     scale: dict[str, list[float]]  # benign mean |activation| per node, floored
     mean: dict[str, list[float]]  # pretraining mean per node (the mean-ablation value)
+
+
+def _check_consistent(doc: CatalogDoc, *, source: str) -> None:
+    """A family lists only admitted circuits, and its per-node lists agree in length (a
+    hand-edited or stale file is refused here, not by a 500 on every request)."""
+    for name, f in doc.families.items():
+        bad = [t for t in f.admitted if t not in doc.circuits or not doc.circuits[t].admitted]
+        if bad:
+            raise CheckpointError(
+                f"{source}: field 'families.{name}.admitted': {bad[0]!r} is not an admitted "
+                "circuit of this catalogue"
+            )
+        for site, idx in f.nodes.items():
+            if len(f.scale.get(site, ())) != len(idx) or len(f.mean.get(site, ())) != len(idx):
+                raise CheckpointError(
+                    f"{source}: field 'families.{name}': site {site!r} has {len(idx)} nodes "
+                    "but other numbers of scales or means"
+                )
+
+
+def _check_sites(doc: CatalogDoc, model: GPT, *, source: str) -> None:
+    """Every family node is a channel of ``model`` (its site exists and the index fits)."""
+    space = NodeSpace(model.config)
+    for name, f in doc.families.items():
+        for site, idx in f.nodes.items():
+            try:
+                size = space.group(*site_location(site)).size
+            except (ValueError, KeyError, SparseCircuitsError):
+                raise CheckpointError(
+                    f"{source}: field 'families.{name}.nodes': {site!r} is not a node site of "
+                    "the model"
+                ) from None
+            if idx and not 0 <= min(idx) <= max(idx) < size:
+                raise CheckpointError(
+                    f"{source}: field 'families.{name}.nodes.{site}': an index is outside "
+                    f"[0, {size})"
+                )
 
 
 class CatalogDoc(_Doc):
@@ -111,11 +149,15 @@ def _answers(lm: LoadedModel, task: str) -> tuple[int, int]:
 
 
 def admit(results: list[dict]) -> tuple[bool, str]:
-    """(admitted, reason): admitted iff every admission check is PASS; else the first one
-    that is not, with its verdict and summary."""
+    """(admitted, reason): admitted iff every admission check is a PASS whose interval clears
+    its threshold; else the first one that is not, with its verdict and summary. An uncertain
+    PASS (the interval straddles the threshold) is not admitted: a security catalogue should
+    not rest on a coin flip of the held-out prompts."""
     for r in results:
         if r["verdict"] != "PASS":
             return False, f"{r['name']} {r['verdict']}: {r['summary']}"
+        if r.get("uncertain"):
+            return False, f"{r['name']} PASS (uncertain): {r['summary']}"
     return True, ""
 
 
@@ -164,7 +206,8 @@ def build_catalog(
         log.info("%s: %s%s", task, "admitted" if ok else "rejected", "" if ok else f" ({reason})")
         entries[task] = CircuitEntry(
             task=task, path=str(path), n_nodes=doc.n_nodes, admitted=ok, reason=reason,
-            checks={r["name"]: CheckRec(verdict=r["verdict"], summary=r["summary"])
+            checks={r["name"]: CheckRec(verdict=r["verdict"], summary=r["summary"],
+                                        uncertain=bool(r.get("uncertain")))
                     for r in results},
             answers=_answers(lm, task),
         )  # fmt: skip
@@ -260,6 +303,7 @@ def load_catalog(path: str | Path, model: GPT | None = None) -> CatalogDoc:
         doc = CatalogDoc.model_validate(data)
     except ValidationError as err:
         raise CheckpointError(format_validation_error(err, source=str(path))) from None
+    _check_consistent(doc, source=str(path))
     if model is not None:
         have = weights_hash(model)
         if have != doc.weights_hash:
@@ -268,4 +312,5 @@ def load_catalog(path: str | Path, model: GPT | None = None) -> CatalogDoc:
                 f"{doc.weights_hash[:12]}...), but the given model's weights hash to "
                 f"{have[:12]}...; build a catalogue for this model"
             )
+        _check_sites(doc, model, source=str(path))
     return doc

@@ -62,10 +62,11 @@ class FamilySet(BaseModel):
         return list(dict.fromkeys(t for f in self.families.values() for t in f.tasks))
 
 
-def read_yaml(path: Path) -> Any:
-    """Parse a YAML file; a missing or malformed file is a one-line ConfigError."""
+def read_yaml(path: Path, *, raw: bytes | None = None) -> Any:
+    """Parse a YAML file (or ``raw``, its bytes already read: what was hashed is what is
+    parsed); a missing or malformed file is a one-line ConfigError."""
     try:
-        return yaml.safe_load(path.read_bytes())
+        return yaml.safe_load(path.read_bytes() if raw is None else raw)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except (OSError, yaml.YAMLError) as err:

@@ -120,18 +120,25 @@ def load_policy(path: str | Path, *, families: Collection[str] | None = None) ->
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such policy file") from None
-    data = read_yaml(path)
+    data = read_yaml(path, raw=raw)  # the bytes hashed below, not a second read
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with 'version' and 'rules'")
     try:
         doc = PolicyDoc.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source=str(path))) from None
+    names: set[str] = set()
     for i, r in enumerate(doc.rules):
-        flag = doc.flag or FlagRule()
-        k, n = r.k or flag.k, r.n or flag.n
-        if k > n:
+        # k and n as far as the policy fixes them; the rest come from the baseline's flag and
+        # are checked when the rules are resolved against it (Policy.rules)
+        k = r.k if r.k is not None else (doc.flag.k if doc.flag else None)
+        n = r.n if r.n is not None else (doc.flag.n if doc.flag else None)
+        if k is not None and n is not None and k > n:
             raise ConfigError(f"{path}: field 'rules.{i}': k ({k}) must be <= n ({n})")
+        name = r.name or f"rules[{i}]"
+        if name in names:  # flags are kept per rule name: two rules must not share one
+            raise ConfigError(f"{path}: field 'rules.{i}.name': {name!r} names two rules")
+        names.add(name)
         if families is not None and r.family not in families:
             known = ", ".join(sorted(families)) or "none"
             raise ConfigError(
