@@ -95,10 +95,14 @@ def test_load_catalog_errors_are_one_line(tmp_path: Path, catalog_dir: Path):
           {"name": "necessity", "verdict": "N/A", "summary": "n"}], False, "necessity N/A: n"),
     ],
 )  # fmt: skip
-def test_admission_needs_two_certain_passes(results, admitted, reason):
+def test_admission_needs_two_passes_and_strict_ones_certain_passes(results, admitted, reason):
     from sparsecircuits.monitor.catalog import admit
 
-    assert admit(results) == (admitted, reason)
+    assert admit(results, strict=True) == (admitted, reason)
+    uncertain_only = any(r.get("uncertain") for r in results) and all(
+        r["verdict"] == "PASS" for r in results
+    )
+    assert admit(results) == ((True, "") if uncertain_only else (admitted, reason))
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,9 @@ def catalog_cmd(
     target: Annotated[float | None, typer.Option(help="pruning target loss per prompt")] = None,
     steps: Annotated[int | None, typer.Option(help="mask-training steps")] = None,
     windows: Annotated[int, typer.Option(help="benign windows for node scales")] = 8,
+    strict: Annotated[
+        bool, typer.Option(help="refuse an uncertain PASS (interval straddling its threshold)")
+    ] = False,
     device: Device = "auto",
 ) -> None:
     """Prune (or reuse) each family task's circuit, admit those passing sufficiency and
@@ -67,10 +70,14 @@ def catalog_cmd(
             progress.update(bar, description=f"{verb} {task}")
 
         doc = build_catalog(lm, families=fams, out=out, reuse=_reuse(reuse), prune_config=cfg,
-                            scale_windows=windows, on_task=on_task)  # fmt: skip
+                            scale_windows=windows, on_task=on_task, strict=strict)  # fmt: skip
     for name, f in doc.families.items():
         typer.echo(f"{name}: {len(f.admitted)} admitted ({', '.join(f.admitted) or '-'}), "
                    f"{f.n_nodes} nodes")  # fmt: skip
+        for t in f.admitted:
+            shaky = [k for k, c in doc.circuits[t].checks.items() if c.uncertain]
+            if shaky:
+                typer.echo(f"  admitted {t} with an uncertain PASS: {', '.join(shaky)}")
         for t in f.rejected:
             typer.echo(f"  rejected {t}: {doc.circuits[t].reason}")
     typer.echo(f"catalogue written to {Path(out) / 'catalog.json'}")

@@ -148,15 +148,15 @@ def _answers(lm: LoadedModel, task: str) -> tuple[int, int]:
     return pairs.most_common(1)[0][0]
 
 
-def admit(results: list[dict]) -> tuple[bool, str]:
-    """(admitted, reason): admitted iff every admission check is a PASS whose interval clears
-    its threshold; else the first one that is not, with its verdict and summary. An uncertain
-    PASS (the interval straddles the threshold) is not admitted: a security catalogue should
-    not rest on a coin flip of the held-out prompts."""
+def admit(results: list[dict], *, strict: bool = False) -> tuple[bool, str]:
+    """(admitted, reason): admitted iff every admission check is PASS; else the first one
+    that is not, with its verdict and summary. An uncertain PASS (its 95% interval straddles
+    the threshold) admits, and the catalogue records it as uncertain; with ``strict`` it does
+    not (the circuit must clear the threshold on the whole interval)."""
     for r in results:
         if r["verdict"] != "PASS":
             return False, f"{r['name']} {r['verdict']}: {r['summary']}"
-        if r.get("uncertain"):
+        if strict and r.get("uncertain"):
             return False, f"{r['name']} PASS (uncertain): {r['summary']}"
     return True, ""
 
@@ -171,6 +171,7 @@ def build_catalog(
     options: VerifyOptions | None = None,
     scale_windows: int = 8,
     on_task: Callable[[str, str], None] | None = None,
+    strict: bool = False,
 ) -> CatalogDoc:
     """Build ``out/catalog.json`` (circuits pruned here go to ``out/circuits/<task>/``).
 
@@ -202,7 +203,7 @@ def build_catalog(
         if on_task:
             on_task(task, "check")
         results = run_checks(build_context(doc, lm, options), list(ADMISSION_CHECKS))
-        ok, reason = admit(results)
+        ok, reason = admit(results, strict=strict)
         log.info("%s: %s%s", task, "admitted" if ok else "rejected", "" if ok else f" ({reason})")
         entries[task] = CircuitEntry(
             task=task, path=str(path), n_nodes=doc.n_nodes, admitted=ok, reason=reason,
