@@ -177,3 +177,21 @@ def test_causal_share_equals_a_hand_built_mean_ablation(planted, catalog):
     assert share["logprob_change"] == pytest.approx(want_lp, abs=1e-4)
     assert share["logit_diff_change"][T.TASK] == pytest.approx(want_ld, abs=1e-4)
     assert any(float(m.abs().max()) > 0 for m in fam.mean.values())  # means are not all zero
+
+
+def test_the_all_families_scorer_equals_engagement_per_family(planted, catalog):
+    from sparsecircuits.monitor.scores import FamilyScorer
+
+    fams = {n: catalog.family_nodes(n) for n in catalog.monitored()}
+    # a second family sharing some of the first one's nodes and sites
+    q = fams["quotes"]
+    half = {s: i[: max(1, len(i) // 2)] for s, i in q.index.items()}
+    fams["half"] = FamilyNodes(
+        "half", half, {s: q.scale[s][: len(half[s])] for s in half},
+        {s: q.mean[s][: len(half[s])] for s in half},
+    )  # fmt: skip
+    scorer = FamilyScorer(fams)
+    _, cache = planted.model.run_with_cache(_ids(planted), names=scorer.sites)
+    got = scorer(cache)  # (1, T, F)
+    for j, name in enumerate(scorer.names):
+        torch.testing.assert_close(got[..., j], engagement(cache, fams[name]), atol=1e-6, rtol=0)

@@ -82,8 +82,14 @@ class BaselineDoc(BaseModel):
 
     def z(self, family: str, e: torch.Tensor) -> torch.Tensor:
         """Robust z-scores of engagement values ``e`` (any shape) of ``family``."""
-        b = self.families[family]
-        return (e - b.median) / b.sigma
+        return self.z_of([family], e[..., None])[..., 0]
+
+    def z_of(self, families: list[str], e: torch.Tensor) -> torch.Tensor:
+        """Robust z-scores of engagements ``e`` (..., F), column j of ``families[j]``."""
+        stats = [self.families[f] for f in families]
+        median = torch.tensor([b.median for b in stats], dtype=e.dtype, device=e.device)
+        sigma = torch.tensor([b.sigma for b in stats], dtype=e.dtype, device=e.device)
+        return (e - median) / sigma
 
 
 def robust_stats(values: np.ndarray) -> FamilyBaseline:

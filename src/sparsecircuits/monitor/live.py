@@ -24,7 +24,7 @@ from sparsecircuits.monitor.calibrate import BaselineDoc, KOfN
 from sparsecircuits.monitor.catalog import CatalogDoc
 from sparsecircuits.monitor.policy import Policy, ResolvedRule
 from sparsecircuits.monitor.runtime import Action, Decision
-from sparsecircuits.monitor.scores import FamilyNodes, chain, dampen_interventions, engagement
+from sparsecircuits.monitor.scores import FamilyNodes, FamilyScorer, chain, dampen_interventions
 
 PROMPT = -1  # at_token of anything fired by the prompt's pass
 
@@ -67,13 +67,15 @@ class CircuitMonitor:
         self._passes += 1
         seen = {**cache, **self._pre}  # before the monitor's own dampening, where it acted
         self._pre = {}
+        # Every family in one product, one transfer: this runs once per generated token.
+        e_all = self.f.scorer(seen)[0]  # (T_new, F)
+        z_all = self.f.baseline.z_of(self.f.scorer.names, e_all).cpu().tolist()
+        e_all = e_all.cpu().tolist()
         z_now: dict[str, list[float]] = {}
-        for name, fam in self.f.families.items():
-            e = engagement(seen, fam)[0].cpu()  # (T_new,)
-            z = self.f.baseline.z(name, e)
-            self.eng[name] += [_r(v) for v in e.tolist()]
-            self.z[name] += [_r(v) for v in z.tolist()]
-            z_now[name] = z.tolist()
+        for j, name in enumerate(self.f.scorer.names):
+            self.eng[name] += [_r(row[j]) for row in e_all]
+            self.z[name] += [_r(row[j]) for row in z_all]
+            z_now[name] = [row[j] for row in z_all]
         for rule, counter in zip(self.f.rules, self.counters, strict=True):
             for pos, zv in enumerate(z_now[rule.family]):
                 if counter.push(zv > rule.flag.z):
@@ -151,6 +153,7 @@ class CircuitMonitorFactory:
             n: catalog.family_nodes(n).to(dev) for n in catalog.monitored()
         }
         self.sites = sorted({s for f in self.families.values() for s in f.sites})
+        self.scorer = FamilyScorer(self.families).to(dev)
         self.rules = policy.rules(baseline.flag)
         bad = [r.family for r in self.rules if r.family not in self.families]
         if bad:

@@ -80,6 +80,53 @@ def engagement(cache: Mapping[str, torch.Tensor], fam: FamilyNodes) -> torch.Ten
     return total / fam.n_nodes
 
 
+class FamilyScorer:
+    """Engagement of several families at once, for the per-token path of serving: per site one
+    gather of the union of the families' channels, then one product with a (F, N) matrix that
+    averages each family's normalised activations. Equals :func:`engagement` per family (a
+    node's benign scale is the node's, so families sharing a node share its scale)."""
+
+    def __init__(self, families: Mapping[str, FamilyNodes]) -> None:
+        self.names = list(families)
+        self.sites = sorted({s for f in families.values() for s in f.sites})
+        self.index: dict[str, torch.Tensor] = {}
+        inv: list[torch.Tensor] = []
+        rows: list[list[tuple[int, float]]] = [[] for _ in self.names]
+        offset = 0
+        for site in self.sites:
+            chans: dict[int, float] = {}
+            for fam in families.values():
+                if site in fam.index:
+                    for c, sc in zip(fam.index[site].tolist(), fam.scale[site].tolist(),
+                                     strict=True):  # fmt: skip
+                        chans[c] = sc
+            order = sorted(chans)
+            pos = {c: offset + j for j, c in enumerate(order)}
+            self.index[site] = torch.tensor(order, dtype=torch.long)
+            inv.append(1.0 / torch.tensor([chans[c] for c in order], dtype=torch.float32))
+            for f, fam in enumerate(families.values()):
+                if site in fam.index:
+                    rows[f] += [(pos[c], 1.0 / fam.n_nodes) for c in fam.index[site].tolist()]
+            offset += len(order)
+        self.inv_scale = torch.cat(inv) if inv else torch.zeros(0)
+        self.weight = torch.zeros(len(self.names), offset)  # (F, N)
+        for f, entries in enumerate(rows):
+            for col, w in entries:
+                self.weight[f, col] = w
+
+    def to(self, device: torch.device | str) -> FamilyScorer:
+        self.index = {k: v.to(device) for k, v in self.index.items()}
+        self.inv_scale, self.weight = self.inv_scale.to(device), self.weight.to(device)
+        return self
+
+    def __call__(self, cache: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``cache[site]`` (B, T, width) -> engagement (B, T, F) float32, families in
+        ``names`` order."""
+        parts = [cache[s].index_select(-1, self.index[s]) for s in self.sites]
+        a = torch.cat(parts, dim=-1).float().abs() * self.inv_scale  # (B, T, N)
+        return a @ self.weight.T
+
+
 @torch.no_grad()
 def benign_scales(
     model: GPT, windows: torch.Tensor, nodes: Mapping[str, Sequence[int]], *, batch: int = 8
