@@ -27,7 +27,11 @@ def serve(
     ] = 16,
     timeout: Annotated[float, typer.Option(help="seconds each request may take (> 0)")] = 120.0,
     catalog: Annotated[
-        Path | None, typer.Option(help="circuit catalogue (per-request telemetry)")
+        Path | None,
+        typer.Option(
+            help="circuit catalogue (per-request telemetry); 'shipped': the model's "
+            "own, with its baseline and log-only policy"
+        ),
     ] = None,
     policy: Annotated[Path | None, typer.Option(help="policy YAML (needs --catalog)")] = None,
     baseline: Annotated[
@@ -45,6 +49,14 @@ def serve(
     """Serve OpenAI-compatible completions (POST /v1/completions, GET /v1/models) with the
     policy's decision in every response, and the operator's routes (/v1/telemetry/ID,
     /metrics, /healthz)."""
+    from sparsecircuits.model.io import load_model, resolve_model_dir
+
+    mdir = resolve_model_dir(model)
+    if catalog is not None and str(catalog) == SHIPPED:
+        catalog = mdir / MONITOR_DIR
+        if not catalog.is_dir():
+            raise InputError(f"--catalog shipped: {mdir.name} ships no catalogue ({catalog})")
+        policy = policy or catalog / "policy.yaml"
     if (catalog is None) != (policy is None) or (baseline is not None and catalog is None):
         raise InputError("--catalog and --policy go together (and --baseline needs them)")
     if workers < 1 or queue < 0 or timeout <= 0:
@@ -61,11 +73,9 @@ def serve(
     import uvicorn
 
     from sparsecircuits.data import Tokenizer
-    from sparsecircuits.model.io import load_model, resolve_model_dir
     from sparsecircuits.serve.app import create_app
     from sparsecircuits.train.distributed import resolve_device
 
-    mdir = resolve_model_dir(model)
     m = load_model(mdir, device=resolve_device(device))
     factory = None
     if catalog is not None:
@@ -85,6 +95,8 @@ def serve(
 
 
 OPERATOR_KEY_ENV = "SPARSECIRCUITS_OPERATOR_KEY"
+SHIPPED = "shipped"  # --catalog shipped: the model directory's monitor/ (catalogue, baseline)
+MONITOR_DIR = "monitor"
 
 
 def _operator_key(path: Path | None) -> str | None:

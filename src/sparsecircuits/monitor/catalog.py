@@ -59,7 +59,7 @@ class CheckRec(_Doc):
 
 class CircuitEntry(_Doc):
     task: str
-    path: str  # the circuit directory
+    path: str  # the circuit directory: relative to the catalogue's when inside it, else absolute
     n_nodes: int
     admitted: bool
     reason: str  # "" when admitted, else "<check> <verdict>: <summary>"
@@ -148,6 +148,13 @@ def _answers(lm: LoadedModel, task: str) -> tuple[int, int]:
     return pairs.most_common(1)[0][0]
 
 
+def _stored_path(path: Path, out: Path) -> str:
+    """A circuit directory as the catalogue stores it: relative to the catalogue's directory
+    when inside it (the catalogue can move, e.g. into the package), else absolute."""
+    path, out = Path(path).resolve(), Path(out).resolve()
+    return str(path.relative_to(out)) if path.is_relative_to(out) else str(path)
+
+
 def admit(results: list[dict], *, strict: bool = False) -> tuple[bool, str]:
     """(admitted, reason): admitted iff every admission check is PASS; else the first one
     that is not, with its verdict and summary. An uncertain PASS (its 95% interval straddles
@@ -206,7 +213,8 @@ def build_catalog(
         ok, reason = admit(results, strict=strict)
         log.info("%s: %s%s", task, "admitted" if ok else "rejected", "" if ok else f" ({reason})")
         entries[task] = CircuitEntry(
-            task=task, path=str(path), n_nodes=doc.n_nodes, admitted=ok, reason=reason,
+            task=task, path=_stored_path(path, out), n_nodes=doc.n_nodes, admitted=ok,
+            reason=reason,
             checks={r["name"]: CheckRec(verdict=r["verdict"], summary=r["summary"],
                                         uncertain=bool(r.get("uncertain")))
                     for r in results},

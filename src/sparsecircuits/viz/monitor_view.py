@@ -241,7 +241,8 @@ def family_circuits(catalog: str | Path) -> dict[str, list[CircuitLink]]:
             admitted = list(fam["admitted"])
             tasks = admitted + [t for t in fam["tasks"] if t not in admitted]
             out[name] = [
-                CircuitLink(t, str(circuits[t]["path"]), t in admitted)
+                # relative paths are the catalogue directory's (a shipped catalogue moves)
+                CircuitLink(t, str(path.parent / circuits[t]["path"]), t in admitted)
                 for t in tasks
                 if t in circuits
             ]
