@@ -30,7 +30,7 @@ families:
 """
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def _planted_tasks(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPARSECIRCUITS_CACHE", str(tmp_path_factory.mktemp("cache")))
@@ -43,19 +43,19 @@ def _planted_tasks(tmp_path_factory):
         T.unregister_planted_task()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def planted(tmp_path_factory) -> LoadedModel:
     return load_for_circuits(str(T.save_planted_model(tmp_path_factory.mktemp("planted"))))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def families_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fam") / "families.yaml"
     path.write_text(FAMILIES_YAML)
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def circuit_dirs(tmp_path_factory, planted: LoadedModel) -> dict[str, Path]:
     """The planted circuit of planted_quote (passes both admission checks), and the decoy node
     set as a circuit of planted_quote_b with a 10-nat target: sufficient by that target, but
@@ -73,7 +73,7 @@ def circuit_dirs(tmp_path_factory, planted: LoadedModel) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def catalog_dir(tmp_path_factory, planted, families_file, circuit_dirs) -> Path:
     out = tmp_path_factory.mktemp("catalog")
     build_catalog(planted, families=load_families(families_file), out=out, reuse=circuit_dirs,
@@ -81,7 +81,7 @@ def catalog_dir(tmp_path_factory, planted, families_file, circuit_dirs) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def catalog(catalog_dir: Path) -> CatalogDoc:
     from sparsecircuits.monitor.catalog import load_catalog
 
