@@ -155,3 +155,30 @@ def test_describe_names_what_is_loaded(planted, catalog, baseline, tmp_path):
     d = f.describe()
     assert d["families"] == ["quotes"] and d["policy_sha256"] == f.policy.sha256
     assert d["weights_hash"] == planted.hash
+
+
+def test_opt_in_causal_share_where_a_rule_first_fires(planted, catalog, baseline, tmp_path):
+    from sparsecircuits.monitor.scores import causal_share
+
+    rules = "  - {family: quotes, action: log, z: 0.0001, k: 2, n: 2}\n"  # fires at >= token 1
+    off = _factory(planted, catalog, baseline, tmp_path, rules)
+    ids = planted.tokenizer.encode("y = 'abc")
+    mon = off.start("c0")
+    _generate(planted.model, mon, ids, steps=3)
+    assert mon.telemetry()["causal_share"] == {}  # not asked for: nothing computed
+    p = tmp_path / "policy.yaml"
+    p.write_text(f"version: 1\ncausal_share: true\nrules:\n{rules}")
+    on = CircuitMonitorFactory(planted.model, catalog, baseline,
+                               load_policy(p, families=catalog.monitored()))  # fmt: skip
+    mon = on.start("c1")
+    _generate(planted.model, mon, ids, steps=3)
+    tel = mon.telemetry()
+    (rec,) = tel["causal_share"].values()
+    z = tel["families"]["quotes"]["z"]
+    first = next(i for i in range(1, len(z)) if z[i - 1] > 0.0001 and z[i] > 0.0001)
+    assert rec["at_token"] == -1 and first < len(ids)  # fired on the prompt, at position first
+    # equal to measuring it by hand at that position
+    want = causal_share(planted.model, torch.tensor([ids[:first]]), ids[first],
+                        on.families["quotes"], answers=catalog.answers("quotes"))  # fmt: skip
+    assert rec["logprob_change"] == pytest.approx(want["logprob_change"], abs=1e-6)
+    assert json.dumps(rec)  # JSON-able

@@ -24,7 +24,13 @@ from sparsecircuits.monitor.calibrate import BaselineDoc, KOfN
 from sparsecircuits.monitor.catalog import CatalogDoc
 from sparsecircuits.monitor.policy import Policy, ResolvedRule
 from sparsecircuits.monitor.runtime import Action, Decision
-from sparsecircuits.monitor.scores import FamilyNodes, FamilyScorer, chain, dampen_interventions
+from sparsecircuits.monitor.scores import (
+    FamilyNodes,
+    FamilyScorer,
+    causal_share,
+    chain,
+    dampen_interventions,
+)
 
 PROMPT = -1  # at_token of anything fired by the prompt's pass
 
@@ -48,6 +54,8 @@ class CircuitMonitor:
         self._interventions: dict[str, Intervention] = {}
         self._pre: dict[str, torch.Tensor] = {}  # this pass's activations before dampening
         self._passes = 0
+        self._ids: list[int] = []  # every observed position's token, in order
+        self.causal: dict[str, dict[str, Any]] = {}  # rule -> causal share where it first fired
         self._generated = 0  # generated tokens whose activations were observed
         self._prompt_tokens = 0
 
@@ -65,6 +73,8 @@ class CircuitMonitor:
             at = list(range(self._generated, self._generated + n_new))
             self._generated += n_new
         self._passes += 1
+        first = len(self._ids)  # absolute position of this pass's first new token
+        self._ids += list(token_ids)
         seen = {**cache, **self._pre}  # before the monitor's own dampening, where it acted
         self._pre = {}
         # Every family in one product, one transfer: this runs once per generated token.
@@ -81,6 +91,8 @@ class CircuitMonitor:
                 if counter.push(zv > rule.flag.z):
                     if not self.fired[rule.name] or self.fired[rule.name][-1] != at[pos]:
                         self.fired[rule.name].append(at[pos])
+                    if self.f.policy.doc.causal_share and rule.name not in self.causal:
+                        self.causal[rule.name] = self._causal(rule.family, first + pos, at[pos])
                     self._escalate(rule, at[pos], zv)
         return self.decision
 
@@ -100,6 +112,18 @@ class CircuitMonitor:
                 reason=f"{rule.family}: z > {rule.flag.z:g} on >= {rule.flag.k} of the last "
                 f"{rule.flag.n} tokens (z {z:.2f})",
             )  # fmt: skip
+
+    def _causal(self, family: str, position: int, at: int) -> dict[str, Any]:
+        """The family's causal share for the token at absolute ``position``: how much less
+        likely that token, and the family's task logit differences, become when exactly its
+        nodes are mean-ablated (the prefix before it re-run twice, at most a context long)."""
+        if position < 1:
+            return {"at_token": at, "skipped": "the first token has no prefix"}
+        block = self.f.model.config.block_size
+        prefix = torch.tensor([self._ids[max(0, position - block) : position]])
+        fam, answers = self.f.families[family], self.f.catalog.answers(family)
+        share = causal_share(self.f.model, prefix, self._ids[position], fam, answers=answers)
+        return {"at_token": at, **{k: v for k, v in share.items() if k != "emitted"}}
 
     def _seeing(self, site: str, fn: Intervention) -> Intervention:
         """``fn``, handing its input to the monitor first (the first wrapper of a site wins,
@@ -127,6 +151,7 @@ class CircuitMonitor:
             "n_prompt_tokens": self._prompt_tokens,
             "n_generated_tokens": self._generated,
             "families": fams,
+            "causal_share": self.causal,  # policy opt-in: where each rule first fired
             "decision": self.decision.to_json(),
         }
 
@@ -148,6 +173,7 @@ class CircuitMonitorFactory:
             raise ConfigError(f"baseline has no numbers for family {missing[0]!r}; recalibrate")
         dev = next(model.parameters()).device
         self.catalog, self.baseline, self.policy = catalog, baseline, policy
+        self.model = model
         self.catalog_path = None if catalog_path is None else str(catalog_path)
         self.families: dict[str, FamilyNodes] = {
             n: catalog.family_nodes(n).to(dev) for n in catalog.monitored()

@@ -75,6 +75,9 @@ class PolicyDoc(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     version: Literal[1]
     flag: FlagRule | None = None
+    # Opt-in: when a rule first fires in a request, measure the family's causal share at that
+    # token (two extra passes over the prefix; see monitor/scores.py causal_share).
+    causal_share: bool = False
     rules: list[Rule] = Field(default_factory=list)
 
 
