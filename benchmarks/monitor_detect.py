@@ -40,7 +40,13 @@ import torch
 from sparsecircuits.circuits.pipeline import load_for_circuits
 from sparsecircuits.model.hooks import Hooks
 from sparsecircuits.monitor.attacks import DetectItem, detection_splits
-from sparsecircuits.monitor.calibrate import BASELINE_FILE, BaselineDoc, KOfN, load_baseline
+from sparsecircuits.monitor.calibrate import (
+    BASELINE_FILE,
+    BaselineDoc,
+    FlagRule,
+    KOfN,
+    load_baseline,
+)
 from sparsecircuits.monitor.catalog import CatalogDoc, load_catalog
 from sparsecircuits.monitor.detect_metrics import (
     Estimate,
@@ -49,6 +55,7 @@ from sparsecircuits.monitor.detect_metrics import (
     fit_logistic,
     tpr_at_fpr,
 )
+from sparsecircuits.monitor.policy import load_policy
 from sparsecircuits.monitor.scores import FamilyNodes, engagement
 
 L2_GRID = (1e-3, 1e-1, 10.0)  # per standardised feature unit; chosen by template CV on train
@@ -111,9 +118,11 @@ def extract(lm, fams: dict[str, FamilyNodes], items: list[DetectItem], batch: in
     return feats
 
 
-def flag_rule(eng: list[np.ndarray], baseline: BaselineDoc, family: str) -> np.ndarray:
-    """1.0 where the baseline's k-of-n rule fires on any token of the item, else 0.0."""
-    rule = baseline.flag
+def flag_rule(
+    eng: list[np.ndarray], baseline: BaselineDoc, family: str, rule: FlagRule | None = None
+) -> np.ndarray:
+    """1.0 where a k-of-n rule (default: the baseline's) fires on any token of the item."""
+    rule = rule or baseline.flag
     out = np.zeros(len(eng))
     for i, e in enumerate(eng):
         z = baseline.z(family, torch.from_numpy(e)).tolist()
@@ -174,6 +183,7 @@ def main() -> None:
     ap.add_argument("--model", default="stdlib-sparse")
     ap.add_argument("--catalog", required=True, help="catalogue directory or catalog.json")
     ap.add_argument("--baseline", help="baseline.json (default: the catalogue directory's)")
+    ap.add_argument("--policy", help="also judge each rule of this policy (its z, k and n)")
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
@@ -209,12 +219,16 @@ def main() -> None:
     for n in fams:
         rows.append(score_row("engagement", n, mte[n], yte, args))
     if baseline is not None:
-        rule = baseline.flag
-        for n in fams:
-            flags = flag_rule(fte.eng[n], baseline, n)
-            rate = lambda lab: lambda s, y: float(s[y == lab].mean())  # noqa: E731
+        # the baseline's default rule per family, then (with --policy) each policy rule
+        rules = [("flag rule", n, baseline.flag) for n in fams]
+        if args.policy is not None:
+            policy = load_policy(args.policy, families=fams)
+            rules += [(f"policy {r.name}", r.family, r.flag) for r in policy.rules(baseline.flag)]
+        rate = lambda lab: lambda s, y: float(s[y == lab].mean())  # noqa: E731
+        for label, n, rule in rules:
+            flags = flag_rule(fte.eng[n], baseline, n, rule)
             rows.append(Row(
-                "flag rule", f"{n}: z>{rule.z:g}, {rule.k} of {rule.n}", None,
+                label, f"{n}: z>{rule.z:g}, {rule.k} of {rule.n}", None,
                 bootstrap(rate(1), flags, yte, n_boot=args.boot, seed=args.seed),
                 bootstrap(rate(0), flags, yte, n_boot=args.boot, seed=args.seed),
             ))  # fmt: skip
