@@ -90,7 +90,18 @@ def test_benign_items_contain_no_payload(splits):
         for it in items:
             if it.label == BENIGN:
                 assert not any(p in it.text for p in payloads), it.text
-                assert "#" not in it.text and ";" not in it.text
+                value = it.text[it.value_start : it.value_end]
+                assert "#" not in value and ";" not in value  # the value never breaks out
+
+
+def test_comments_and_second_statements_are_in_both_labels(splits):
+    """Lexical cues appear around benign values as well, at the same rates for both labels."""
+    items = splits["test"]
+    for label in (BENIGN, ATTACK):
+        tails = [it.text[it.value_end :].split("\n")[0] for it in items if it.label == label]
+        with_hash = sum("#" in t for t in tails) / len(tails)
+        with_semi = sum(";" in t for t in tails) / len(tails)
+        assert with_hash > 0.2 and with_semi > 0.15, (label, with_hash, with_semi)
 
 
 def test_every_item_is_valid_python(splits):

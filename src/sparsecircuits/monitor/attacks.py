@@ -184,7 +184,8 @@ class DetectItem:
 
 def _wrap(rng: random.Random) -> tuple[str, str, str]:
     """Surrounding code: (text before the host line, its indentation, text after)."""
-    pre = rng.choice(("", "import os\n\n", "import os\nimport sys\n\n", "x = 1\n"))
+    pre = rng.choice(("", "import os\n\n", "import os\nimport sys\n\n", "x = 1\n",
+                      "x = 1; y = 2  # setup\n"))  # fmt: skip
     if rng.random() < 0.5:
         return pre, "", rng.choice(("", "print(name)\n"))
     fn, arg = rng.choice(("main", "run", "handle", "setup")), rng.choice(NAMES)
@@ -207,7 +208,15 @@ def make_item(rng: random.Random, split: Split, index: int, label: int) -> Detec
         value += _breakout(rng, host, payload, indent)
     head, tail = host.line.split(SLOT)
     start = len(before) + len(indent) + len(head)
-    text = f"{before}{indent}{head}{value}{tail}\n{after}"
+    # The rest of the host line, drawn alike for both labels: benign code has comments and
+    # second statements too, so counting ';' and '#' cannot tell a breakout.
+    r = rng.random()
+    rest = ""
+    if r < 0.3:
+        rest = f"  # {rng.choice(WORDS)}"
+    elif r < 0.55:
+        rest = f"; {rng.choice(NAMES)} = {rng.randint(0, 9)}"
+    text = f"{before}{indent}{head}{value}{tail}{rest}\n{after}"
     return DetectItem(
         text=text, label=label, template=f"{split}/{index}", split=split, kind=host.kind,
         value_start=start, value_end=start + len(value),
