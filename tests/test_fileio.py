@@ -37,3 +37,26 @@ def test_a_key_given_twice_is_a_one_line_error(tmp_path):
     assert "\n" not in str(err.value) and str(path) in str(err.value)
     path.write_text('{"a": 1, "b": {"a": 2}}')  # the same key in two objects is fine
     assert read_json_object(path) == {"a": 1, "b": {"a": 2}}
+
+
+def test_read_schema_json_errors_are_one_line_checkpoint_errors(tmp_path):
+    import pytest
+
+    from sparsecircuits.errors import CheckpointError
+    from sparsecircuits.fileio import read_schema_json
+
+    path = tmp_path / "x.json"
+    cases = {
+        None: "no such thing file",
+        "{not json": "not valid JSON",
+        '{"schema": "a", "schema": "a"}': "appears twice",
+        '{"schema": "b"}': 'not a thing file \\(expected "schema": "a"\\)',
+    }
+    for text, message in cases.items():
+        if text is not None:
+            path.write_text(text)
+        with pytest.raises(CheckpointError, match=message) as err:
+            read_schema_json(path, schema="a", what="thing file")
+        assert "\n" not in str(err.value)
+    path.write_text('{"schema": "a", "v": 1}')
+    assert read_schema_json(path, schema="a", what="thing file") == {"schema_": "a", "v": 1}

@@ -110,3 +110,22 @@ def read_json_object(path: str | os.PathLike, *, missing: type[Exception] | None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def read_schema_json(path: str | os.PathLike, *, schema: str, what: str) -> dict:
+    """A JSON file of ours whose ``"schema"`` is ``schema`` (``what``: a short name for the
+    messages, e.g. "circuit file"). Anything else (missing, malformed, a key twice, another
+    schema) is a one-line CheckpointError naming the file. The key comes back as ``schema_``
+    (pydantic models cannot name a field ``schema``)."""
+    from sparsecircuits.errors import CheckpointError, ConfigError
+
+    path = Path(path)
+    try:
+        data = read_json_object(path, missing=CheckpointError)
+    except ConfigError as err:  # malformed JSON: the file's contents, not a config
+        raise CheckpointError(str(err)) from None
+    except CheckpointError:
+        raise CheckpointError(f"{path}: no such {what}") from None
+    if data.get("schema") != schema:
+        raise CheckpointError(f'{path}: not a {what} (expected "schema": "{schema}")')
+    return {"schema_": data.pop("schema"), **data}

@@ -68,7 +68,7 @@ def test_reused_circuits_must_match_task_and_model(planted, families_file, circu
 
 
 def test_load_catalog_errors_are_one_line(tmp_path: Path, catalog_dir: Path):
-    with pytest.raises(CheckpointError, match="no such catalogue"):
+    with pytest.raises(CheckpointError, match="no such monitor catalogue"):
         load_catalog(tmp_path)
     bad = tmp_path / "c.json"
     bad.write_text(json.dumps({"schema": "something.else"}))

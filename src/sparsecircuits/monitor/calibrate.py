@@ -14,7 +14,6 @@ least k of the last n tokens (``KOfN``).
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sparsecircuits.circuits.means import pretrain_windows
 from sparsecircuits.data.tokenizer import Tokenizer
 from sparsecircuits.errors import CheckpointError
-from sparsecircuits.fileio import atomic_write_json
+from sparsecircuits.fileio import atomic_write_json, read_schema_json
 from sparsecircuits.model.config import format_validation_error
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.hooks import Hooks
@@ -171,16 +170,9 @@ def load_baseline(path: str | Path, *, catalog_sha256: str | None = None) -> Bas
     """Read a baseline; with ``catalog_sha256``, refuse one fitted for another catalogue."""
     path = Path(path)
     path = path / BASELINE_FILE if path.is_dir() else path
+    data = read_schema_json(path, schema=SCHEMA, what="monitor baseline")
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such baseline file") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not a readable JSON baseline ({err})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise CheckpointError(f'{path}: not a monitor baseline (expected "schema": "{SCHEMA}")')
-    try:
-        doc = BaselineDoc.model_validate({"schema_": data.pop("schema"), **data})
+        doc = BaselineDoc.model_validate(data)
     except ValidationError as err:
         raise CheckpointError(format_validation_error(err, source=str(path))) from None
     if catalog_sha256 is not None and doc.catalog_sha256 != catalog_sha256:

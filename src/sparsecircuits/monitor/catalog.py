@@ -12,7 +12,6 @@ values), and each task's answer token pair. The file pins the model's weights ha
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -32,7 +31,7 @@ from sparsecircuits.circuits.report import save_prune_outputs
 from sparsecircuits.circuits.schema import check_model, load_circuit
 from sparsecircuits.circuits.verify import VerifyOptions, build_context, run_checks
 from sparsecircuits.errors import CheckpointError, ConfigError, SparseCircuitsError
-from sparsecircuits.fileio import atomic_write_json
+from sparsecircuits.fileio import atomic_write_json, read_schema_json
 from sparsecircuits.model.config import format_validation_error
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.io import weights_hash
@@ -299,15 +298,7 @@ def load_catalog(path: str | Path, model: GPT | None = None) -> CatalogDoc:
     """Read a catalogue (file or directory). With ``model``, refuse (CheckpointError, one line)
     unless its weights hash is the catalogue's."""
     path = catalog_path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such catalogue file") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not a readable JSON catalogue ({err})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise CheckpointError(f'{path}: not a monitor catalogue (expected "schema": "{SCHEMA}")')
-    data = {"schema_": data.pop("schema"), **data}
+    data = read_schema_json(path, schema=SCHEMA, what="monitor catalogue")
     try:
         doc = CatalogDoc.model_validate(data)
     except ValidationError as err:
