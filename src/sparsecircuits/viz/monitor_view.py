@@ -178,8 +178,8 @@ def parse_telemetry_text(text: str | bytes) -> TelemetryView:
 
 def _get_json(url: str, *, timeout: float) -> Any:
     """GET ``url`` (the operator's own server) as JSON; one-line errors."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+    try:  # our own server, given by --server (127.0.0.1 unless the operator chose otherwise)
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # loopback
             return json.loads(resp.read())
     except urllib.error.HTTPError as err:
         try:  # the server's errors are OpenAI-shaped JSON with a one-line message
