@@ -201,6 +201,12 @@ LATER_PINS = {
     "cloudpickle", "datasets", "dill", "httpcore", "httpx", "multiprocess", "nnsight", "regex",
     "transformers", "websocket-client", "xxhash", "zstandard", "fastapi", "prometheus-client",
     "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-semantic-conventions",
+    # issue 21: audit signatures, OTLP export, and the test suite's pymerkle and schemathesis
+    "cachetools", "cffi", "cryptography", "googleapis-common-protos", "graphql-core", "harfile",
+    "hypothesis-graphql", "jsonschema-rs", "opentelemetry-exporter-http-transport",
+    "opentelemetry-exporter-otlp-common", "opentelemetry-exporter-otlp-proto-common",
+    "opentelemetry-exporter-otlp-proto-http", "opentelemetry-proto", "pycparser", "pymerkle",
+    "pyrate-limiter", "schemathesis", "werkzeug",
 }  # fmt: skip
 
 
