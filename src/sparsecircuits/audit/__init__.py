@@ -1,0 +1,1 @@
+"""Tamper-evident audit records: hash chain, Merkle checkpoints, signatures, verification."""
