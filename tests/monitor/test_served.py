@@ -9,12 +9,12 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from sparsecircuits.cli.serve import _monitor_factory
 from sparsecircuits.errors import CheckpointError, ConfigError
 from sparsecircuits.interop.download import file_sha256
 from sparsecircuits.monitor.calibrate import calibrate, save_baseline
 from sparsecircuits.monitor.catalog import CATALOG_FILE
 from sparsecircuits.serve.app import create_app
+from sparsecircuits.serve.launch import monitor_factory
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def served(planted, catalog, catalog_dir, tmp_path_factory):
         f"version: 1\nrules:\n  - family: {family}\n    action: log\n    z: 0.000001\n"
         "    k: 1\n    n: 1\n"
     )
-    factory = _monitor_factory(planted.model, catalog=catalog_dir, policy=policy,
+    factory = monitor_factory(planted.model, catalog=catalog_dir, policy=policy,
                                baseline=d / "baseline.json")  # fmt: skip
     app = create_app(planted.model, planted.tokenizer, factory=factory, model_name="planted")
     with TestClient(app) as client:
@@ -57,4 +57,4 @@ def test_mismatched_files_are_refused(planted, catalog_dir, tmp_path):
     policy = tmp_path / "p.yaml"
     policy.write_text("version: 1\nrules:\n  - family: no-such-family\n    action: log\n")
     with pytest.raises((ConfigError, CheckpointError)):
-        _monitor_factory(planted.model, catalog=catalog_dir, policy=policy, baseline=None)
+        monitor_factory(planted.model, catalog=catalog_dir, policy=policy, baseline=None)

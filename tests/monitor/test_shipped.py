@@ -8,11 +8,12 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from sparsecircuits.cli.serve import MONITOR_DIR, _monitor_factory
+from sparsecircuits.cli.serve import MONITOR_DIR
 from sparsecircuits.data import Tokenizer
 from sparsecircuits.interop.download import file_sha256
 from sparsecircuits.model.io import load_model, resolve_model_dir
 from sparsecircuits.serve.app import create_app
+from sparsecircuits.serve.launch import monitor_factory
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def test_the_shipped_catalogue_serves_with_its_baseline_and_policy(shipped):
     model, tok, cat = shipped
     base = json.loads((cat / "baseline.json").read_text())
     assert base["catalog_sha256"] == file_sha256(cat / "catalog.json")
-    factory = _monitor_factory(model, catalog=cat, policy=cat / "policy.yaml", baseline=None)
+    factory = monitor_factory(model, catalog=cat, policy=cat / "policy.yaml", baseline=None)
     assert factory.describe()["families"] == ["string-literal", "brackets", "control-flow"]
     for family in json.loads((cat / "catalog.json").read_text())["families"].values():
         for task in family["admitted"]:  # the admitted circuits ship for the dashboard's links

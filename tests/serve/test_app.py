@@ -223,12 +223,26 @@ def test_a_span_per_request_with_ids_counts_and_decision(model, tokenizer):
         r = c.post(URL, json={"prompt": "secret prompt", "max_tokens": 2}).json()
     (span,) = exporter.get_finished_spans()
     attrs = dict(span.attributes)
-    assert attrs["request.id"] == r["id"] and attrs["decision.action"] == "allow"
-    assert attrs["request.completion_tokens"] == r["usage"]["completion_tokens"]
-    assert not any("secret" in str(v) for v in attrs.values())
+    assert span.name == "text_completion sparsecircuits"
+    assert attrs["gen_ai.response.id"] == r["id"] and attrs["circuit.decision.action"] == "allow"
+    assert attrs["gen_ai.usage.output_tokens"] == r["usage"]["completion_tokens"]
+    assert attrs["gen_ai.usage.input_tokens"] == r["usage"]["prompt_tokens"]
+    assert attrs["gen_ai.operation.name"] == "text_completion"
+    assert not any("secret" in str(v) for v in attrs.values())  # content is off by default
 
 
-def test_full_queue_is_refused_at_once_with_503_json(model, tokenizer):
+def test_span_content_only_when_asked(model, tokenizer):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = create_app(model, tokenizer, tracer_provider=provider, capture_content=True)
+    with TestClient(app) as c:
+        c.post(URL, json={"prompt": "secret prompt", "max_tokens": 2}).json()
+    (span,) = exporter.get_finished_spans()
+    assert "secret prompt" in span.attributes["gen_ai.input.messages"]
+
+
+def test_full_queue_is_refused_at_once_with_429_json(model, tokenizer):
     """One worker held busy, one request queued: the third is refused; the first two finish."""
     gate = threading.Event()
     factory = ScriptedFactory(gate=gate)
@@ -253,7 +267,7 @@ def test_full_queue_is_refused_at_once_with_503_json(model, tokenizer):
     finally:
         gate.set()
         server.pool.close()
-    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["type"] == "server_busy"
     assert [r.status_code for r in done] == [200, 200]
 
@@ -310,5 +324,6 @@ def test_operator_routes_need_the_operator_key_when_one_is_set(model, tokenizer)
         for route in (f"/v1/telemetry/{rid}", "/metrics", "/healthz"):
             for headers in ({}, {"authorization": "Bearer wrong"}):
                 r = c.get(route, headers=headers)
-                assert r.status_code == 401 and r.json()["error"]["type"] == "auth_error", route
+                assert r.status_code == 401, route
+                assert r.json()["error"]["type"] == "authentication_error", route
             assert c.get(route, headers={"authorization": f"Bearer {key}"}).status_code == 200

@@ -65,11 +65,11 @@ def model_server(planted, catalog, catalog_dir, tmp_path_factory):  # noqa: F811
     (action log) fires on the first token above the benign median."""
     import uvicorn
 
-    from sparsecircuits.cli.serve import _monitor_factory
     from sparsecircuits.interop.download import file_sha256
     from sparsecircuits.monitor.calibrate import calibrate, save_baseline
     from sparsecircuits.monitor.catalog import CATALOG_FILE
     from sparsecircuits.serve.app import create_app
+    from sparsecircuits.serve.launch import monitor_factory
 
     _need_browser()
     d = tmp_path_factory.mktemp("monitor_served")
@@ -80,7 +80,7 @@ def model_server(planted, catalog, catalog_dir, tmp_path_factory):  # noqa: F811
     policy = d / "policy.yaml"
     policy.write_text(f"version: 1\nrules:\n  - name: {family}-log\n    family: {family}\n"
                       "    action: log\n    z: 0.000001\n    k: 1\n    n: 1\n")  # fmt: skip
-    factory = _monitor_factory(planted.model, catalog=catalog_dir, policy=policy,
+    factory = monitor_factory(planted.model, catalog=catalog_dir, policy=policy,
                                baseline=d / "baseline.json")  # fmt: skip
     app = create_app(planted.model, planted.tokenizer, factory=factory, model_name="planted",
                      timeout_s=60)  # fmt: skip

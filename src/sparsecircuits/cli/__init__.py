@@ -1,6 +1,6 @@
 """Command line: ``sparsecircuits`` and its command groups, one module each (``model``,
 ``tasks``, ``circuits``, ``compare``, ``data``, ``checkpoint``, ``viz``, ``interop``,
-``monitor``, ``serve``).
+``monitor``, ``serve``, ``audit`` with ``keys``).
 
 Library code never imports this package. Heavy imports happen inside commands so ``--help`` is
 instant and the allocator tweak lands before torch allocates.
@@ -15,6 +15,7 @@ import typer
 
 from sparsecircuits._alloc import tune_allocator
 from sparsecircuits.cli import (
+    audit,
     checkpoint,
     circuits,
     compare,
@@ -34,7 +35,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Train, inspect and run weight-sparse transformers.",
 )
-for group in (model, tasks, circuits, compare, checkpoint, data, viz, interop, monitor, serve):
+for group in (
+    model,
+    tasks,
+    circuits,
+    compare,
+    checkpoint,
+    data,
+    viz,
+    interop,
+    monitor,
+    serve,
+    audit,
+):
     group.register(app)
 
 

@@ -44,12 +44,61 @@ def serve(
             f"{OPERATOR_KEY_ENV}); needed to bind beyond loopback"
         ),
     ] = None,
+    keys: Annotated[
+        Path | None,
+        typer.Option(help="API keys file (sparsecircuits keys create): every route needs a key"),
+    ] = None,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(help="refuse prompts over this many tokens (default: context)")
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option(help="the largest max_tokens a request may ask (1..1024)")
+    ] = 1024,
+    processes: Annotated[
+        int, typer.Option(help="server processes (uvicorn workers), each with its own audit log")
+    ] = 1,
+    audit_dir: Annotated[
+        Path | None, typer.Option(help="write signed, chained audit records here")
+    ] = None,
+    audit_key: Annotated[
+        Path | None, typer.Option(help="Ed25519 private key (sparsecircuits audit keygen)")
+    ] = None,
+    audit_log_id: Annotated[
+        str | None, typer.Option(help="this process's log name in --audit-dir (default w0, w1..)")
+    ] = None,
+    store_inputs: Annotated[
+        bool, typer.Option(help="keep raw prompts and completions in the records (for replay)")
+    ] = False,
+    checkpoint_records: Annotated[
+        int, typer.Option(help="a signed tree head after this many records")
+    ] = 1000,
+    checkpoint_seconds: Annotated[
+        float, typer.Option(help="... or this many seconds after new records")
+    ] = 5.0,
+    segment_records: Annotated[int, typer.Option(help="records per segment file")] = 100_000,
+    retain_segments: Annotated[
+        int | None, typer.Option(help="keep this many segments, delete older (default: all)")
+    ] = None,
+    otel_exporter: Annotated[
+        str, typer.Option(help="request spans: none, console or otlp (needs --otel-endpoint)")
+    ] = "none",
+    otel_endpoint: Annotated[
+        str | None, typer.Option(help="OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces")
+    ] = None,
+    otel_capture_content: Annotated[
+        bool, typer.Option(help="put prompt and completion text on spans (off: hashes only)")
+    ] = False,
     device: Device = "auto",
 ) -> None:
     """Serve OpenAI-compatible completions (POST /v1/completions, GET /v1/models) with the
     policy's decision in every response, and the operator's routes (/v1/telemetry/ID,
     /metrics, /healthz)."""
-    from sparsecircuits.model.io import load_model, resolve_model_dir
+    from pydantic import ValidationError
+
+    from sparsecircuits.model.config import format_validation_error
+    from sparsecircuits.model.io import resolve_model_dir
+    from sparsecircuits.serve.launch import ServeConfig, run
+    from sparsecircuits.train.distributed import resolve_device
 
     mdir = resolve_model_dir(model)
     if catalog is not None and str(catalog) == SHIPPED:
@@ -59,39 +108,42 @@ def serve(
         policy = policy or catalog / "policy.yaml"
     if (catalog is None) != (policy is None) or (baseline is not None and catalog is None):
         raise InputError("--catalog and --policy go together (and --baseline needs them)")
-    if workers < 1 or queue < 0 or timeout <= 0:
-        raise InputError(
-            f"--workers must be >= 1, --queue >= 0 and --timeout > 0; got {workers}, {queue}, "
-            f"{timeout}"
-        )
     key = _operator_key(operator_key_file)
-    if key is None and not _loopback(host):
+    if key is None and keys is None and not _loopback(host):
         raise InputError(
-            f"--host {host} would expose the operator routes (telemetry, metrics) to whoever "
-            f"reaches the server: give --operator-key-file or {OPERATOR_KEY_ENV}"
+            f"--host {host} would expose every route to whoever reaches the server: give "
+            f"--keys or --operator-key-file (or {OPERATOR_KEY_ENV})"
         )
-    import uvicorn
+    if processes < 1 or (processes > 1 and audit_log_id is not None):
+        raise InputError("--processes must be >= 1 (and each process names its own log: "
+                         "leave --audit-log-id out with --processes > 1)")  # fmt: skip
+    if (audit_dir is None) != (audit_key is None):
+        raise InputError("--audit-dir and --audit-key go together")
+    if keys is not None:  # refuse a bad keys file before loading the model
+        from sparsecircuits.serve.access import KeyStore
 
-    from sparsecircuits.data import Tokenizer
-    from sparsecircuits.serve.app import create_app
-    from sparsecircuits.train.distributed import resolve_device
-
-    m = load_model(mdir, device=resolve_device(device))
-    factory = None
-    if catalog is not None:
-        factory = _monitor_factory(m, catalog=catalog, policy=policy, baseline=baseline)
-    app = create_app(
-        m,
-        Tokenizer.load(mdir),
-        factory=factory,
-        operator_key_sha256=None if key is None else hashlib.sha256(key.encode()).hexdigest(),
-        model_name=model if not Path(model).exists() else mdir.name,
-        workers=workers,
-        queue_size=queue,
-        timeout_s=timeout,
-    )
+        KeyStore.load(keys)
+    try:
+        cfg = ServeConfig(
+            model_dir=str(mdir), model_name=model if not Path(model).exists() else mdir.name,
+            device=str(resolve_device(device)), catalog=_s(catalog), policy=_s(policy),
+            baseline=_s(baseline), workers=workers, queue=queue, timeout_s=timeout,
+            operator_key_sha256=None if key is None else hashlib.sha256(key.encode()).hexdigest(),
+            keys_file=_s(keys), max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
+            audit_dir=_s(audit_dir), audit_key=_s(audit_key), audit_log_id=audit_log_id,
+            store_inputs=store_inputs, checkpoint_records=checkpoint_records,
+            checkpoint_seconds=checkpoint_seconds, segment_records=segment_records,
+            retain_segments=retain_segments, otel_exporter=otel_exporter,
+            otel_endpoint=otel_endpoint, otel_capture_content=otel_capture_content,
+        )  # fmt: skip
+    except ValidationError as err:
+        raise InputError(format_validation_error(err, source="serve options")) from None
     typer.echo(f"serve: {mdir.name} at http://{host}:{port}/v1  (Ctrl+C to stop)")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    run(cfg, host=host, port=port, processes=processes)
+
+
+def _s(path: Path | None) -> str | None:
+    return None if path is None else str(path.resolve())
 
 
 OPERATOR_KEY_ENV = "SPARSECIRCUITS_OPERATOR_KEY"
@@ -122,23 +174,6 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-def _monitor_factory(model, *, catalog: Path, policy: Path, baseline: Path | None):
-    """The per-request circuit telemetry of a catalogue, its baseline and a policy; each file
-    is checked against the others (the model's weights hash, the catalogue's hash, the
-    catalogue's families)."""
-    from sparsecircuits.interop.download import file_sha256
-    from sparsecircuits.monitor.calibrate import BASELINE_FILE, load_baseline
-    from sparsecircuits.monitor.catalog import catalog_path, load_catalog
-    from sparsecircuits.monitor.live import CircuitMonitorFactory
-    from sparsecircuits.monitor.policy import load_policy
-
-    path = catalog_path(catalog)
-    doc = load_catalog(path, model)  # refuses a catalogue built for another model
-    base = load_baseline(baseline or path.parent / BASELINE_FILE, catalog_sha256=file_sha256(path))
-    pol = load_policy(policy, families=doc.monitored())
-    return CircuitMonitorFactory(model, doc, base, pol, catalog_path=path)
 
 
 def register(app: typer.Typer) -> None:

@@ -3,20 +3,23 @@ operator's routes.
 
 End users: ``POST /v1/completions`` (whole or as server-sent events) and ``GET /v1/models``.
 Operators: ``GET /v1/telemetry/{request_id}``, ``GET /metrics`` (Prometheus), ``GET /healthz``.
-With an operator key (only its SHA-256 is kept) these need ``Authorization: Bearer KEY``, so
-that end users who can reach the completions cannot read scores (an evasion oracle); without
-one they are open, which ``sparsecircuits serve`` allows only on loopback. Request bodies over
-``MAX_BODY_BYTES`` are refused (413) before they are read.
+
+Access: with a keys file (:mod:`sparsecircuits.serve.access`; only SHA-256s of keys are kept)
+every route needs ``Authorization: Bearer KEY`` (missing or wrong: 401), and the operator
+routes need a key of scope ``operator`` (a user key: 403), so that end users cannot read scores
+(an evasion oracle); each key's request and token rates are limited (429 with
+``Retry-After``). A lone operator key protects the operator routes only. With no keys at all
+every route is open, which ``sparsecircuits serve`` allows only on loopback. Request bodies over
+``MAX_BODY_BYTES`` are refused (413) before they are read; a full queue answers 429.
 
 Every error is JSON in OpenAI's shape with a one-line message, never a stack trace.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,6 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sparsecircuits.data.tokenizer import Tokenizer
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.monitor.runtime import MonitorFactory, NullMonitorFactory
+from sparsecircuits.serve.access import ApiKey, KeyStore, RateLimiter
+from sparsecircuits.serve.auditing import Auditor
 from sparsecircuits.serve.schemas import (
     CompletionRequest,
     ModelCard,
@@ -37,7 +42,7 @@ from sparsecircuits.serve.schemas import (
     describe_validation_error,
     error_body,
 )
-from sparsecircuits.serve.server import ApiError, Server
+from sparsecircuits.serve.server import ApiError, Limits, Server
 
 log = logging.getLogger("sparsecircuits.serve")
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a prompt that fits a context is far smaller
@@ -101,6 +106,12 @@ def create_app(
     telemetry_capacity: int = 1000,
     tracer_provider: trace.TracerProvider | None = None,
     operator_key_sha256: str | None = None,
+    keys: KeyStore | None = None,
+    auditor: Auditor | None = None,
+    limits: Limits | None = None,
+    capture_content: bool = False,
+    record_info: dict[str, Any] | None = None,
+    on_close: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The server's app. ``factory``: per-request telemetry (None: :class:`NullMonitorFactory`,
     no catalogue). ``workers`` threads run requests; ``queue_size`` more may wait, the next is
@@ -108,7 +119,18 @@ def create_app(
     ``telemetry_capacity``: how many requests' telemetry ``/v1/telemetry`` keeps.
     ``tracer_provider``: where request spans go (default: OpenTelemetry's global provider,
     which exports nothing unless the host process configures it). ``operator_key_sha256``: hex
-    SHA-256 of the key the operator routes require (None: open)."""
+    SHA-256 of a key of scope operator (no rate limits). ``keys``: API keys (every route then
+    needs one). ``auditor``: where audit records go (None: none are written). ``limits``:
+    caps on prompt tokens and max_tokens. ``capture_content``: prompt and completion text on
+    spans. ``record_info``: hashes every completion record repeats (weights, catalogue,
+    policy). ``on_close``: called last when the app shuts down (e.g. flush spans)."""
+    entries = list(keys or [])
+    if operator_key_sha256 is not None:
+        entries.append(ApiKey(id="operator", sha256=operator_key_sha256, scope="operator",
+                              requests_per_minute=None, tokens_per_minute=None,
+                              created="1970-01-01T00:00:00+00:00"))  # fmt: skip
+    store = KeyStore(entries, source="keys") if entries else None
+    users_need_keys = keys is not None
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} ids, the model only "
@@ -118,29 +140,48 @@ def create_app(
         model.eval(), tokenizer, factory=factory or NullMonitorFactory(), model_name=model_name,
         workers=workers, queue_size=queue_size, timeout_s=timeout_s,
         telemetry_capacity=telemetry_capacity, tracer_provider=tracer_provider,
+        auditor=auditor, limiter=None if store is None else RateLimiter(store),
+        limits=limits, capture_content=capture_content, record_info=record_info,
     )  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         server.pool.close(timeout=1.0)
+        if auditor is not None:
+            auditor.close()  # a final checkpoint over every record
+        if on_close is not None:
+            on_close()
 
     app = FastAPI(title="sparsecircuits", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
+    def _key(request: Request) -> ApiKey:
+        assert store is not None
+        key = store.authenticate(request.headers.get("authorization"))
+        if key is None:
+            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                           type="authentication_error")  # fmt: skip
+        return key
+
+    def user(request: Request) -> ApiKey | None:
+        """The caller's key on a user route (None: this server's user routes are open)."""
+        return _key(request) if users_need_keys else None
+
     def operator(request: Request) -> None:
-        """Refuse an operator route without the operator's key (when one is set)."""
-        if operator_key_sha256 is None:
+        """Refuse an operator route without a key of scope operator (when keys are set)."""
+        if store is None:
             return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        digest = hashlib.sha256(given.encode()).hexdigest()
-        if not given or not hmac.compare_digest(digest, operator_key_sha256):
-            raise ApiError(401, "operator route: missing or wrong operator key", type="auth_error")
+        if not _key(request).allows("operator"):
+            raise ApiError(403, "this route needs a key of scope operator",
+                           type="permission_error")  # fmt: skip
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if err.status == 503 else None
+        headers = None
+        if err.status in (429, 503):
+            headers = {"Retry-After": str(max(1, math.ceil(err.retry_after or 1)))}
         return error_response(err.status, str(err), type=err.type, param=err.param, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -160,13 +201,16 @@ def create_app(
         return error_response(500, "internal server error", type="server_error")
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest) -> Any:
-        job = server.submit(body)
+    async def completions(
+        body: CompletionRequest,
+        key: ApiKey | None = Depends(user),  # noqa: B008 (FastAPI's idiom; a closure here)
+    ) -> Any:
+        job = server.submit(body, key=key)
         if body.stream:
             return StreamingResponse(server.sse(job), media_type="text/event-stream")
         return await server.complete(job)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[Depends(user)])
     async def models() -> dict[str, Any]:
         card = ModelCard(id=server.model_name, created=server.created)
         return ModelList(data=[card]).model_dump()
