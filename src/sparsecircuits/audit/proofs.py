@@ -30,10 +30,11 @@ PROOF_SCHEMA = "sparsecircuits.audit.proof/1"
 def find_records(trail: Path, request_id: str) -> list[tuple[Path, dict[str, Any], bytes]]:
     """Every record naming ``request_id``: (log dir, fields, line), in log order."""
     found = []
+    needle = json.dumps(request_id)[1:-1].encode()  # as it appears in a canonical line
     for log_dir in layout.logs(trail):
         for _, seg in layout.segments(log_dir):
             for line in seg.read_bytes().split(b"\n"):
-                if request_id.encode() in line:
+                if needle in line:
                     doc = parse_line(line)
                     if doc is not None and doc.get("request_id") == request_id:
                         found.append((log_dir, doc, line))
@@ -89,9 +90,14 @@ def check_proof(proof: dict[str, Any], keyring: Keyring) -> list[str]:
     """What is wrong with ``proof`` (empty: it holds): the checkpoint's signature, the
     record's signature, and the audit path from the record to the checkpoint's root."""
     problems = []
-    cp = proof.get("checkpoint") or {}
     if proof.get("schema") != PROOF_SCHEMA:
         return [f'not a proof (expected "schema": "{PROOF_SCHEMA}")']
+    cp = proof.get("checkpoint")
+    index = proof.get("index")
+    if not isinstance(cp, dict):
+        return ["the proof holds no checkpoint object"]
+    if not isinstance(index, int) or isinstance(index, bool):
+        return ["the proof's index is not an integer"]
     if cp.get("schema") != CHECKPOINT_SCHEMA or not signature_ok(cp, keyring):
         problems.append("the checkpoint's signature is not by a trusted key")
     line = str(proof.get("record", "")).encode("ascii", "replace")
@@ -105,7 +111,7 @@ def check_proof(proof: dict[str, Any], keyring: Keyring) -> list[str]:
         root = bytes.fromhex(str(cp.get("root", "")))
     except ValueError as err:
         return [*problems, str(err)]
-    ok = verify_inclusion(leaf=leaf_hash(line), index=proof.get("index"), size=cp.get("size"),
+    ok = verify_inclusion(leaf=leaf_hash(line), index=index, size=cp.get("size"),
                           proof=path, root=root)  # fmt: skip
     if not ok:
         problems.append("the audit path does not lead to the checkpoint's tree head")

@@ -83,7 +83,10 @@ def keygen(out: Path, *, name: str = "audit") -> tuple[Path, Path, str]:
     """Create ``out/NAME.pem`` (private, mode 0600) and ``out/NAME.pub.pem``; returns both
     paths and the key id. Refuses to overwrite an existing private key: it cannot be re-made,
     and the server may still be signing with it."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out {out}: cannot create the directory ({err.strerror})") from None
     priv_path, pub_path = out / f"{name}.pem", out / f"{name}{PUBLIC_SUFFIX}"
     if priv_path.exists():
         raise InputError(f"{priv_path}: a key already exists there; choose another --name")

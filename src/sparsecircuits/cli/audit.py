@@ -100,7 +100,10 @@ def prove_cmd(
     if out is None:
         typer.echo(json.dumps(proof, indent=2))
     else:
-        atomic_write_json(out, proof)
+        try:
+            atomic_write_json(out, proof)
+        except OSError as err:
+            raise InputError(f"--out {out}: cannot write the proof ({err.strerror})") from None
         typer.echo(f"audit prove: record {proof['index']} of log {proof['log']} -> {out}")
 
 
