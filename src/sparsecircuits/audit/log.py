@@ -105,9 +105,14 @@ class AuditLog:
         self.recovered: dict[str, Any] | None = None
         try:
             self._recover()
-        except OSError as err:  # an unreadable or unwritable log directory
+        except BaseException as exc:  # release the slot whatever went wrong
+            if self._fd >= 0:
+                os.close(self._fd)
             os.close(self._lock_fd)
-            raise AuditUnavailable(f"{self.dir}: cannot open the log ({err.strerror})") from None
+            if isinstance(exc, OSError):  # an unreadable or unwritable log directory
+                why = f"{self.dir}: cannot open the log ({exc.strerror})"
+                raise AuditUnavailable(why) from None
+            raise
         self.durable = self.size  # everything on disk at start is durable (fsynced below)
         self._cp_size, self._cp_time = self._last_checkpoint_size(), time.monotonic()
         self._failed: str | None = None  # fsync failure: permanent until restart
@@ -148,6 +153,7 @@ class AuditLog:
         start = self._retention_start()
         segs = [(first, p) for first, p in layout.segments(self.dir) if first >= start]
         expected = self.size
+        torn: tuple[Path, int, bytes] | None = None
         for i, (first, path) in enumerate(segs):
             if first != expected:
                 raise AuditDamaged(
@@ -175,7 +181,14 @@ class AuditLog:
             self.size = expected
             self._seg_first = first
             if tail:
-                self._quarantine(path, good=len(data) - len(tail), torn=tail)
+                torn = (path, len(data) - len(tail), tail)
+        if self._last_checkpoint_size() > self.size:  # records a signed head covers are gone
+            raise AuditDamaged(
+                f"{self.dir}: a checkpoint covers {self._last_checkpoint_size()} records, the "
+                f"log holds {self.size}; run `sparsecircuits audit verify`"
+            )
+        if torn is not None:
+            self._quarantine(torn[0], good=torn[1], torn=torn[2])
         if not segs:
             self._seg_first = self.size
         self._open_segment(self._seg_first)
@@ -272,9 +285,11 @@ class AuditLog:
     def _commit_loop(self) -> None:
         while True:
             with self._mu:
-                while not self._closed and self.durable == self.size and not self._cp_due():
+                while not self._closed and (
+                    self._failed or (self.durable == self.size and not self._cp_due())
+                ):  # after a failed fsync nothing more is synced: wait for close
                     self._mu.wait(self._cp_wait())
-                if self._closed and self.durable == self.size:
+                if self._closed and (self._failed or self.durable == self.size):
                     return
                 target, gen = self.size, self._gen
                 snapshot = (self.frontier.copy(), self.prev)

@@ -93,6 +93,7 @@ class LogReport:
 @dataclass
 class _Line:
     path: Path
+    first: int  # the first seq the segment's file name gives
     number: int  # 1-based
     data: bytes
     torn: bool  # the file's last bytes, with no newline after them
@@ -127,16 +128,23 @@ def verify_log(
     for i, ln in enumerate(lines):
         where = ln.where(log_dir)
         doc = parse_line(ln.data)
-        if doc is None:
-            if ln.torn and i == len(lines) - 1:
+        if ln.torn:  # the writer ends every record with a newline
+            if i == len(lines) - 1:
                 return damage("torn_last_line", where, expected,
                               f"{len(ln.data)} bytes after the last complete record")  # fmt: skip
-            return damage("edited", where, expected, "not a record (unparseable)")
-        valid = has_record_fields(doc) and canonical(doc) == ln.data and signature_ok(doc, keyring)
+            return damage("edited", where, expected, "a segment ends without a newline")
+        valid = (
+            doc is not None
+            and has_record_fields(doc)
+            and canonical(doc) == ln.data
+            and signature_ok(doc, keyring)
+        )
         if not valid:
             nxt = parse_line(lines[i + 1].data) if i + 1 < len(lines) else None
             if nxt is not None and nxt.get("seq") == expected and nxt.get("prev") == prev:
-                return damage("inserted", where, expected, "a record the chain skips")
+                return damage("inserted", where, expected, "a line the chain skips")
+            if doc is None:
+                return damage("edited", where, expected, "not a record (unparseable)")
             return damage("edited", where, expected, _why_invalid(doc, ln.data, keyring))
         seq = doc["seq"]
         if doc["log"] != rep.log:
@@ -152,6 +160,9 @@ def verify_log(
                 return damage("deleted", where, expected,
                               f"records {expected}..{seq - 1} are missing")  # fmt: skip
             return damage("edited", where, expected, "its chain hash does not match")
+        if ln.number == 1 and ln.first != seq:
+            why = f"its segment's file name says it starts at record {ln.first}"
+            return damage("edited", where, expected, why)
         h = record_hash(ln.data)
         leaves.append(h)
         frontier.append(h)
@@ -269,22 +280,22 @@ def _lines(log_dir: Path, start: int, rep: LogReport) -> list[_Line]:
         data = path.read_bytes()
         parts = data.split(b"\n")
         tail = parts.pop()
-        out.extend(_Line(path, n + 1, p, False) for n, p in enumerate(parts))
+        out.extend(_Line(path, first, n + 1, p, False) for n, p in enumerate(parts))
         if tail:
-            out.append(_Line(path, len(parts) + 1, tail, True))
+            out.append(_Line(path, first, len(parts) + 1, tail, True))
     return out
 
 
 def _read_signed(path: Path) -> dict[str, Any] | None:
+    """A checkpoint or retention file's fields, or None unless it is one canonical line."""
     try:
-        data = path.read_bytes().rstrip(b"\n")
-    except OSError:
+        raw = path.read_bytes()
+        doc = json.loads(raw)
+    except (OSError, ValueError, UnicodeDecodeError):
         return None
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    if not isinstance(doc, dict) or raw != canonical(doc) + b"\n":  # one spelling only
         return None
-    return doc if isinstance(doc, dict) else None
+    return doc
 
 
 def _check_trusted(rep: LogReport, t: dict[str, Any], n: int, keyring: Keyring, damage) -> None:
