@@ -102,7 +102,7 @@ class AuditLog:
         self._io = threading.Lock()  # an fsync and a segment switch never overlap
         self.size, self.prev, self.frontier = 0, GENESIS, Frontier()
         self._seg_first, self._fd, self._gen = 0, -1, 0  # _gen: bumped at each segment switch
-        self.recovered: dict[str, Any] | None = None
+        self.recoveries: list[dict[str, Any]] = []  # quarantined tails no record names yet
         try:
             self._recover()
         except BaseException as exc:  # release the slot whatever went wrong
@@ -120,9 +120,17 @@ class AuditLog:
         self._closed = False
         self._thread = threading.Thread(target=self._commit_loop, name="audit-commit", daemon=True)
         self._thread.start()
-        if self.recovered is not None:
-            seq = self.append("recovery", self.recovered)
-            self.sync(seq)
+        try:
+            for rec in self.recoveries:  # said in the log before anything else is written
+                self.sync(self.append("recovery", rec))
+        except BaseException:  # the slot, the thread and the files are given back
+            self.close(checkpoint=False)
+            raise
+
+    @property
+    def recovered(self) -> dict[str, Any] | None:
+        """The last torn tail this open quarantined or announced (None: none)."""
+        return self.recoveries[-1] if self.recoveries else None
 
     # ------------------------------------------------------------------ opening
     def _claim(self, log_id: str | None) -> tuple[int, Path]:
@@ -154,6 +162,7 @@ class AuditLog:
         segs = [(first, p) for first, p in layout.segments(self.dir) if first >= start]
         expected = self.size
         torn: tuple[Path, int, bytes] | None = None
+        named: set[str] = set()  # quarantine files that recovery records already name
         for i, (first, path) in enumerate(segs):
             if first != expected:
                 raise AuditDamaged(
@@ -175,6 +184,8 @@ class AuditLog:
                         f"{path}: line {n + 1} does not continue the chain at record "
                         f"{expected}; run `sparsecircuits audit verify`"
                     )
+                if doc.get("kind") == "recovery":
+                    named.add(str(doc.get("quarantined_as")))
                 h = record_hash(line)
                 self.frontier.append(h)
                 self.prev, expected = h.hex(), expected + 1
@@ -187,6 +198,7 @@ class AuditLog:
                 f"{self.dir}: a checkpoint covers {self._last_checkpoint_size()} records, the "
                 f"log holds {self.size}; run `sparsecircuits audit verify`"
             )
+        self._unannounced(named, start)
         if torn is not None:
             self._quarantine(torn[0], good=torn[1], torn=torn[2])
         if not segs:
@@ -207,22 +219,23 @@ class AuditLog:
         return below
 
     def _quarantine(self, path: Path, *, good: int, torn: bytes) -> None:
-        import hashlib
-
-        qdir = self.dir / layout.QUARANTINE_DIR
-        qpath = qdir / f"{path.name}.{good}.torn"
-        atomic_write_bytes(qpath, torn)
+        qpath = self.dir / layout.QUARANTINE_DIR / f"{path.name}.{good}.torn"
+        atomic_write_bytes(qpath, torn)  # moved aside before the segment is cut
         with open(path, "r+b") as f:
             f.truncate(good)
             os.fsync(f.fileno())
-        self.recovered = {
-            "file": path.name,
-            "offset": good,
-            "bytes": len(torn),
-            "sha256": hashlib.sha256(torn).hexdigest(),
-            "quarantined_as": f"{layout.QUARANTINE_DIR}/{qpath.name}",
-        }
+        self.recoveries.append(_recovery(qpath, torn))
         log.warning("audit %s: torn tail of %d bytes quarantined", self.log_id, len(torn))
+
+    def _unannounced(self, named: set[str], start: int) -> None:
+        """Quarantined tails no record names (the process stopped between moving one aside
+        and recording it): announced now."""
+        qdir = self.dir / layout.QUARANTINE_DIR
+        for qpath in sorted(qdir.glob("*.torn")) if qdir.is_dir() else []:
+            m = layout.SEGMENT_RE.match(qpath.name.split(".jsonl.")[0] + ".jsonl")
+            below = m is not None and int(m.group(1)) < start  # its records left by retention
+            if f"{layout.QUARANTINE_DIR}/{qpath.name}" not in named and not below:
+                self.recoveries.append(_recovery(qpath, qpath.read_bytes()))
 
     def _open_segment(self, first: int) -> None:
         path = self.dir / layout.segment_name(first)
@@ -407,13 +420,13 @@ class AuditLog:
             snapshot = (self.frontier.copy(), self.prev)
         self._checkpoint(target, *snapshot)
 
-    def close(self) -> None:
+    def close(self, *, checkpoint: bool = True) -> None:
         """Flush, checkpoint what is new, stop the commit thread, release the slot."""
         with self._mu:
             if self._closed:
                 return
         try:
-            if not self._failed:
+            if checkpoint and not self._failed:
                 self.checkpoint_now()
         except AuditUnavailable as err:
             log.error("audit %s: closing without a final checkpoint: %s", self.log_id, err)
@@ -431,6 +444,21 @@ class AuditLog:
             error = self._failed or self._cp_error
             return {"log": self.log_id, "records": self.size, "durable": self.durable,
                     "checkpointed": self._cp_size, "error": error}  # fmt: skip
+
+
+def _recovery(qpath: Path, torn: bytes) -> dict[str, Any]:
+    """A recovery record's fields for the quarantined file ``qpath``
+    (``SEGMENT.OFFSET.torn``)."""
+    import hashlib
+
+    file, _, rest = qpath.name.partition(".jsonl.")
+    return {
+        "file": f"{file}.jsonl",
+        "offset": int(rest.split(".")[0]) if rest.split(".")[0].isdigit() else None,
+        "bytes": len(torn),
+        "sha256": hashlib.sha256(torn).hexdigest(),
+        "quarantined_as": f"{layout.QUARANTINE_DIR}/{qpath.name}",
+    }
 
 
 def _fsync_dir(path: Path) -> None:

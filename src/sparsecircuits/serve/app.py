@@ -25,7 +25,8 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,10 +38,12 @@ from sparsecircuits.serve.access import ApiKey, KeyStore, RateLimiter
 from sparsecircuits.serve.auditing import Auditor
 from sparsecircuits.serve.schemas import (
     CompletionRequest,
+    CompletionResponse,
     ModelCard,
     ModelList,
     describe_validation_error,
     error_body,
+    error_responses,
 )
 from sparsecircuits.serve.server import ApiError, Limits, Server
 
@@ -68,7 +71,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise _TooLarge
+                raise _TooLarge(self.limit)
             return message
 
         try:
@@ -83,8 +86,12 @@ class BodyLimit:
         await body({"type": "http"}, None, send)
 
 
-class _TooLarge(Exception):
-    """A streamed request body passed the limit."""
+class _TooLarge(StarletteHTTPException):
+    """A streamed request body passed the limit. An HTTPException, because FastAPI's body
+    reader re-raises only those (anything else would become 400 'error parsing the body')."""
+
+    def __init__(self, limit: int = MAX_BODY_BYTES) -> None:
+        super().__init__(413, f"request body over {limit} bytes")
 
 
 def error_response(
@@ -193,14 +200,24 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return error_response(err.status_code, str(err.detail), type=kind)
+        # Its headers too: a 405 must name the allowed methods (Allow, RFC 9110).
+        return error_response(err.status_code, str(err.detail), type=kind, headers=err.headers)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, err: Exception) -> JSONResponse:
         log.error("unhandled %s on %s", type(err).__name__, request.url.path)
         return error_response(500, "internal server error", type="server_error")
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        responses={
+            200: {"model": CompletionResponse,
+                  "description": "a completion (JSON), or server-sent events with stream",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            **error_responses(400, 401, 404, 413, 429, 503, 504),
+        },
+    )  # fmt: skip
     async def completions(
         body: CompletionRequest,
         key: ApiKey | None = Depends(user),  # noqa: B008 (FastAPI's idiom; a closure here)
@@ -210,12 +227,13 @@ def create_app(
             return StreamingResponse(server.sse(job), media_type="text/event-stream")
         return await server.complete(job)
 
-    @app.get("/v1/models", dependencies=[Depends(user)])
+    @app.get("/v1/models", dependencies=[Depends(user)], responses=error_responses(401))
     async def models() -> dict[str, Any]:
         card = ModelCard(id=server.model_name, created=server.created)
         return ModelList(data=[card]).model_dump()
 
-    @app.get("/v1/telemetry/{request_id}", dependencies=[Depends(operator)])
+    @app.get("/v1/telemetry/{request_id}", dependencies=[Depends(operator)],
+             responses=error_responses(401, 403, 404))  # fmt: skip
     async def telemetry(request_id: str) -> Any:
         record = server.store.get(request_id)
         if record is None:
@@ -228,14 +246,29 @@ def create_app(
             )
         return record
 
-    @app.get("/metrics", dependencies=[Depends(operator)])
+    @app.get("/metrics", dependencies=[Depends(operator)], response_class=PlainTextResponse,
+             responses=error_responses(401, 403))  # fmt: skip
     async def metrics() -> Response:
         server.metrics.queue_depth.set(server.pool.waiting)
         server.metrics.busy_workers.set(server.pool.busy)
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/healthz", dependencies=[Depends(operator)])
+    @app.get("/healthz", dependencies=[Depends(operator)], responses=error_responses(401, 403))
     async def healthz() -> dict[str, Any]:
         return server.health()
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document without the 422s it adds by default: this server answers
+        invalid requests with 400 in OpenAI's shape."""
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for item in doc["paths"].values():
+                for op in item.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                doc.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

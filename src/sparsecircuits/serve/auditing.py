@@ -12,11 +12,13 @@ writable again brings the server back without a restart.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,9 @@ class Auditor:
         self._error = "not opened yet"
         self._tried = 0.0
         self._mu = threading.Lock()
-        self._open()
+        self.last_error: str | None = None  # the last failed write (None once one succeeds)
+        with contextlib.suppress(AuditUnavailable):  # serve anyway: 503s until it opens
+            self._open()
 
     def _open(self) -> AuditLog:
         """The log, opening it if needed (AuditUnavailable if it cannot be)."""
@@ -89,8 +93,9 @@ class Auditor:
             fields = {"server": {**self.manifest, "pid": os.getpid(), **replay_conditions()}}
             try:
                 opened.sync(opened.append("open", fields))
-            except AuditUnavailable:
-                opened.close()
+            except AuditUnavailable as err:
+                self._error = str(err)
+                opened.close(checkpoint=False)
                 raise
             self._log = opened
             return opened
@@ -111,22 +116,38 @@ class Auditor:
         }
         if self.store_inputs:
             fields["input"] = prompt
-        self._open().append("start", fields)
+        self._noted(lambda: self._open().append("start", fields))
 
     def complete(self, fields: dict[str, Any], *, output: str, durable: bool) -> None:
         """The request ended; with ``durable`` return only once the record is on disk."""
         fields = {**fields, "output_sha256": sha256_text(output)}
         if self.store_inputs:
             fields["output"] = output
-        audit_log = self._open()
-        seq = audit_log.append("complete", fields)
-        if durable:
-            audit_log.sync(seq)
+
+        def write() -> None:
+            audit_log = self._open()
+            seq = audit_log.append("complete", fields)
+            if durable:
+                audit_log.sync(seq)
+
+        self._noted(write)
+
+    def _noted(self, write: Callable[[], Any]) -> None:
+        """Run ``write``, remembering whether the log took it (for /healthz)."""
+        try:
+            write()
+        except AuditUnavailable as err:
+            self.last_error = str(err)
+            raise
+        self.last_error = None
 
     def state(self) -> dict[str, Any]:
+        """For /healthz: ``error`` is set while records cannot be written."""
         if self._log is None:
             return {"error": self._error, "trail": str(self.settings.trail)}
-        return {"trail": str(self.settings.trail), **self._log.state()}
+        state = {"trail": str(self.settings.trail), **self._log.state()}
+        state["error"] = state["error"] or self.last_error
+        return state
 
     def close(self) -> None:
         with self._mu:

@@ -80,6 +80,31 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server sends (for the OpenAPI document)."""
+
+    error: ErrorDetail
+
+
+_STATUS = {400: "invalid request", 401: "missing or wrong API key",
+           403: "the key's scope does not allow this route", 404: "not found",
+           413: "request body too large", 429: "rate limit or full queue (Retry-After)",
+           503: "no audit record can be written (Retry-After)",
+           504: "the request ran past its deadline"}  # fmt: skip
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for the error statuses a route may answer."""
+    return {c: {"model": ErrorResponse, "description": _STATUS[c]} for c in codes}
+
+
 def error_body(message: str, *, type: str, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``, the message
     on one line."""
@@ -99,6 +124,8 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | 
     if kind == "extra_forbidden":
         return f"unknown field '{field}' (this server accepts: {_FIELDS})", field
     if kind == "missing":
+        if field is None:  # the body itself
+            return "a JSON request body is required", None
         return f"field '{field}' is required", field
     if kind in ("json_invalid", "model_attributes_type", "dict_type"):
         return "the body must be a JSON object", None

@@ -459,8 +459,9 @@ class Server:
 
     def health(self) -> dict[str, Any]:
         c = self.model.config
+        audit = None if self.auditor is None else self.auditor.state()
         return {
-            "status": "ok",
+            "status": "degraded" if audit and audit.get("error") else "ok",
             "model": self.model_name,
             "block_size": c.block_size,
             "vocab_size": c.vocab_size,
@@ -469,7 +470,7 @@ class Server:
             "busy_workers": self.pool.busy,
             "waiting": self.pool.waiting,
             "monitor": self.factory.describe(),
-            "audit": None if self.auditor is None else self.auditor.state(),
+            "audit": audit,
         }
 
 
