@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsecircuits.audit import layout
+from sparsecircuits.audit.errors import AuditDamaged, AuditUnavailable
 from sparsecircuits.audit.merkle import Frontier
 from sparsecircuits.audit.records import (
     CHECKPOINT_SCHEMA,
@@ -40,23 +41,16 @@ from sparsecircuits.audit.records import (
     RECORD_VERSION,
     RETENTION_SCHEMA,
     now_iso,
-    parse_line,
     record_hash,
     seal,
 )
+from sparsecircuits.audit.recovery import Recovering
 from sparsecircuits.audit.signing import Signer
 from sparsecircuits.errors import InputError
-from sparsecircuits.fileio import atomic_write_bytes, read_json_object
+from sparsecircuits.fileio import atomic_write_bytes
 
 log = logging.getLogger("sparsecircuits.audit")
-
-
-class AuditUnavailable(Exception):
-    """The log cannot take or keep a record now (the request must not be answered)."""
-
-
-class AuditDamaged(InputError):
-    """The log on disk is inconsistent beyond a torn tail; a person must look."""
+__all__ = ["AuditDamaged", "AuditLog", "AuditUnavailable", "LogOptions"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +77,7 @@ class LogOptions:
             raise InputError("audit: --audit-retain-segments must be >= 1")
 
 
-class AuditLog:
+class AuditLog(Recovering):
     """The log ``trail/log_id`` (``log_id`` None: the first free ``w0``, ``w1``, ...)."""
 
     def __init__(
@@ -155,87 +149,6 @@ class AuditLog:
                 continue
             return fd, d
         raise AuditUnavailable(f"{self.trail}: every log slot is held by another process")
-
-    def _recover(self) -> None:
-        """Rebuild the chain state from disk; quarantine a torn tail."""
-        start = self._retention_start()
-        segs = [(first, p) for first, p in layout.segments(self.dir) if first >= start]
-        expected = self.size
-        torn: tuple[Path, int, bytes] | None = None
-        named: set[str] = set()  # quarantine files that recovery records already name
-        for i, (first, path) in enumerate(segs):
-            if first != expected:
-                raise AuditDamaged(
-                    f"{path}: starts at record {first}, expected {expected}; run "
-                    "`sparsecircuits audit verify` and move the log aside to start a new one"
-                )
-            data = path.read_bytes()
-            lines = data.split(b"\n")
-            tail = lines.pop()  # after the last newline: b"" unless torn
-            last_seg = i == len(segs) - 1
-            if last_seg and lines and parse_line(lines[-1]) is None:
-                tail = lines.pop() + b"\n" + tail  # a last line that is not a record
-            if tail and not last_seg:
-                raise AuditDamaged(f"{path}: ends mid-record but is not the last segment")
-            for n, line in enumerate(lines):
-                doc = parse_line(line)
-                if doc is None or doc.get("seq") != expected or doc.get("prev") != self.prev:
-                    raise AuditDamaged(
-                        f"{path}: line {n + 1} does not continue the chain at record "
-                        f"{expected}; run `sparsecircuits audit verify`"
-                    )
-                if doc.get("kind") == "recovery":
-                    named.add(str(doc.get("quarantined_as")))
-                h = record_hash(line)
-                self.frontier.append(h)
-                self.prev, expected = h.hex(), expected + 1
-            self.size = expected
-            self._seg_first = first
-            if tail:
-                torn = (path, len(data) - len(tail), tail)
-        if self._last_checkpoint_size() > self.size:  # records a signed head covers are gone
-            raise AuditDamaged(
-                f"{self.dir}: a checkpoint covers {self._last_checkpoint_size()} records, the "
-                f"log holds {self.size}; run `sparsecircuits audit verify`"
-            )
-        self._unannounced(named, start)
-        if torn is not None:
-            self._quarantine(torn[0], good=torn[1], torn=torn[2])
-        if not segs:
-            self._seg_first = self.size
-        self._open_segment(self._seg_first)
-
-    def _retention_start(self) -> int:
-        """The first retained seq (0 without retention), with the frontier and chain head
-        there taken from the checkpoint the retention statement names."""
-        path = self.dir / layout.RETENTION_FILE
-        if not path.exists():
-            return 0
-        ret = read_json_object(path)
-        below = int(ret["deleted_below"])
-        cp = read_json_object(self.dir / layout.CHECKPOINT_DIR / layout.checkpoint_name(below))
-        self.frontier = Frontier.from_json(cp["frontier"])
-        self.size, self.prev = below, cp["last_record"]
-        return below
-
-    def _quarantine(self, path: Path, *, good: int, torn: bytes) -> None:
-        qpath = self.dir / layout.QUARANTINE_DIR / f"{path.name}.{good}.torn"
-        atomic_write_bytes(qpath, torn)  # moved aside before the segment is cut
-        with open(path, "r+b") as f:
-            f.truncate(good)
-            os.fsync(f.fileno())
-        self.recoveries.append(_recovery(qpath, torn))
-        log.warning("audit %s: torn tail of %d bytes quarantined", self.log_id, len(torn))
-
-    def _unannounced(self, named: set[str], start: int) -> None:
-        """Quarantined tails no record names (the process stopped between moving one aside
-        and recording it): announced now."""
-        qdir = self.dir / layout.QUARANTINE_DIR
-        for qpath in sorted(qdir.glob("*.torn")) if qdir.is_dir() else []:
-            m = layout.SEGMENT_RE.match(qpath.name.split(".jsonl.")[0] + ".jsonl")
-            below = m is not None and int(m.group(1)) < start  # its records left by retention
-            if f"{layout.QUARANTINE_DIR}/{qpath.name}" not in named and not below:
-                self.recoveries.append(_recovery(qpath, qpath.read_bytes()))
 
     def _open_segment(self, first: int) -> None:
         path = self.dir / layout.segment_name(first)
@@ -444,21 +357,6 @@ class AuditLog:
             error = self._failed or self._cp_error
             return {"log": self.log_id, "records": self.size, "durable": self.durable,
                     "checkpointed": self._cp_size, "error": error}  # fmt: skip
-
-
-def _recovery(qpath: Path, torn: bytes) -> dict[str, Any]:
-    """A recovery record's fields for the quarantined file ``qpath``
-    (``SEGMENT.OFFSET.torn``)."""
-    import hashlib
-
-    file, _, rest = qpath.name.partition(".jsonl.")
-    return {
-        "file": f"{file}.jsonl",
-        "offset": int(rest.split(".")[0]) if rest.split(".")[0].isdigit() else None,
-        "bytes": len(torn),
-        "sha256": hashlib.sha256(torn).hexdigest(),
-        "quarantined_as": f"{layout.QUARANTINE_DIR}/{qpath.name}",
-    }
 
 
 def _fsync_dir(path: Path) -> None:

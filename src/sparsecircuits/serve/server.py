@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import math
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,19 +34,16 @@ from sparsecircuits.serve.engine import (
     SamplingOptions,
     generate,
 )
+from sparsecircuits.serve.errors import ApiError, audit_error
 from sparsecircuits.serve.observability import Metrics, TelemetryStore
 from sparsecircuits.serve.pool import Job, QueueFull, WorkerPool
+from sparsecircuits.serve.responses import Responding
 from sparsecircuits.serve.schemas import (
-    Choice,
     CompletionRequest,
-    CompletionResponse,
-    Usage,
-    error_body,
 )
 
 log = logging.getLogger("sparsecircuits.serve")
-
-_GRACE_S = 5.0  # how long a handler waits past the deadline for a worker that does not answer
+__all__ = ["ApiError", "Limits", "Server"]
 
 
 @dataclass(frozen=True)
@@ -64,29 +59,6 @@ class _Work:
     prompt: str  # raw text: for the audit record's hash (the text itself only if asked)
 
 
-class ApiError(Exception):
-    """An error answered as OpenAI-shaped JSON with ``status`` (``retry_after``: seconds, for
-    429 and 503)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str,
-        param: str | None = None,
-        retry_after: float | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.type, self.param = status, type, param
-        self.retry_after = retry_after
-
-
-def _audit_error(err: AuditUnavailable) -> ApiError:
-    return ApiError(503, f"no audit record can be written: {err}", type="audit_unavailable",
-                    retry_after=1.0)  # fmt: skip
-
-
 @dataclass(frozen=True)
 class Limits:
     """Per-request caps: ``max_prompt_tokens`` (None: the context), ``max_tokens`` (the
@@ -96,7 +68,7 @@ class Limits:
     max_tokens: int = 1024
 
 
-class Server:
+class Server(Responding):
     """Everything the routes share: the model, the pool, the telemetry store, the metrics,
     the audit log, the rate limiter."""
 
@@ -186,7 +158,7 @@ class Server:
                 span.set_attributes(tracing.error_attributes("audit_unavailable"))
                 span.set_status(Status(StatusCode.ERROR))
                 log.error("request %s: %s", job.request_id, exc)
-                job.emit(_audit_error(exc))
+                job.emit(audit_error(exc))
             except (DeadlineExceeded, Cancelled) as exc:
                 reason = "timeout" if isinstance(exc, DeadlineExceeded) else "cancelled"
                 self.metrics.rejected.labels(reason).inc()
@@ -359,7 +331,7 @@ class Server:
             except AuditUnavailable as err:
                 self.metrics.rejected.labels("audit").inc()
                 self._refund(job, 0)
-                raise _audit_error(err) from None
+                raise audit_error(err) from None
         try:
             self.pool.submit(job)
         except QueueFull as exc:
@@ -384,79 +356,6 @@ class Server:
             message = f"rate limit of key '{key.id}' reached; retry in {math.ceil(wait)} s"
             raise ApiError(429, message, type="rate_limit_error", retry_after=wait)
 
-    async def next_chunk(self, job: Job) -> Chunk:
-        """The worker's next chunk; its exceptions are re-raised as :class:`ApiError`."""
-        wait = max(job.deadline - time.monotonic(), 0.0) + _GRACE_S
-        try:
-            item = await asyncio.wait_for(job.events.get(), wait)
-        except TimeoutError:
-            job.cancelled.set()
-            self.metrics.rejected.labels("timeout").inc()
-            raise ApiError(504, "the request ran past its deadline", type="timeout") from None
-        if isinstance(item, DeadlineExceeded):
-            raise ApiError(504, str(item), type="timeout")
-        if isinstance(item, ApiError):
-            raise item
-        if isinstance(item, BaseException):
-            raise ApiError(
-                500, f"generation failed (request {job.request_id})", type="server_error"
-            )
-        return item
-
-    def response(self, job: Job, *, choice: Choice, usage: Usage | None) -> dict[str, Any]:
-        return CompletionResponse(
-            id=job.request_id,
-            created=int(time.time()),
-            model=self.model_name,
-            choices=[choice],
-            usage=usage,
-        ).model_dump(mode="json", exclude_none=False)
-
-    async def sse(self, job: Job) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per token, the decision in the first chunk and in
-        every chunk where it changes, usage with the last one, then ``[DONE]``."""
-        sent = None
-        try:
-            while True:
-                try:
-                    chunk = await self.next_chunk(job)
-                except ApiError as err:
-                    body = error_body(str(err), type=err.type, param=err.param)
-                    yield f"data: {json.dumps(body)}\n\n"
-                    break
-                changed = chunk.decision != sent
-                sent = chunk.decision
-                choice = Choice(
-                    text=chunk.text,
-                    finish_reason=chunk.finish_reason,
-                    decision=chunk.decision.to_json() if changed else None,
-                )
-                usage = _usage(chunk) if chunk.finish_reason else None
-                yield f"data: {json.dumps(self.response(job, choice=choice, usage=usage))}\n\n"
-                if chunk.finish_reason:
-                    break
-            yield "data: [DONE]\n\n"
-        finally:  # the client left or the stream ended: a running worker stops at its next pass
-            job.cancelled.set()
-
-    async def complete(self, job: Job) -> dict[str, Any]:
-        """The whole completion (non-streaming): the chunks joined."""
-        parts: list[str] = []
-        try:
-            while True:
-                chunk = await self.next_chunk(job)
-                parts.append(chunk.text)
-                if chunk.finish_reason:
-                    break
-        finally:
-            job.cancelled.set()
-        choice = Choice(
-            text="".join(parts),
-            finish_reason=chunk.finish_reason,
-            decision=chunk.decision.to_json(),
-        )
-        return self.response(job, choice=choice, usage=_usage(chunk))
-
     def health(self) -> dict[str, Any]:
         c = self.model.config
         audit = None if self.auditor is None else self.auditor.state()
@@ -472,8 +371,3 @@ class Server:
             "monitor": self.factory.describe(),
             "audit": audit,
         }
-
-
-def _usage(chunk: Chunk) -> Usage:
-    n, m = chunk.prompt_tokens, chunk.completion_tokens
-    return Usage(prompt_tokens=n, completion_tokens=m, total_tokens=n + m)
