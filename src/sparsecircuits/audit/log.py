@@ -112,6 +112,7 @@ class AuditLog(Recovering):
         self._failed: str | None = None  # fsync failure: permanent until restart
         self._cp_error: str | None = None  # checkpoint failure: until a retry succeeds
         self._closed = False
+        self._leading = False  # a sync() caller is fsyncing for everyone waiting
         self._thread = threading.Thread(target=self._commit_loop, name="audit-commit", daemon=True)
         self._thread.start()
         try:
@@ -197,12 +198,26 @@ class AuditLog(Recovering):
             raise AuditUnavailable(why) from None
 
     def sync(self, seq: int, *, timeout: float = 30.0) -> None:
-        """Return once record ``seq`` is on disk; :class:`AuditUnavailable` if it cannot be."""
+        """Return once record ``seq`` is on disk; :class:`AuditUnavailable` if it cannot be.
+
+        The first waiter fsyncs itself (the leader of this group commit): a lone request
+        does not wait for the commit thread to wake up; others wait for the leader's fsync,
+        which covers every record written before it started."""
         deadline = time.monotonic() + timeout
         with self._mu:
             while self.durable <= seq:
                 if self._failed:
                     raise AuditUnavailable(f"audit log {self.log_id}: {self._failed}")
+                if not self._leading:
+                    self._leading = True
+                    target, gen = self.size, self._gen
+                    self._mu.release()  # held once (the with): _fsync takes it itself
+                    try:
+                        self._fsync(gen, target)
+                    finally:
+                        self._mu.acquire()
+                        self._leading = False
+                    continue
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AuditUnavailable(f"audit log {self.log_id}: fsync took over {timeout} s")

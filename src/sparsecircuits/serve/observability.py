@@ -18,6 +18,11 @@ _TOKEN_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 
 _REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
+# 50 us .. 100 ms: an append is a signature and a write; a completion waits for an fsync
+_AUDIT_BUCKETS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2,
+                  2e-2, 5e-2, 1e-1)  # fmt: skip
+
+
 class Metrics:
     """The server's Prometheus metrics, in a registry of their own."""
 
@@ -58,6 +63,14 @@ class Metrics:
             "sparsecircuits_request_seconds",
             "Time from arrival to the last chunk, queueing included",
             buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.audit_write = Histogram(
+            "sparsecircuits_audit_write_seconds",
+            "Writing a request's audit record: sign, hash, write; for a completion record also "
+            "the wait until it is on disk",
+            ["kind"],
+            buckets=_AUDIT_BUCKETS,
             registry=r,
         )
         self.queue_depth = Gauge(

@@ -248,8 +248,10 @@ class Server(Responding):
         }
         self._refund(job, chunk.completion_tokens)
         if self.auditor is not None:  # durable before the client hears: raises if it cannot be
+            t0 = time.perf_counter()
             fields = self._audit_fields(job, record, telemetry)
             self.auditor.complete(fields, output=text, durable=True)
+            self.metrics.audit_write.labels("complete").observe(time.perf_counter() - t0)
         self.store.put(job.request_id, {**record, "telemetry": telemetry})
         m = self.metrics
         m.requests.labels(chunk.finish_reason, d.action.value).inc()
@@ -325,6 +327,7 @@ class Server(Responding):
         if self.auditor is not None:
             params = {**dataclasses.asdict(options), "stream": body.stream,
                       "prompt_tokens": len(ids)}  # fmt: skip
+            t0 = time.perf_counter()
             try:
                 self.auditor.start(request_id=job.request_id, prompt=body.prompt, params=params,
                                    api_key_id=None if key is None else key.id)  # fmt: skip
@@ -332,6 +335,7 @@ class Server(Responding):
                 self.metrics.rejected.labels("audit").inc()
                 self._refund(job, 0)
                 raise audit_error(err) from None
+            self.metrics.audit_write.labels("start").observe(time.perf_counter() - t0)
         try:
             self.pool.submit(job)
         except QueueFull as exc:
