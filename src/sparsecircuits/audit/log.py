@@ -5,9 +5,11 @@ directory, each taking the first free slot ``w0``, ``w1``, ... (or a name it is 
 
 Durability: :meth:`AuditLog.append` writes the record to the file (the OS has it; a killed
 process loses nothing) and returns its seq; :meth:`AuditLog.sync` returns once that record is
-on disk. A commit thread fsyncs whatever has been written since its last fsync, so requests
-finishing together share one fsync (group commit) and each still waits for its own record.
-The server sends a response only after ``sync`` of its completion record returns.
+on disk. The first caller of ``sync`` fsyncs for everyone waiting, so requests finishing
+together share one fsync (group commit) and each still waits for its own record. Records
+nobody waits for (a request's start record) are fsynced by a commit thread within
+``BACKGROUND_SYNC_S``, or by the next ``sync``, whichever comes first. The server sends a
+response only after ``sync`` of its completion record returns.
 
 Failure: a write that fails (disk full, I/O error) is cut back off the file, so no torn line
 stays behind, and raises :class:`AuditUnavailable`; the next append tries again. A failed
@@ -50,6 +52,7 @@ from sparsecircuits.errors import InputError
 from sparsecircuits.fileio import atomic_write_bytes
 
 log = logging.getLogger("sparsecircuits.audit")
+BACKGROUND_SYNC_S = 0.2  # the longest a record nobody waits for stays un-fsynced
 __all__ = ["AuditDamaged", "AuditLog", "AuditUnavailable", "LogOptions"]
 
 
@@ -113,6 +116,7 @@ class AuditLog(Recovering):
         self._cp_error: str | None = None  # checkpoint failure: until a retry succeeds
         self._closed = False
         self._leading = False  # a sync() caller is fsyncing for everyone waiting
+        self._synced = time.monotonic()  # when the last fsync ended
         self._thread = threading.Thread(target=self._commit_loop, name="audit-commit", daemon=True)
         self._thread.start()
         try:
@@ -180,7 +184,6 @@ class AuditLog(Recovering):
             h = record_hash(line)
             self.frontier.append(h)
             self.prev, self.size = h.hex(), self.size + 1
-            self._mu.notify_all()  # wake the commit thread
             return self.size - 1
 
     def _write(self, data: bytes) -> None:
@@ -227,9 +230,9 @@ class AuditLog(Recovering):
         while True:
             with self._mu:
                 while not self._closed and (
-                    self._failed or (self.durable == self.size and not self._cp_due())
+                    self._failed or not (self._sync_due() or self._cp_due())
                 ):  # after a failed fsync nothing more is synced: wait for close
-                    self._mu.wait(self._cp_wait())
+                    self._mu.wait(min(self._cp_wait(), BACKGROUND_SYNC_S))
                 if self._closed and (self._failed or self.durable == self.size):
                     return
                 target, gen = self.size, self._gen
@@ -251,11 +254,17 @@ class AuditLog(Recovering):
                 except OSError as err:
                     error = f"fsync failed ({err.strerror}); restart the server"
         with self._mu:  # never taken while holding _io: append holds _mu and then takes _io
+            self._synced = time.monotonic()
             if error:
                 self._failed = error
             else:
                 self.durable = max(self.durable, target)
             self._mu.notify_all()
+
+    def _sync_due(self) -> bool:
+        """Records nobody waits for have waited long enough (a request's start record): an
+        fsync each would double the fsyncs per request for no one's benefit."""
+        return self.durable < self.size and time.monotonic() - self._synced >= BACKGROUND_SYNC_S
 
     def _cp_due(self) -> bool:
         since = time.monotonic() - self._cp_time
