@@ -67,6 +67,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a directory's entries durable: a new, renamed or deleted file survives a power
+    loss only once its directory is fsynced."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
 

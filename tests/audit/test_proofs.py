@@ -244,7 +244,7 @@ def _bad_hex(p: dict[str, Any]) -> None:
 
 TAMPERED = {
     "record line edited (one character)": (_edit_record, "record's signature"),
-    "index changed": (_bad_index, "seq or log"),
+    "index changed": (_bad_index, "seq, log or request id"),
     "a proof element flipped": (_flip_element, "audit path"),
     "proof truncated": (_truncate, "audit path"),
     "proof extended": (_extend, "audit path"),
@@ -329,3 +329,20 @@ def test_a_proof_survives_a_json_round_trip(proof, tmp_path):
     path = tmp_path / "proof.json"
     path.write_text(json.dumps(proof, indent=2))
     assert check_proof(json.loads(path.read_text()), KEYRING) == []
+
+
+def test_a_proof_relabelled_for_another_request_fails(tmp_path: Path) -> None:
+    """The proof's own request_id and log must be the record's (else a proof of one request
+    would read as a proof of another)."""
+    signer = Signer.generate()
+    log = AuditLog(tmp_path, signer, options=LogOptions(checkpoint_records=2))
+    for rid in ("cmpl-innocent", "cmpl-other"):
+        log.sync(log.append("start", {"request_id": rid}))
+        log.sync(log.append("complete", {"request_id": rid, "outcome": "completed"}))
+    log.close()
+    keyring = Keyring([signer.private.public_key()])
+    proof = prove(tmp_path, "cmpl-innocent")
+    assert check_proof(proof, keyring) == []
+    for field, value in (("request_id", "cmpl-other"), ("log", "w9")):
+        problems = check_proof({**proof, field: value}, keyring)
+        assert any("request id does not match" in p for p in problems), (field, problems)

@@ -37,7 +37,7 @@ def segments(log_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for p in log_dir.iterdir() if log_dir.is_dir() else []:
         m = SEGMENT_RE.match(p.name)
-        if m:
+        if m and p.is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -48,16 +48,18 @@ def checkpoints(log_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for p in cdir.iterdir() if cdir.is_dir() else []:
         m = CHECKPOINT_RE.match(p.name)
-        if m:
+        if m and p.is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
 
 def logs(trail: Path) -> list[Path]:
-    """The log directories of a trail: ``trail`` itself if it is one log, else its
-    subdirectories that hold segments or checkpoints."""
-    if segments(trail) or checkpoints(trail):
-        return [trail]
-    return sorted(
+    """The log directories of a trail: ``trail`` itself if it holds segments or checkpoints,
+    and each subdirectory that does (both: a stray file at the top must not hide the logs
+    below it)."""
+    if not trail.is_dir():
+        return []
+    top = [trail] if segments(trail) or checkpoints(trail) else []
+    return top + sorted(
         p for p in trail.iterdir() if p.is_dir() and (segments(p) or checkpoints(p))
-    ) if trail.is_dir() else []  # fmt: skip
+    )

@@ -49,7 +49,7 @@ from sparsecircuits.audit.records import (
 from sparsecircuits.audit.recovery import Recovering
 from sparsecircuits.audit.signing import Signer
 from sparsecircuits.errors import InputError
-from sparsecircuits.fileio import atomic_write_bytes
+from sparsecircuits.fileio import atomic_write_bytes, fsync_dir, read_json_object
 
 log = logging.getLogger("sparsecircuits.audit")
 BACKGROUND_SYNC_S = 0.2  # the longest a record nobody waits for stays un-fsynced
@@ -143,7 +143,9 @@ class AuditLog(Recovering):
                 raise InputError(f"audit log id {name!r}: use 1-64 of A-Z a-z 0-9 _ . -")
             d = self.trail / name
             try:
-                d.mkdir(exist_ok=True)
+                if not d.is_dir():
+                    d.mkdir()
+                    fsync_dir(self.trail)
                 fd = os.open(d / layout.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as err:
                 raise AuditUnavailable(f"{d}: cannot open the log ({err.strerror})") from None
@@ -159,7 +161,7 @@ class AuditLog(Recovering):
         path = self.dir / layout.segment_name(first)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.fsync(fd)
-        _fsync_dir(self.dir)  # the new file's name is durable too
+        fsync_dir(self.dir)  # the new file's name is durable too
         self._fd, self._seg_first = fd, first
 
     def _last_checkpoint_size(self) -> int:
@@ -239,6 +241,8 @@ class AuditLog(Recovering):
                 snapshot = (self.frontier.copy(), self.prev)
             self._fsync(gen, target)
             with self._mu:
+                if self._cp_error and self._cp_size >= target:
+                    self._cp_error = None  # a head over these records exists after all
                 due = self._cp_due() and self._cp_size < target <= self.durable
             if due:
                 self._checkpoint(target, *snapshot)
@@ -294,7 +298,8 @@ class AuditLog(Recovering):
         path = self.dir / layout.CHECKPOINT_DIR / layout.checkpoint_name(size)
         try:
             atomic_write_bytes(path, seal(body, self.signer) + b"\n")
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
+            fsync_dir(self.dir)  # checkpoints/ itself, the first time
         except OSError as err:
             with self._mu:
                 self._cp_error = f"cannot write a checkpoint ({err.strerror})"
@@ -314,7 +319,8 @@ class AuditLog(Recovering):
             self._failed = f"fsync failed ({err.strerror}); restart the server"
             raise AuditUnavailable(f"audit log {self.log_id}: {self._failed}") from None
         self.durable = max(self.durable, self.size)
-        self._checkpoint(self.size, self.frontier.copy(), self.prev)
+        if self._cp_size < self.size:  # the commit thread may have written this head already
+            self._checkpoint(self.size, self.frontier.copy(), self.prev)
         if self._cp_error:  # the segment stays open and grows; the next append retries
             raise AuditUnavailable(f"audit log {self.log_id}: {self._cp_error}")
         try:
@@ -331,19 +337,29 @@ class AuditLog(Recovering):
             self._retain(self.options.retain_segments)
 
     def _retain(self, keep: int) -> None:
+        """Delete all but the newest ``keep`` segments, after a signed statement bound to the
+        checkpoint where the kept records start (best effort: a failure deletes nothing, or
+        leaves extra files, and is logged)."""
         segs = layout.segments(self.dir)
         if len(segs) <= keep:
             return
         below = segs[-keep][0]  # the first seq kept: a segment start, so a checkpoint exists
-        body = {"schema": RETENTION_SCHEMA, "log": self.log_id, "deleted_below": below,
-                "segments_kept": keep, "time": now_iso()}  # fmt: skip
-        # The signed statement first: a crash before the deletions leaves extra files, never
-        # deletions that nothing explains.
-        atomic_write_bytes(self.dir / layout.RETENTION_FILE, seal(body, self.signer) + b"\n")
-        for first, path in segs[:-keep]:
-            path.unlink()
-            log.info("audit %s: retention deleted %s (from record %d)", self.log_id, path, first)
-        _fsync_dir(self.dir)
+        try:
+            cp = read_json_object(self.dir / layout.CHECKPOINT_DIR / layout.checkpoint_name(below))
+            body = {"schema": RETENTION_SCHEMA, "log": self.log_id, "deleted_below": below,
+                    "root": cp["root"], "last_record": cp["last_record"],
+                    "segments_kept": keep, "time": now_iso()}  # fmt: skip
+            # The signed statement first, on disk: a crash before the deletions leaves extra
+            # files, never deletions that nothing explains.
+            atomic_write_bytes(self.dir / layout.RETENTION_FILE, seal(body, self.signer) + b"\n")
+            fsync_dir(self.dir)
+            for first, path in segs[:-keep]:
+                path.unlink()
+                log.info("audit %s: retention deleted %s (from record %d)", self.log_id, path,
+                         first)  # fmt: skip
+            fsync_dir(self.dir)
+        except (OSError, ValueError, KeyError) as err:
+            log.error("audit %s: retention did not run: %s", self.log_id, err)
 
     def checkpoint_now(self) -> None:
         """Write a checkpoint over every durable record now (tests, shutdown)."""
@@ -381,12 +397,3 @@ class AuditLog(Recovering):
             error = self._failed or self._cp_error
             return {"log": self.log_id, "records": self.size, "durable": self.durable,
                     "checkpointed": self._cp_size, "error": error}  # fmt: skip
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's new entries durable (a new file survives a crash only then)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

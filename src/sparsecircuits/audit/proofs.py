@@ -104,8 +104,12 @@ def check_proof(proof: dict[str, Any], keyring: Keyring) -> list[str]:
     doc = parse_line(line)
     if doc is None or not signature_ok(doc, keyring):
         problems.append("the record's signature is not by a trusted key")
-    elif doc.get("seq") != proof.get("index") or doc.get("log") != cp.get("log"):
-        problems.append("the record's seq or log does not match the proof")
+    elif (doc.get("seq"), doc.get("log"), doc.get("request_id")) != (
+        index,
+        cp.get("log"),
+        proof.get("request_id"),
+    ) or proof.get("log") != cp.get("log"):
+        problems.append("the record's seq, log or request id does not match the proof's")
     try:
         path = from_hex_list(proof.get("proof"), field="proof")
         root = bytes.fromhex(str(cp.get("root", "")))

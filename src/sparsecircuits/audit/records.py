@@ -81,7 +81,7 @@ def parse_line(line: bytes) -> dict[str, Any] | None:
     """A record line's fields, or None if it is not a JSON object with the chain fields."""
     try:
         doc = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # hostile nesting included
         return None
     if not isinstance(doc, dict):
         return None

@@ -13,7 +13,7 @@ from sparsecircuits.audit import layout
 from sparsecircuits.audit.errors import AuditDamaged
 from sparsecircuits.audit.merkle import Frontier
 from sparsecircuits.audit.records import parse_line, record_hash
-from sparsecircuits.fileio import atomic_write_bytes, read_json_object
+from sparsecircuits.fileio import atomic_write_bytes, fsync_dir, read_json_object
 
 log = logging.getLogger("sparsecircuits.audit")
 
@@ -97,6 +97,8 @@ class Recovering:
     def _quarantine(self, path: Path, *, good: int, torn: bytes) -> None:
         qpath = self.dir / layout.QUARANTINE_DIR / f"{path.name}.{good}.torn"
         atomic_write_bytes(qpath, torn)  # moved aside before the segment is cut
+        fsync_dir(qpath.parent)
+        fsync_dir(self.dir)
         with open(path, "r+b") as f:
             f.truncate(good)
             os.fsync(f.fileno())

@@ -188,7 +188,7 @@ def verify_log(
     rep.last_checkpoint = max(cps, default=rep.first_seq)
     for t in trusted or []:
         if t.get("log") == rep.log:
-            _check_trusted(rep, t, expected, keyring, damage)
+            _check_trusted(rep, t, expected, keyring, cps, damage)
     return rep
 
 
@@ -260,8 +260,16 @@ def _retention(log_dir: Path, rep: LogReport, keyring: Keyring, cps: dict[int, d
         return None
     below = doc.get("deleted_below")
     cp = cps.get(below)
+    if doc.get("log") != rep.log:
+        damage("forged_retention", where, None, f"a statement of log {doc.get('log')!r}")
+        return None
     if cp is None:
         damage("forged_retention", where, None, f"no valid checkpoint at record {below}")
+        return None
+    if (doc.get("root"), doc.get("last_record")) != (cp["root"], cp["last_record"]):
+        # bound to the tree head where the kept records start: a statement from another
+        # log (or another machine's log of the same name) names another head
+        damage("forged_retention", where, None, f"it names another tree head at record {below}")
         return None
     frontier = Frontier.from_json(cp["frontier"])
     if frontier.root().hex() != cp["root"]:
@@ -291,14 +299,16 @@ def _read_signed(path: Path) -> dict[str, Any] | None:
     try:
         raw = path.read_bytes()
         doc = json.loads(raw)
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(doc, dict) or raw != canonical(doc) + b"\n":  # one spelling only
         return None
     return doc
 
 
-def _check_trusted(rep: LogReport, t: dict[str, Any], n: int, keyring: Keyring, damage) -> None:
+def _check_trusted(
+    rep: LogReport, t: dict[str, Any], n: int, keyring: Keyring, cps: dict[int, dict], damage
+) -> None:
     """Compare the log with a tree head kept elsewhere (signature checked first)."""
     size, where = t.get("size"), "--trusted-checkpoint"
     if t.get("schema") != CHECKPOINT_SCHEMA or not signature_ok(t, keyring):
@@ -306,8 +316,14 @@ def _check_trusted(rep: LogReport, t: dict[str, Any], n: int, keyring: Keyring, 
     elif not isinstance(size, int) or size > n:
         damage("truncated", where, n,
                f"the trusted checkpoint covers {size} records; the log has {n}")  # fmt: skip
-    elif size < rep.first_seq:
-        rep.notes.append(f"trusted checkpoint {size} lies before the retention point")
+    elif size < rep.first_seq:  # its records are gone: the log's own signed head must match
+        own = cps.get(size)
+        if own is None:
+            why = f"the log no longer holds its checkpoint at {size} (below retention)"
+            damage("deleted", where, None, why)
+        elif own["root"] != t.get("root"):
+            why = f"the log's checkpoint at {size} does not match the trusted tree head"
+            damage("edited", where, None, why)
     elif rep.root_at(size).hex() != t.get("root"):
         damage("edited", where, None,
                f"the log's first {size} records do not match the trusted tree head")  # fmt: skip

@@ -117,12 +117,18 @@ def check_proof_cmd(
     from sparsecircuits.audit.signing import Keyring
     from sparsecircuits.fileio import read_json_object
 
-    problems = check_proof(read_json_object(proof), Keyring.load(pubkey))
+    doc = read_json_object(proof)
+    problems = check_proof(doc, Keyring.load(pubkey))
     for p in problems:
         typer.echo(f"FAIL {proof}: {p}")
     if problems:
         raise typer.Exit(1)
-    typer.echo(f"OK {proof}: the record is in the log the signed checkpoint commits to")
+    rec = json.loads(doc["record"])
+    typer.echo(
+        f"OK {proof}: the {rec.get('kind')} record of {rec.get('request_id')} (outcome "
+        f"{rec.get('outcome')}, record {rec.get('seq')} of log {rec.get('log')}) is in the log "
+        f"that checkpoint {doc['checkpoint'].get('size')} commits to"
+    )
 
 
 @audit_app.command("replay")

@@ -382,17 +382,22 @@ class RateLimiter:
                     bucket.level -= need
             return None
 
-    def refund(self, key: ApiKey, *, tokens: int, now: float | None = None) -> None:
-        """Give back ``tokens`` reserved by :meth:`acquire` but not used (never past the
-        bucket's capacity). A key no longer in the store has nothing to give back to."""
-        if type(tokens) is not int or tokens < 0:
-            raise ValueError(f"tokens must be an integer >= 0, got {tokens!r}")
+    def refund(
+        self, key: ApiKey, *, tokens: int, requests: int = 0, now: float | None = None
+    ) -> None:
+        """Give back ``tokens`` (and ``requests``) charged by :meth:`acquire` but not used,
+        e.g. a request refused after admission (never past a bucket's capacity). A key no
+        longer in the store has nothing to give back to."""
+        for name, n in (("tokens", tokens), ("requests", requests)):
+            if type(n) is not int or n < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {n!r}")
         now = time.monotonic() if now is None else now
         with self._lock:
             try:
                 state = self._state(key, now)
             except UnknownKey:
                 return
-            if state.tokens is not None:
-                state.tokens.refill(now)
-                state.tokens.level = min(state.tokens.capacity, state.tokens.level + tokens)
+            for bucket, n in ((state.tokens, tokens), (state.requests, requests)):
+                if bucket is not None and n:
+                    bucket.refill(now)
+                    bucket.level = min(bucket.capacity, bucket.level + n)

@@ -217,23 +217,33 @@ class Server(Responding):
         n_sent: int,
         text: str,
         telemetry: dict[str, Any] | None,
+        refused: bool = False,
     ) -> None:
-        """Store and record a request that ended without a completion (no response waits
-        on this record, so it is not synced: the next group commit takes it)."""
+        """Store and record a request that ended without a completion. The record is on
+        disk before the client hears the error (a stream's last event: it may have sent
+        tokens); ``refused``: it never ran (its whole rate-limit charge is given back, and
+        no fsync is waited for: nothing was answered)."""
         record = {**self._record(job, outcome=outcome, prompt_tokens=prompt_tokens),
                   "completion_tokens": n_sent}  # fmt: skip
         self.store.put(job.request_id, {**record, "telemetry": telemetry or {}})
-        self._refund(job, n_sent)
+        self._refund(job, n_sent, refused=refused)
         if self.auditor is not None:
             fields = self._audit_fields(job, record, telemetry)
             try:
-                self.auditor.complete(fields, output=text, durable=False)
+                self.auditor.complete(fields, output=text, durable=not refused)
             except AuditUnavailable as err:
                 log.error("request %s: no completion record: %s", job.request_id, err)
 
-    def _refund(self, job: Job, n_sent: int) -> None:
+    def _refund(self, job: Job, n_sent: int, *, refused: bool = False) -> None:
+        """Give back what the key was charged and did not use: the tokens not generated, and
+        for a request refused after admission the whole charge."""
         work: _Work = job.payload
-        if self.limiter is not None and work.key is not None:
+        if self.limiter is None or work.key is None:
+            return
+        if refused:
+            tokens = len(work.prompt_ids) + work.options.max_tokens
+            self.limiter.refund(work.key, tokens=tokens, requests=1)
+        else:
             self.limiter.refund(work.key, tokens=max(work.options.max_tokens - n_sent, 0))
 
     def _finish(
@@ -333,7 +343,7 @@ class Server(Responding):
                                    api_key_id=None if key is None else key.id)  # fmt: skip
             except AuditUnavailable as err:
                 self.metrics.rejected.labels("audit").inc()
-                self._refund(job, 0)
+                self._refund(job, 0, refused=True)
                 raise audit_error(err) from None
             self.metrics.audit_write.labels("start").observe(time.perf_counter() - t0)
         try:
@@ -341,7 +351,7 @@ class Server(Responding):
         except QueueFull as exc:
             self.metrics.rejected.labels("busy").inc()
             self._close(job, outcome="rejected_busy", prompt_tokens=len(ids), n_sent=0,
-                        text="", telemetry=None)  # fmt: skip
+                        text="", telemetry=None, refused=True)  # fmt: skip
             raise ApiError(429, str(exc), type="server_busy", retry_after=1.0) from None
         return job
 
