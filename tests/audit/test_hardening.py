@@ -151,3 +151,21 @@ def test_refused_request_refunds_its_whole_charge(requests: int) -> None:
         limiter.refund(key, tokens=40, requests=requests, now=0.0)
     wait = limiter.acquire(key, tokens=100, now=0.0)
     assert (wait is None) == (requests == 1)
+
+
+def test_an_unsigned_chain_head_refuses_to_start(tmp_path, open_log, fill, signer):
+    """A last record replaced by unsigned JSON with the right seq and prev: the server must
+    not sign new records on top of it."""
+    from sparsecircuits.audit.log import AuditDamaged
+    from sparsecircuits.audit.records import canonical, parse_line
+
+    log = open_log(tmp_path, checkpoint_records=1000, checkpoint_seconds=3600)
+    fill(log, 6)
+    log.close(checkpoint=False)  # no final head: the tail is covered by signatures only
+    seg = layout.segments(tmp_path / "w0")[-1][1]
+    lines = seg.read_bytes().split(b"\n")
+    doc = parse_line(lines[-2])
+    lines[-2] = canonical({**doc, "request_id": "forged"})  # same seq and prev, bad signature
+    seg.write_bytes(b"\n".join(lines))
+    with pytest.raises(AuditDamaged, match="not signed by this server's key"):
+        open_log(tmp_path, log_id="w0", checkpoint_records=1000)

@@ -12,7 +12,8 @@ from typing import Any
 from sparsecircuits.audit import layout
 from sparsecircuits.audit.errors import AuditDamaged
 from sparsecircuits.audit.merkle import Frontier
-from sparsecircuits.audit.records import parse_line, record_hash
+from sparsecircuits.audit.records import parse_line, record_hash, signature_ok
+from sparsecircuits.audit.signing import Keyring, Signer
 from sparsecircuits.fileio import atomic_write_bytes, fsync_dir, read_json_object
 
 log = logging.getLogger("sparsecircuits.audit")
@@ -27,9 +28,11 @@ class Recovering:
     prev: str
     frontier: Frontier
     recoveries: list[dict[str, Any]]
+    signer: Signer
     _seg_first: int
 
     def _open_segment(self, first: int) -> None: ...  # the writer's
+
     def _last_checkpoint_size(self) -> int: ...  # the writer's
 
     def _recover(self) -> None:
@@ -39,6 +42,10 @@ class Recovering:
         expected = self.size
         torn: tuple[Path, int, bytes] | None = None
         named: set[str] = set()  # quarantine files that recovery records already name
+        # Records after the last checkpoint become the chain head the server signs on top
+        # of: checked against its own key (records of an earlier key pass: it is not held).
+        signed_upto = self._last_checkpoint_size()
+        own = Keyring([self.signer.private.public_key()])
         for i, (first, path) in enumerate(segs):
             if first != expected:
                 raise AuditDamaged(
@@ -59,6 +66,12 @@ class Recovering:
                     raise AuditDamaged(
                         f"{path}: line {n + 1} does not continue the chain at record "
                         f"{expected}; run `sparsecircuits audit verify`"
+                    )
+                theirs = doc.get("key_id") != self.signer.key_id  # a rotated-out key: verify's
+                if expected >= signed_upto and not theirs and not signature_ok(doc, own):
+                    raise AuditDamaged(
+                        f"{path}: line {n + 1} (record {expected}) is not signed by this "
+                        "server's key; run `sparsecircuits audit verify`"
                     )
                 if doc.get("kind") == "recovery":
                     named.add(str(doc.get("quarantined_as")))
