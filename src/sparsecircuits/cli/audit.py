@@ -15,6 +15,7 @@ audit_app = typer.Typer(
     no_args_is_help=True,
     help="Tamper-evident audit records: keys, verification, inclusion proofs, replay.",
 )
+SHOWN = 50  # differences printed by replay (all are counted)
 keys_app = typer.Typer(no_args_is_help=True, help="The server's API keys (stored hashed).")
 
 PubKeys = Annotated[
@@ -145,8 +146,10 @@ def replay_cmd(
 
     diffs = replay(trail, request_id, model=model, catalog=catalog, policy=policy,
                    baseline=baseline)  # fmt: skip
-    for d in diffs:
+    for d in diffs[:SHOWN]:
         typer.echo(f"DIFF {d}")
+    if len(diffs) > SHOWN:
+        typer.echo(f"... and {len(diffs) - SHOWN} more differences ({len(diffs)} in all)")
     if diffs:
         raise typer.Exit(1)
     typer.echo(f"audit replay: {request_id} reproduced exactly (scores, decision, output)")

@@ -122,7 +122,7 @@ def create_app(
 ) -> FastAPI:
     """The server's app. ``factory``: per-request telemetry (None: :class:`NullMonitorFactory`,
     no catalogue). ``workers`` threads run requests; ``queue_size`` more may wait, the next is
-    refused with 503. ``timeout_s``: each request's deadline from its arrival.
+    refused with 429. ``timeout_s``: each request's deadline from its arrival.
     ``telemetry_capacity``: how many requests' telemetry ``/v1/telemetry`` keeps.
     ``tracer_provider``: where request spans go (default: OpenTelemetry's global provider,
     which exports nothing unless the host process configures it). ``operator_key_sha256``: hex

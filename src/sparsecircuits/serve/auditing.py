@@ -37,11 +37,13 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def replay_conditions() -> dict[str, Any]:
-    """What must match for a replay to reproduce scores bit for bit on CPU."""
+def replay_conditions(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """What must match for a replay to reproduce scores bit for bit (``device``: where the
+    model runs; replay runs on the CPU)."""
     from sparsecircuits.kernels._lib import backend, build_id
 
     return {
+        "device": torch.device(device).type,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "kernel_backend": backend(),

@@ -55,19 +55,27 @@ class ServeConfig(BaseModel):
     otel_capture_content: bool = False
 
 
+def baseline_file(catalog: Path, baseline: Path | None) -> Path:
+    """The baseline a catalogue is served with: the one given, else the one beside it."""
+    from sparsecircuits.monitor.calibrate import BASELINE_FILE
+    from sparsecircuits.monitor.catalog import catalog_path
+
+    return baseline or catalog_path(catalog).parent / BASELINE_FILE
+
+
 def monitor_factory(model, *, catalog: Path, policy: Path, baseline: Path | None):
     """The per-request circuit telemetry of a catalogue, its baseline and a policy; each file
     is checked against the others (the model's weights hash, the catalogue's hash, the
     catalogue's families)."""
     from sparsecircuits.interop.download import file_sha256
-    from sparsecircuits.monitor.calibrate import BASELINE_FILE, load_baseline
+    from sparsecircuits.monitor.calibrate import load_baseline
     from sparsecircuits.monitor.catalog import catalog_path, load_catalog
     from sparsecircuits.monitor.live import CircuitMonitorFactory
     from sparsecircuits.monitor.policy import load_policy
 
     path = catalog_path(catalog)
     doc = load_catalog(path, model)  # refuses a catalogue built for another model
-    base = load_baseline(baseline or path.parent / BASELINE_FILE, catalog_sha256=file_sha256(path))
+    base = load_baseline(baseline_file(catalog, baseline), catalog_sha256=file_sha256(path))
     pol = load_policy(policy, families=doc.monitored())
     return CircuitMonitorFactory(model, doc, base, pol, catalog_path=path)
 
@@ -96,8 +104,9 @@ def build_app(cfg: ServeConfig, *, tracer_provider=None) -> FastAPI:
             model, catalog=Path(cfg.catalog), policy=Path(cfg.policy), baseline=base
         )
         pol = factory.policy
+        bfile = baseline_file(Path(cfg.catalog), base)
         info.update(catalog_sha256=file_sha256(factory.catalog_path), policy_sha256=pol.sha256,
-                    policy_version=pol.doc.version)  # fmt: skip
+                    policy_version=pol.doc.version, baseline_sha256=file_sha256(bfile))  # fmt: skip
     auditor = None
     if cfg.audit_dir is not None:
         if cfg.audit_key is None:

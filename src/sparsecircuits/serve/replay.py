@@ -23,7 +23,7 @@ from sparsecircuits.audit.records import canonical, parse_line
 from sparsecircuits.errors import InputError
 
 COMPARED = ("finish_reason", "prompt_tokens", "completion_tokens", "output_sha256",
-            "decision", "scores")  # fmt: skip
+            "decision", "scores", "mitigation")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,21 +50,25 @@ def _open_record(log_dir: Path, before: int) -> dict[str, Any]:
     return found
 
 
-def _first_difference(path: str, a: Any, b: Any) -> Difference | None:
-    """The first place where two JSON values differ (``path``: where they sit)."""
+_MISSING = object()  # a field one side has and the other lacks (not the same as null)
+
+
+def _differences(path: str, a: Any, b: Any) -> list[Difference]:
+    """Every place where two JSON values differ (``path``: where they sit)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = _first_difference(f"{path}.{k}", a.get(k), b.get(k))
-            if d:
-                return d
-        return None
+        keys = sorted(set(a) | set(b))
+        return [
+            d
+            for k in keys
+            for d in _differences(f"{path}.{k}", a.get(k, _MISSING), b.get(k, _MISSING))
+        ]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            d = _first_difference(f"{path}[{i}]", x, y)
-            if d:
-                return d
-        return None
-    return None if canonical(a) == canonical(b) else Difference(path, a, b)
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True))
+                for d in _differences(f"{path}[{i}]", x, y)]  # fmt: skip
+    if a is _MISSING or b is _MISSING:
+        show = {id(_MISSING): "(missing)"}
+        return [Difference(path, show.get(id(a), a), show.get(id(b), b))]
+    return [] if canonical(a) == canonical(b) else [Difference(path, a, b)]
 
 
 def replay(
@@ -99,8 +103,8 @@ def replay(
     diffs: list[Difference] = []
     want = done["replay"]
     torch.set_num_threads(int(want["threads"]))
-    have = replay_conditions()
-    for k in ("torch", "threads", "kernel_backend", "kernel_build", "batching"):
+    have = replay_conditions("cpu")
+    for k in ("device", "torch", "threads", "kernel_backend", "kernel_build", "batching"):
         if have.get(k) != want.get(k):
             diffs.append(Difference(f"conditions.{k}", want.get(k), have.get(k)))
     mdir = Path(model or cfg["model_dir"])
@@ -113,12 +117,15 @@ def replay(
         factory = monitor_factory(m, catalog=Path(cat), policy=Path(pol),
                                   baseline=None if base is None else Path(base))  # fmt: skip
         from sparsecircuits.interop.download import file_sha256
+        from sparsecircuits.serve.launch import baseline_file
 
+        bfile = baseline_file(Path(cat), None if base is None else Path(base))
         info.update(catalog_sha256=file_sha256(factory.catalog_path),
-                    policy_sha256=factory.policy.sha256)  # fmt: skip
+                    policy_sha256=factory.policy.sha256,
+                    baseline_sha256=file_sha256(bfile))  # fmt: skip
     for k, v in info.items():
-        if done.get(k) != v:
-            diffs.append(Difference(k, done.get(k), v))
+        if k in done and done[k] != v:  # a hash the record has (older records lack some)
+            diffs.append(Difference(k, done[k], v))
     tok = Tokenizer.load(mdir)
     p = start["params"]
     options = SamplingOptions(max_tokens=p["max_tokens"], temperature=p["temperature"],
@@ -142,10 +149,14 @@ def replay(
         "output_sha256": sha256_text(out),
         "decision": last.decision.to_json(),
         "scores": {"families": tel.get("families") or {}, "causal_share": tel.get("causal_share")},
+        "mitigation": {
+            "dampened_families": sorted(
+                n for n, f in (tel.get("families") or {}).items() if f.get("dampened")
+            ),
+            "stopped": last.finish_reason == "content_filter",
+        },
     }
     got = json.loads(canonical(got))  # the same JSON round trip the record went through
     for k in COMPARED:
-        d = _first_difference(k, done.get(k), got[k])
-        if d:
-            diffs.append(d)
+        diffs.extend(_differences(k, done.get(k, _MISSING), got[k]))
     return diffs

@@ -96,6 +96,7 @@ class Server(Responding):
         self.auditor, self.limiter = auditor, limiter
         self.limits = limits or Limits()
         self.capture_content = capture_content
+        self.device = next(model.parameters()).device
         self.record_info = record_info or {}  # hashes every completion record repeats
         self.created = int(time.time())
         self.metrics = Metrics()
@@ -205,7 +206,7 @@ class Server(Responding):
             "scores": {"families": families, "causal_share": tel.get("causal_share")},
             "mitigation": {"dampened_families": dampened,
                            "stopped": record.get("finish_reason") == "content_filter"},
-            "replay": {"seed": work.options.seed, **replay_conditions()},
+            "replay": {"seed": work.options.seed, **replay_conditions(self.device)},
         }  # fmt: skip
 
     def _close(
