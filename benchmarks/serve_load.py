@@ -62,6 +62,8 @@ from typing import Any
 import httpx
 from _timing import machine
 
+from sparsecircuits.audit.layout import read_records
+
 # A few short, fixed Python snippets (the model was trained on Python's stdlib).
 PROMPTS = (
     "def add(a, b):\n    return",
@@ -279,24 +281,9 @@ def audit_write_cost(base: str) -> dict[str, Any]:
     return out
 
 
-def read_records(trail: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every parseable record of every log under ``trail``, by log name."""
-    logs: dict[str, list[dict[str, Any]]] = {}
-    for log_dir in sorted(p for p in trail.iterdir() if p.is_dir()):
-        recs = []
-        for seg in sorted(log_dir.glob("seg-*.jsonl")):
-            for line in seg.read_bytes().split(b"\n"):
-                with suppress(ValueError):
-                    if line:
-                        recs.append(json.loads(line))
-        if recs:
-            logs[log_dir.name] = recs
-    return logs
-
-
 def check_trail(trail: Path, ok_ids: list[str]) -> dict[str, Any]:
     """Every acknowledged id has exactly one start and one complete record, over all logs."""
-    logs = read_records(trail)
+    logs = {k: v for k, v in read_records(trail).items() if v}
     starts: Counter[str] = Counter()
     completes: Counter[str] = Counter()
     outcomes: Counter[str] = Counter()

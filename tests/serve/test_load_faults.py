@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import os
 import random
 import re
@@ -31,6 +30,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from sparsecircuits.audit.layout import read_records
 from sparsecircuits.audit.signing import keygen
 from sparsecircuits.cli import app as cli_app
 
@@ -200,18 +200,7 @@ class BackgroundLoad:
         return list(self.results)
 
 
-def records(trail: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every record line of every log of ``trail``, by log name (a torn line is skipped)."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for log_dir in sorted(p for p in trail.iterdir() if p.is_dir()):
-        recs = []
-        for seg in sorted(log_dir.glob("seg-*.jsonl")):
-            for line in seg.read_bytes().split(b"\n"):
-                with suppress(ValueError):
-                    if line:
-                        recs.append(json.loads(line))
-        out[log_dir.name] = recs
-    return out
+records = read_records  # every parseable record of every log, by log name
 
 
 def assert_acknowledged_recorded(trail: Path, results: list[tuple]) -> Counter:

@@ -63,3 +63,20 @@ def logs(trail: Path) -> list[Path]:
     return top + sorted(
         p for p in trail.iterdir() if p.is_dir() and (segments(p) or checkpoints(p))
     )
+
+
+def read_records(trail: Path) -> dict[str, list[dict]]:
+    """Every record of every log of ``trail`` that parses, by log name, in file order (for
+    counting and reports: this checks nothing; ``audit verify`` does)."""
+    from sparsecircuits.audit.records import parse_line
+
+    out: dict[str, list[dict]] = {}
+    for log_dir in logs(trail):
+        docs = []
+        for _, seg in segments(log_dir):
+            for line in seg.read_bytes().split(b"\n"):
+                doc = parse_line(line) if line else None
+                if doc is not None:
+                    docs.append(doc)
+        out[log_dir.name] = docs
+    return out
