@@ -1,6 +1,6 @@
 """Command line: ``sparsecircuits`` and its command groups, one module each (``model``,
 ``tasks``, ``circuits``, ``compare``, ``data``, ``checkpoint``, ``viz``, ``interop``,
-``monitor``, ``serve``, ``audit`` with ``keys``).
+``monitor``, ``serve``, ``audit`` with ``keys``, ``redteam``: ``scan``).
 
 Library code never imports this package. Heavy imports happen inside commands so ``--help`` is
 instant and the allocator tweak lands before torch allocates.
@@ -23,6 +23,7 @@ from sparsecircuits.cli import (
     interop,
     model,
     monitor,
+    redteam,
     serve,
     tasks,
     viz,
@@ -45,6 +46,7 @@ for group in (
     viz,
     interop,
     monitor,
+    redteam,
     serve,
     audit,
 ):

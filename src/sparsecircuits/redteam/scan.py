@@ -1,0 +1,110 @@
+"""``sparsecircuits scan``: load a model with its circuit catalogue, baseline and policy, search
+one family with one objective, write what was found.
+
+Output directory: ``hits.jsonl`` (one line per distinct hit: span, prompt, scores,
+constraints), ``trajectory.jsonl`` (the best candidate after each step) and ``scan.json`` (the
+run: seed, budget, mode, template, model/catalogue/policy hashes, counts, time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sparsecircuits.errors import InputError
+from sparsecircuits.fileio import atomic_write_bytes, atomic_write_json
+from sparsecircuits.redteam.objective import CircuitObjective, Objective
+from sparsecircuits.redteam.search import Mode, Searcher, SearchResult
+from sparsecircuits.redteam.template import Template, load_template
+
+SCHEMA = "sparsecircuits.redteam.scan/1"
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """What a scan attacks: the model, its catalogue's family nodes, baseline, flag rule."""
+
+    model: Any
+    tokenizer: Any
+    catalog: Any
+    baseline: Any
+    rules: dict[str, Any]  # family -> FlagRule (the policy's, else the baseline's)
+    hashes: dict[str, str]
+
+
+def load_monitor(model_dir: Path, catalog: Path, *, policy: Path | None = None) -> Monitor:
+    """The model at ``model_dir`` and the catalogue at ``catalog`` with the baseline beside
+    it; ``policy`` (optional) gives each family's flag rule."""
+    from sparsecircuits.data import Tokenizer
+    from sparsecircuits.interop.download import file_sha256
+    from sparsecircuits.model.io import load_model, weights_hash
+    from sparsecircuits.monitor.calibrate import BASELINE_FILE, load_baseline
+    from sparsecircuits.monitor.catalog import catalog_path, load_catalog
+    from sparsecircuits.monitor.policy import load_policy
+
+    m = load_model(model_dir, device="cpu").eval()
+    path = catalog_path(catalog)
+    cat = load_catalog(path, m)
+    base = load_baseline(path.parent / BASELINE_FILE, catalog_sha256=file_sha256(path))
+    rules = {f: base.flag for f in cat.monitored()}
+    hashes = {"weights_hash": weights_hash(m), "catalog_sha256": file_sha256(path)}
+    if policy is not None:
+        pol = load_policy(policy, families=cat.monitored())
+        for r in pol.rules(base.flag):
+            rules.setdefault(r.family, r.flag)
+            rules[r.family] = min(rules[r.family], r.flag, key=lambda fl: fl.z)
+        hashes["policy_sha256"] = pol.sha256
+    return Monitor(m, Tokenizer.load(model_dir), cat, base, rules, hashes)
+
+
+def scan(
+    mon: Monitor,
+    *,
+    family: str,
+    objective: Objective,
+    template: Template | None = None,
+    mode: Mode = "gcg",
+    budget: int = 512,
+    seed: int = 0,
+    batch: int = 64,
+    topk: int = 64,
+) -> tuple[Searcher, SearchResult]:
+    """One seeded search; ``template`` None: the family's default."""
+    if family not in mon.rules:
+        known = ", ".join(sorted(mon.rules)) or "none"
+        raise InputError(f"--family {family!r}: not in the catalogue (monitored: {known})")
+    t = template or load_template(None, family=family)
+    obj = CircuitObjective(mon.model, mon.catalog.family_nodes(family), mon.baseline,
+                           objective=objective, rule=mon.rules[family],
+                           min_target_prob=t.min_target_prob)  # fmt: skip
+    searcher = Searcher(obj, mon.tokenizer, t, batch=batch, topk=topk)
+    return searcher, searcher.run(mode=mode, budget=budget, seed=seed)
+
+
+def write_scan(out: Path, searcher: Searcher, res: SearchResult, *, run: dict[str, Any]) -> dict:
+    """Write the scan's files to ``out``; returns the ``scan.json`` document."""
+    t = searcher.t
+
+    def line(f) -> dict[str, Any]:
+        return {**dataclasses.asdict(f), "prompt": t.prefix + f.span + t.suffix}
+
+    for name, rows in (("hits.jsonl", res.hits), ("trajectory.jsonl", res.trajectory)):
+        atomic_write_bytes(out / name, "".join(json.dumps(line(f)) + "\n" for f in rows).encode())
+    doc = {
+        "schema": SCHEMA,
+        "run_id": str(uuid.uuid4()),
+        **run,
+        "template": t.model_dump(),
+        "threshold": searcher.obj.threshold(),
+        "rule": searcher.obj.rule.model_dump(),
+        "evaluations": res.evaluations,
+        "seconds": res.seconds,
+        "hits": len(res.hits),
+        "best": line(res.best),
+    }
+    atomic_write_json(out / "scan.json", doc)
+    return doc
