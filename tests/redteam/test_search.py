@@ -4,6 +4,7 @@ determinism, and one-line errors."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,22 @@ def test_unknown_family_names_the_known_ones():
         scan(mon, family="nope", objective="engage")
     searcher, res = scan(mon, family="string-literal", objective="engage", budget=128, seed=0)
     assert res.hits and res.hits[0].engagement > searcher.obj.threshold()
+
+
+def test_scan_command_writes_hits_and_a_garak_report(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from sparsecircuits.cli import app
+    from sparsecircuits.redteam.report import read_report
+
+    out = tmp_path / "scan"
+    r = CliRunner().invoke(app, ["scan", "--family", "string-literal", "--objective", "engage",
+                                 "--budget", "64", "--seed", "1", "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    hits = [json.loads(x) for x in (out / "hits.jsonl").read_text().splitlines()]
+    doc = json.loads((out / "scan.json").read_text())
+    assert doc["hits"] == len(hits) and doc["seed"] == 1 and doc["hashes"]["catalog_sha256"]
+    entries = read_report(out / "report.jsonl")
+    assert entries[0]["entry_type"] == "start_run setup"
+    assert len((out / "hitlog.jsonl").read_text().splitlines()) == len(hits)
+    assert all(h["hit"] and h["python_valid"] for h in hits)

@@ -2,8 +2,12 @@
 one family with one objective, write what was found.
 
 Output directory: ``hits.jsonl`` (one line per distinct hit: span, prompt, scores,
-constraints), ``trajectory.jsonl`` (the best candidate after each step) and ``scan.json`` (the
-run: seed, budget, mode, template, model/catalogue/policy hashes, counts, time).
+constraints), ``trajectory.jsonl`` (the best candidate after each step), ``scan.json`` (the
+run: seed, budget, mode, template, model/catalogue/policy hashes, counts, time), and the same
+attempts as red teams read them: garak's ``report.jsonl`` and ``hitlog.jsonl`` with a Markdown
+and an HTML summary (:mod:`sparsecircuits.redteam.report`). A report attempt carries the
+model's greedy continuation of its prompt (``OUTPUT_TOKENS`` tokens) and the circuit
+detector's score: 1 when the monitor's flag rule fires on the prompt, else 0.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparsecircuits.audit.records import now_iso
 from sparsecircuits.errors import InputError
 from sparsecircuits.fileio import atomic_write_bytes, atomic_write_json
 from sparsecircuits.redteam.objective import CircuitObjective, Objective
@@ -22,6 +27,8 @@ from sparsecircuits.redteam.search import Mode, Searcher, SearchResult
 from sparsecircuits.redteam.template import Template, load_template
 
 SCHEMA = "sparsecircuits.redteam.scan/1"
+OUTPUT_TOKENS = 8  # greedy continuation shown with each reported attempt
+MAX_REPORTED = 200  # attempts in the garak report: the hits first, then the trajectory
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,7 @@ def write_scan(out: Path, searcher: Searcher, res: SearchResult, *, run: dict[st
     doc = {
         "schema": SCHEMA,
         "run_id": str(uuid.uuid4()),
+        "started": now_iso(),
         **run,
         "template": t.model_dump(),
         "threshold": searcher.obj.threshold(),
@@ -107,4 +115,39 @@ def write_scan(out: Path, searcher: Searcher, res: SearchResult, *, run: dict[st
         "best": line(res.best),
     }
     atomic_write_json(out / "scan.json", doc)
+    _garak(out, searcher, res, doc)
     return doc
+
+
+def _garak(out: Path, searcher: Searcher, res: SearchResult, doc: dict[str, Any]) -> None:
+    """The hits and the trajectory as a garak report (hits first, then the path there)."""
+    import torch
+
+    from sparsecircuits.redteam.report import Attempt, RunInfo, write_reports
+
+    t, model, tok = searcher.t, searcher.obj.model, searcher.tok
+    seen, chosen = set(), []
+    for f in [*res.hits, *res.trajectory]:
+        if f.span_ids not in seen and len(chosen) < MAX_REPORTED:
+            seen.add(f.span_ids)
+            chosen.append(f)
+    attempts = []
+    for seq, f in enumerate(chosen):
+        ids = searcher.ids(torch.tensor([f.span_ids]))[:, : searcher.layout.tgt]
+        room = model.config.block_size - ids.shape[1]
+        with torch.no_grad():
+            cont = model.generate(ids, max_new_tokens=max(0, min(OUTPUT_TOKENS, room)),
+                                  temperature=0)  # fmt: skip
+        output = tok.decode(cont[0, ids.shape[1] :].tolist())
+        attempts.append(Attempt(
+            seq=seq, prompt=t.prefix + f.span + t.suffix, span=f.span, outputs=[output],
+            scores={f"circuit.{doc['family']}": 1.0 if f.flagged else 0.0},
+            objective_value=f.loss, hit=f.hit,
+            constraints={"python_valid": f.python_valid, "fluency": f.fluent,
+                         "forbidden_tokens": True},
+        ))  # fmt: skip
+    run = RunInfo(run_id=doc["run_id"], started=doc.get("started", ""), seed=doc["seed"],
+                  family=doc["family"], objective=doc["objective"], mode=doc["mode"],
+                  budget=doc["budget"], model=doc["model"], hashes=doc["hashes"],
+                  template=doc["template"], version=doc["version"])  # fmt: skip
+    write_reports(out, run, attempts)

@@ -1,0 +1,71 @@
+"""Circuit-aware red teaming, measured: how often ``scan --objective engage`` drives a family's
+engagement above its benign 99th percentile, per search mode, at the same budget.
+
+For each family and mode (``gcg``: gradient candidates; ``random``: random single swaps, the
+baseline; ``evolve``: no gradients), ``--seeds`` seeded searches on the family's default
+template, each with ``--budget`` candidate evaluations; a seed succeeds when the search found
+at least one hit (every constraint held, engagement above the threshold). Prints the success
+rate, the median evaluations to the first hit, and the time per search.
+
+    python benchmarks/redteam.py [--seeds 50] [--budget 512] [--families string-literal ...]
+        [--modes gcg random evolve] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from _timing import machine
+
+from sparsecircuits.model.io import resolve_model_dir
+from sparsecircuits.redteam.scan import load_monitor, scan
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="stdlib-sparse")
+    ap.add_argument("--seeds", type=int, default=50)
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--families", nargs="*", default=None)
+    ap.add_argument("--modes", nargs="*", default=["gcg", "random", "evolve"])
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    d = resolve_model_dir(args.model)
+    mon = load_monitor(d, d / "monitor")
+    families = args.families or sorted(mon.rules)
+    rows = []
+    for fam in families:
+        for mode in args.modes:
+            wins, firsts, secs = 0, [], []
+            for seed in range(args.seeds):
+                searcher, res = scan(mon, family=fam, objective="engage", mode=mode,
+                                     budget=args.budget, seed=seed)  # fmt: skip
+                secs.append(res.seconds)
+                if res.hits:
+                    wins += 1
+                    firsts.append(res.hits[0].evaluations)
+            rows.append({
+                "family": fam, "mode": mode, "seeds": args.seeds, "budget": args.budget,
+                "success": wins / args.seeds, "threshold": searcher.obj.threshold(),
+                "median_evals_to_hit": statistics.median(firsts) if firsts else None,
+                "s_per_search": statistics.median(secs),
+            })  # fmt: skip
+    print(machine())
+    print(f"model {args.model}; objective engage; {args.seeds} seeds; budget {args.budget} "
+          "evaluations per search; a success: a hit (engagement above the family's benign p99, "
+          "every constraint held)")  # fmt: skip
+    print(f"{'family':<15}{'mode':<8}{'threshold':>10}{'success':>9}{'evals to hit':>14}"
+          f"{'s/search':>10}")  # fmt: skip
+    for r in rows:
+        first = "-" if r["median_evals_to_hit"] is None else f"{r['median_evals_to_hit']:.0f}"
+        print(f"{r['family']:<15}{r['mode']:<8}{r['threshold']:>10.3f}{r['success']:>9.0%}"
+              f"{first:>14}{r['s_per_search']:>10.2f}")  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
