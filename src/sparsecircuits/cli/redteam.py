@@ -58,12 +58,16 @@ def scan(
     t = load_template(template, family=family)
     searcher, res = run_scan(mon, family=family, objective=objective, template=t, mode=mode,
                              budget=budget, seed=seed, batch=batch, topk=topk)  # fmt: skip
-    b = res.best
+    b, o = res.best, searcher.obj
+    goal = f"threshold {o.threshold():.3f}"
+    if objective == "evade":
+        r = o.rule
+        goal = f"rule z > {r.z:g} on {r.k} of {r.n}, target p >= {t.min_target_prob:g}"
     typer.echo(
         f"scan {family} {objective} ({mode}, seed {seed}): {len(res.hits)} hits in "
-        f"{res.evaluations} evaluations, {res.seconds:.1f} s; best span {b.span!r}: engagement "
-        f"{b.engagement:.3f} (threshold {searcher.obj.threshold():.3f}), max z {b.max_z:.2f}, "
-        f"flagged {b.flagged}, target logp {b.target_logprob:.3f}"
+        f"{res.evaluations} evaluations, {res.seconds:.1f} s ({goal}); best span {b.span!r}: "
+        f"engagement {b.engagement:.3f}, max z {b.max_z:.2f}, flagged {b.flagged}, target logp "
+        f"{b.target_logprob:.3f}"
     )
     if out is not None:
         run = {"family": family, "objective": objective, "mode": mode, "budget": budget,
