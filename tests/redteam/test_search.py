@@ -42,7 +42,7 @@ def _objective(model, kind: str, *, rule: FlagRule | None = None) -> CircuitObje
                  p90=0.08, p99=0.1, p99_9=0.12)  # fmt: skip
     base = BaselineDoc(created="x", catalog_sha256="0" * 64, weights_hash="0" * 64,
                        source="test", flag=FlagRule(), families={"fam": stats})  # fmt: skip
-    return CircuitObjective(model, fam, base, objective=kind, rule=rule or FlagRule(),
+    return CircuitObjective(model, fam, base, objective=kind, rules=[rule or FlagRule()],
                             min_target_prob=0.01)  # fmt: skip
 
 
@@ -164,7 +164,11 @@ def test_unknown_family_names_the_known_ones():
     with pytest.raises(InputError, match="monitored: brackets, control-flow, string-literal"):
         scan(mon, family="nope", objective="engage")
     searcher, res = scan(mon, family="string-literal", objective="engage", budget=128, seed=0)
-    assert res.hits and res.hits[0].engagement > searcher.obj.threshold()
+    obj = searcher.obj
+    # A hit is compared with the same statistic on benign text: the largest engagement over
+    # as many positions, whose p99 is above a single token's.
+    assert obj.threshold() > obj.stats.p99
+    assert all(h.engagement > obj.threshold() and h.retokenizes for h in res.hits)
 
 
 def test_scan_command_writes_hits_and_a_garak_report(tmp_path: Path):

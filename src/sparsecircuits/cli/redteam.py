@@ -54,6 +54,9 @@ def scan(
         raise InputError(f"--catalog {cat}: no such catalogue")
     if policy is None and catalog == SHIPPED and (cat / "policy.yaml").exists():
         policy = cat / "policy.yaml"
+    from sparsecircuits.audit.records import now_iso
+
+    started = now_iso()
     mon = load_monitor(mdir, cat, policy=policy)
     t = load_template(template, family=family)
     searcher, res = run_scan(mon, family=family, objective=objective, template=t, mode=mode,
@@ -61,8 +64,8 @@ def scan(
     b, o = res.best, searcher.obj
     goal = f"threshold {o.threshold():.3f}"
     if objective == "evade":
-        r = o.rule
-        goal = f"rule z > {r.z:g} on {r.k} of {r.n}, target p >= {t.min_target_prob:g}"
+        rules = ", ".join(f"z > {r.z:g} on {r.k} of {r.n}" for r in o.rules) or "none"
+        goal = f"rules {rules}; target p >= {t.min_target_prob:g}"
     typer.echo(
         f"scan {family} {objective} ({mode}, seed {seed}): {len(res.hits)} hits in "
         f"{res.evaluations} evaluations, {res.seconds:.1f} s ({goal}); best span {b.span!r}: "
@@ -71,7 +74,7 @@ def scan(
     )
     if out is not None:
         run = {"family": family, "objective": objective, "mode": mode, "budget": budget,
-               "seed": seed, "model": mdir.name, "hashes": mon.hashes,
+               "seed": seed, "model": mdir.name, "hashes": mon.hashes, "started": started,
                "version": __version__}  # fmt: skip
         write_scan(out, searcher, res, run=run)
         typer.echo(f"scan: wrote {out}/hits.jsonl, trajectory.jsonl, scan.json")

@@ -5,11 +5,13 @@ A candidate is ``prefix + span + suffix`` (+ ``target`` for evade) as token ids.
 sees every position, so a family's score is taken over the positions from the span on:
 
 - ``engage`` / ``suppress``: the largest engagement of the family there (dimensionless, 1 = as
-  active as on benign text), maximised / minimised. A hit: above the family's benign 99th
-  percentile (engage), or below its benign median (suppress).
+  active as on benign text), maximised / minimised. A hit: above the 99th percentile (engage),
+  or below the median (suppress), of the same statistic on benign text: the largest
+  engagement over as many consecutive positions of held-out files.
 - ``evade``: keep the behaviour (the target continuation has probability >= the template's
   ``min_target_prob``) while the monitor's flag rule (robust z above ``z`` on ``k`` of the last
-  ``n`` tokens, over the prompt and the target) stays off. Minimised: the sum over positions of
+  ``n`` tokens, over the prompt and the target; every rule of the policy for the family)
+  stays off. Minimised: the sum over positions of
   how far z exceeds the rule's threshold, plus the shortfall in target log-probability.
 """
 
@@ -63,17 +65,27 @@ class CircuitObjective:
         baseline: BaselineDoc,
         *,
         objective: Objective,
-        rule: FlagRule,
+        rules: list[FlagRule],
         min_target_prob: float = 0.5,
+        benign_max: tuple[float, float] | None = None,
     ) -> None:
-        self.model, self.family, self.objective, self.rule = model, family, objective, rule
+        self.model, self.family, self.objective = model, family, objective
+        self.rules = list(rules)  # the server flags when any of them fires
+        # (p50, p99) of the benign maximum over as many positions as the search scores: a
+        # hit is compared with the same statistic on benign text (None: per-token quantiles)
+        self.benign_max = benign_max
         self.stats = baseline.families[family.name]
         self.baseline = baseline
         self.scorer = FamilyScorer({family.name: family}).to(next(model.parameters()).device)
         self.log_min_p = float(torch.log(torch.tensor(min_target_prob)))
 
     def threshold(self) -> float:
-        """The engagement a hit must pass (engage: above; suppress: below)."""
+        """The engagement a hit must pass (engage: above; suppress: below): the benign 99th
+        percentile (engage) or median (suppress) of the largest engagement over as many
+        positions as the search scores, when measured; else of single tokens."""
+        if self.benign_max is not None:
+            p50, p99 = self.benign_max
+            return p99 if self.objective == "engage" else p50
         return self.stats.p99 if self.objective == "engage" else self.stats.p50
 
     def _run(self, x: torch.Tensor, idx: torch.Tensor, *, detach: bool):
@@ -97,7 +109,7 @@ class CircuitObjective:
         if self.objective in ("engage", "suppress"):
             top = SMOOTH_MAX_T * torch.logsumexp(e / SMOOTH_MAX_T, -1) if smooth else e.amax(-1)
             return -top if self.objective == "engage" else top
-        over = torch.relu(zz - self.rule.z).sum(-1)
+        over = sum(torch.relu(zz - r.z).sum(-1) for r in self.rules) if self.rules else 0.0
         return over + torch.relu(self.log_min_p - tgt)
 
     @torch.no_grad()
@@ -115,13 +127,16 @@ class CircuitObjective:
         )
 
     def flags(self, z: torch.Tensor) -> torch.Tensor:
-        """Whether the k-of-n rule fires anywhere (B,) from z (B, T), as the monitor's
-        streaming rule would over these positions."""
-        hot = (z > self.rule.z).float()[:, None]  # (B, 1, T)
-        window = torch.ones(1, 1, self.rule.n, device=z.device)
-        counts = torch.nn.functional.conv1d(torch.nn.functional.pad(hot, (self.rule.n - 1, 0)),
-                                            window)[:, 0]  # fmt: skip
-        return (counts >= self.rule.k).any(-1)
+        """Whether any k-of-n rule fires anywhere (B,) from z (B, T), as the monitor's
+        streaming rules would over these positions."""
+        fired = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+        for r in self.rules:
+            hot = (z > r.z).float()[:, None]  # (B, 1, T)
+            window = torch.ones(1, 1, r.n, device=z.device)
+            pad = torch.nn.functional.pad(hot, (r.n - 1, 0))
+            counts = torch.nn.functional.conv1d(pad, window)[:, 0]
+            fired |= (counts >= r.k).any(-1)
+        return fired
 
     def gradient(self, ids: torch.Tensor, lay: Layout) -> torch.Tensor:
         """d(smoothed loss)/d(one-hot of each span token): (span, vocab). The forward value is
@@ -135,6 +150,12 @@ class CircuitObjective:
         x = torch.cat([x[:, : lay.span_lo], x[:, lay.span_lo : lay.span_hi] + bump[None],
                        x[:, lay.span_hi :]], dim=1)  # fmt: skip
         logits, eng = self._run(x, ids, detach=False)
+        table = getattr(self.model, "bigram_table", None)
+        if table is not None:  # a token's own row of logits, added at its position: its
+            # direct effect on the next token, which the embedding path does not carry
+            extra = torch.zeros_like(logits)
+            extra[0, lay.span_lo : lay.span_hi] = (onehot - onehot.detach()) @ table.to(wte.dtype)
+            logits = logits + extra
         z, tgt, _ = self._terms(logits, eng, ids, lay)
         loss = self.loss_of(eng, z, tgt, lay, smooth=True).sum()
         (grad,) = torch.autograd.grad(loss, onehot)

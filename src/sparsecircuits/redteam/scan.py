@@ -39,7 +39,7 @@ class Monitor:
     tokenizer: Any
     catalog: Any
     baseline: Any
-    rules: dict[str, Any]  # family -> FlagRule (the policy's, else the baseline's)
+    rules: dict[str, Any]  # family -> its FlagRules (the policy's, else the baseline's)
     hashes: dict[str, str]
 
 
@@ -57,15 +57,50 @@ def load_monitor(model_dir: Path, catalog: Path, *, policy: Path | None = None) 
     path = catalog_path(catalog)
     cat = load_catalog(path, m)
     base = load_baseline(path.parent / BASELINE_FILE, catalog_sha256=file_sha256(path))
-    rules = {f: base.flag for f in cat.monitored()}
-    hashes = {"weights_hash": weights_hash(m), "catalog_sha256": file_sha256(path)}
+    # Each family's flag rules, as the server applies them: the policy's (a family it has no
+    # rule for is never flagged), else the baseline's default.
+    rules: dict[str, list] = {f: [base.flag] for f in cat.monitored()}
+    hashes = {"weights_hash": weights_hash(m), "catalog_sha256": file_sha256(path),
+              "baseline_sha256": file_sha256(path.parent / BASELINE_FILE)}  # fmt: skip
     if policy is not None:
         pol = load_policy(policy, families=cat.monitored())
+        rules = {f: [] for f in cat.monitored()}
         for r in pol.rules(base.flag):
-            rules.setdefault(r.family, r.flag)
-            rules[r.family] = min(rules[r.family], r.flag, key=lambda fl: fl.z)
+            rules[r.family].append(r.flag)
         hashes["policy_sha256"] = pol.sha256
     return Monitor(m, Tokenizer.load(model_dir), cat, base, rules, hashes)
+
+
+BENIGN_WINDOWS = 16  # held-out windows of the context length, as the baseline was calibrated
+
+
+def benign_max_quantiles(mon: Monitor, family: str, width: int) -> tuple[float, float]:
+    """(p50, p99) of the family's largest engagement over ``width`` consecutive positions of
+    benign text (every start in the held-out windows the baseline uses): what a hit is
+    compared with, statistic for statistic. Cached per family and width."""
+    key = (family, width)
+    if key not in _BENIGN:
+        import numpy as np
+        import torch
+
+        from sparsecircuits.circuits.means import pretrain_windows
+        from sparsecircuits.monitor.scores import engagement
+
+        block = mon.model.config.block_size
+        w = pretrain_windows(mon.tokenizer, n_windows=BENIGN_WINDOWS, length=block)
+        fam = mon.catalog.family_nodes(family)
+        from sparsecircuits.model.hooks import Hooks
+
+        with torch.no_grad():
+            hooks = Hooks(cache_names=fam.sites)
+            mon.model(w, hooks=hooks)
+            e = engagement(hooks.cache, fam)  # (N, T)
+        maxima = e.unfold(1, width, 1).amax(-1).flatten().double().numpy()
+        _BENIGN[key] = (float(np.quantile(maxima, 0.5)), float(np.quantile(maxima, 0.99)))
+    return _BENIGN[key]
+
+
+_BENIGN: dict[tuple[str, int], tuple[float, float]] = {}
 
 
 def scan(
@@ -86,9 +121,12 @@ def scan(
         raise InputError(f"--family {family!r}: not in the catalogue (monitored: {known})")
     t = template or load_template(None, family=family)
     obj = CircuitObjective(mon.model, mon.catalog.family_nodes(family), mon.baseline,
-                           objective=objective, rule=mon.rules[family],
+                           objective=objective, rules=mon.rules[family],
                            min_target_prob=t.min_target_prob)  # fmt: skip
     searcher = Searcher(obj, mon.tokenizer, t, batch=batch, topk=topk)
+    if objective != "evade":
+        lay = searcher.layout
+        obj.benign_max = benign_max_quantiles(mon, family, lay.length - lay.span_lo)
     return searcher, searcher.run(mode=mode, budget=budget, seed=seed)
 
 
@@ -107,8 +145,8 @@ def write_scan(out: Path, searcher: Searcher, res: SearchResult, *, run: dict[st
         "started": now_iso(),
         **run,
         "template": t.model_dump(),
-        "threshold": searcher.obj.threshold(),
-        "rule": searcher.obj.rule.model_dump(),
+        "threshold": None if searcher.obj.objective == "evade" else searcher.obj.threshold(),
+        "rules": [r.model_dump() for r in searcher.obj.rules],
         "evaluations": res.evaluations,
         "seconds": res.seconds,
         "hits": len(res.hits),
@@ -143,8 +181,9 @@ def _garak(out: Path, searcher: Searcher, res: SearchResult, doc: dict[str, Any]
             seq=seq, prompt=t.prefix + f.span + t.suffix, span=f.span, outputs=[output],
             scores={f"circuit.{doc['family']}": 1.0 if f.flagged else 0.0},
             objective_value=f.loss, hit=f.hit,
-            constraints={"python_valid": f.python_valid, "fluency": f.fluent,
-                         "forbidden_tokens": True},
+            constraints={"fluency": f.fluent, "forbidden_strings": f.forbidden_ok,
+                         "retokenizes": f.retokenizes,
+                         **({} if f.python_valid is None else {"python_valid": f.python_valid})},
         ))  # fmt: skip
     run = RunInfo(run_id=doc["run_id"], started=doc.get("started", ""), seed=doc["seed"],
                   family=doc["family"], objective=doc["objective"], mode=doc["mode"],

@@ -47,8 +47,10 @@ class Found:
     flagged: bool
     target_logprob: float
     fluency: float
-    python_valid: bool
+    python_valid: bool | None  # None: the template does not ask
     fluent: bool
+    forbidden_ok: bool  # no forbidden string in the text the span adds
+    retokenizes: bool  # the reported text encodes back to exactly these tokens
     hit: bool
     evaluations: int  # evaluations spent when it was found
 
@@ -129,7 +131,8 @@ class Searcher:
         return torch.tensor(ids + pad.tolist(), dtype=torch.long)
 
     def evaluate(self, spans: torch.Tensor, spent: int) -> list[Found]:
-        s = self.obj.score(self.ids(spans), self.layout)
+        ids = self.ids(spans)
+        s = self.obj.score(ids, self.layout)
         out = []
         for j in range(len(spans)):
             span_ids = tuple(spans[j].tolist())
@@ -137,10 +140,14 @@ class Searcher:
             py = self.t.python_ok(text)
             fluent = (self.t.max_fluency_nats is None
                       or float(s.fluency[j]) <= self.t.max_fluency_nats)  # fmt: skip
+            clean = self.t.forbidden_ok(text)
+            # The server tokenises the text: a hit must be one for the text's own tokens.
+            same = self.tok.encode(self.t.text(text)) == ids[j].tolist()
+            ok = py is not False and fluent and clean and same
             out.append(Found(span_ids, text, float(s.loss[j]), float(s.engagement[j]),
                              float(s.max_z[j]), bool(s.flagged[j]), float(s.target_logprob[j]),
-                             float(s.fluency[j]), py, fluent,
-                             py and fluent and self._hit(s, j), spent + j + 1))  # fmt: skip
+                             float(s.fluency[j]), py, fluent, clean, same,
+                             ok and self._hit(s, j), spent + j + 1))  # fmt: skip
         return out
 
     def _hit(self, s, j: int) -> bool:
@@ -162,25 +169,46 @@ class Searcher:
         (best,) = self.evaluate(cur[None], 0)
         res = SearchResult(best=best, evaluations=1)
         self._note(res, [best])
-        pop = [best]
-        while res.evaluations < budget and not (stop and stop(res)):
+        pop, cur, seen = [best], best, {best.span_ids}
+        dry = 0  # proposal rounds that brought nothing new (all seen before)
+        while res.evaluations < budget and not (stop and stop(res)) and dry < 8:
             n = min(self.batch, budget - res.evaluations)
             if mode == "evolve":
                 spans = self._children(pop, n, gen)
             else:
-                base = torch.tensor(res.best.span_ids)
+                base = torch.tensor(cur.span_ids)
                 spans = self._swaps(base, n, gen, grad=mode == "gcg")
+            spans = self._new(spans, seen)  # a repeat costs nothing and is not counted
+            if not len(spans):
+                dry += 1
+                continue
+            dry = 0
             found = self.evaluate(spans, res.evaluations)
-            res.evaluations += n
+            res.evaluations += len(spans)
             self._note(res, found)
+            top = min(found, key=lambda f: f.loss)
             if mode == "evolve":
                 pop = sorted(pop + found, key=lambda f: f.loss)[: self.population]
-            top = min(found, key=lambda f: f.loss)
+            elif (
+                mode == "gcg" or top.loss < cur.loss
+            ):  # as GCG's Algorithm 1: move to the batch's best
+                cur = top
             if top.loss < res.best.loss:
                 res.best = top
             res.trajectory.append(res.best)
         res.seconds = time.perf_counter() - t0
         return res
+
+    @staticmethod
+    def _new(spans: torch.Tensor, seen: set[tuple[int, ...]]) -> torch.Tensor:
+        """The spans not scored before, each once (``seen`` is updated)."""
+        keep = []
+        for j, row in enumerate(spans.tolist()):
+            key = tuple(row)
+            if key not in seen:
+                seen.add(key)
+                keep.append(j)
+        return spans[keep]
 
     def _note(self, res: SearchResult, found: list[Found]) -> None:
         seen = {h.span_ids for h in res.hits}
@@ -195,7 +223,7 @@ class Searcher:
         span = len(base)
         pos = torch.randint(span, (n,), generator=gen)
         if grad:
-            cands = self.candidates(base)  # (span, topk)
+            cands = self.candidates(base)  # (span, topk): never the token already there
             pick = torch.randint(cands.shape[1], (n,), generator=gen)
             new = cands[pos, pick]
         else:
@@ -209,7 +237,8 @@ class Searcher:
         the objective most: (span, topk)."""
         g = self.obj.gradient(self.ids(base[None]), self.layout).float()  # (span, vocab)
         g = g.masked_fill(~self.mask, float("inf"))
-        k = min(self.topk, len(self.allowed))
+        g[torch.arange(len(base)), base] = float("inf")  # a swap to itself changes nothing
+        k = min(self.topk, len(self.allowed) - 1)
         return (-g).topk(k, dim=-1).indices
 
     def _children(self, pop: list[Found], n: int, gen: torch.Generator) -> torch.Tensor:

@@ -42,21 +42,34 @@ class Template(BaseModel):
     forbidden: list[str] = Field(default_factory=list)
     max_fluency_nats: float | None = Field(default=None, gt=0)
 
-    def python_ok(self, span_text: str) -> bool:
-        """Whether the completed text parses as Python (True when not asked)."""
+    def text(self, span_text: str) -> str:
+        """The completed text: prefix, span, suffix and (evade) the target."""
+        return self.prefix + span_text + self.suffix + (self.target or "")
+
+    def python_ok(self, span_text: str) -> bool | None:
+        """Whether the completed text parses as Python (None: not asked, not checked)."""
         if not self.python_valid:
-            return True
+            return None
         try:
-            ast.parse(self.prefix + span_text + self.suffix)
+            ast.parse(self.text(span_text))
         except (SyntaxError, ValueError):
             return False
+        return True
+
+    def forbidden_ok(self, span_text: str) -> bool:
+        """Whether no forbidden string appears in the text the span adds, including strings
+        that straddle the span's edges (text that prefix and suffix alone already hold is
+        not the span's)."""
+        for f in self.forbidden:
+            if f and self.text(span_text).count(f) > self.text("").count(f):
+                return False
         return True
 
 
 # A default per family: a place in ordinary code where the family's mechanism is at work.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "string-literal": {"prefix": "    name = '", "span_tokens": 6, "suffix": "'\n"},
-    "brackets": {"prefix": "    total = sum(", "span_tokens": 6, "suffix": ")\n"},
+    "string-literal": {"prefix": "def f(x):\n    name = '", "span_tokens": 6, "suffix": "'\n"},
+    "brackets": {"prefix": "def f(x):\n    total = sum(", "span_tokens": 6, "suffix": ")\n"},
     "control-flow": {"prefix": "def check(x):\n    ", "span_tokens": 6, "suffix": "\n"},
 }
 GENERIC = {"prefix": "def f(x):\n    ", "span_tokens": 6, "suffix": "\n"}
