@@ -1,5 +1,6 @@
 """Circuit-aware red teaming, measured: how often ``scan --objective engage`` drives a family's
-engagement above its benign 99th percentile, per search mode, at the same budget.
+largest engagement over the scored positions above the benign 99th percentile of the same
+statistic, per search mode, at the same budget.
 
 For each family and mode (``gcg``: gradient candidates; ``random``: random single swaps, the
 baseline; ``evolve``: no gradients), ``--seeds`` seeded searches on the family's default
@@ -55,8 +56,8 @@ def main() -> None:
             })  # fmt: skip
     print(machine())
     print(f"model {args.model}; objective engage; {args.seeds} seeds; budget {args.budget} "
-          "evaluations per search; a success: a hit (engagement above the family's benign p99, "
-          "every constraint held)")  # fmt: skip
+          "evaluations per search; a success: a hit (the largest engagement from the span on above "
+          "the benign p99 of the same statistic, every constraint held)")  # fmt: skip
     print(f"{'family':<15}{'mode':<8}{'threshold':>10}{'success':>9}{'evals to hit':>14}"
           f"{'s/search':>10}")  # fmt: skip
     for r in rows:
