@@ -84,13 +84,12 @@ def benign_max_quantiles(mon: Monitor, family: str, width: int) -> tuple[float, 
         import torch
 
         from sparsecircuits.circuits.means import pretrain_windows
+        from sparsecircuits.model.hooks import Hooks
         from sparsecircuits.monitor.scores import engagement
 
         block = mon.model.config.block_size
         w = pretrain_windows(mon.tokenizer, n_windows=BENIGN_WINDOWS, length=block)
         fam = mon.catalog.family_nodes(family)
-        from sparsecircuits.model.hooks import Hooks
-
         with torch.no_grad():
             hooks = Hooks(cache_names=fam.sites)
             mon.model(w, hooks=hooks)
