@@ -79,7 +79,7 @@ CHAIN_FIELDS = ("v", "log", "seq", "prev", "time", "kind", "key_id", "sig")  # s
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    with socket.socket() as s:  # loopback
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -120,7 +120,7 @@ class ServerProcess:
                 "Application startup complete"
             )
             try:
-                ok = httpx.get(f"{self.base}/v1/models", timeout=2).status_code == 200
+                ok = httpx.get(f"{self.base}/v1/models", timeout=2).status_code == 200  # loopback
             except httpx.HTTPError:
                 ok = False
             if ok and started >= self.processes:
@@ -180,7 +180,7 @@ async def _drive(
     order = [rng.randrange(len(PROMPTS)) for _ in range(requests)]
     todo = iter(range(requests))
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(
+    async with httpx.AsyncClient(  # loopback
         base_url=base, limits=limits, timeout=httpx.Timeout(request_timeout)
     ) as client:
 
@@ -252,7 +252,7 @@ def audit_write_cost(base: str) -> dict[str, Any]:
     mean (exact: sum / count) and the p50 interpolated in its histogram's buckets, in ms."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{base}/metrics", timeout=30).text
+    text = httpx.get(f"{base}/metrics", timeout=30).text  # loopback
     out: dict[str, Any] = {}
     for fam in text_string_to_metric_families(text):
         if fam.name != "sparsecircuits_audit_write_seconds":

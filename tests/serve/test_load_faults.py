@@ -46,7 +46,7 @@ TORN = b'{"v":1,"log":"w0","seq'  # half a record line
 
 # ---------------------------------------------------------------------------- helpers
 def _free_port() -> int:
-    with socket.socket() as s:
+    with socket.socket() as s:  # loopback
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -79,7 +79,7 @@ class Serve:
                     f"server exited with {self.proc.returncode}:\n{self.text()[-3000:]}"
                 )
             try:
-                ok = httpx.get(f"{self.base}/v1/models", timeout=2).status_code == 200
+                ok = httpx.get(f"{self.base}/v1/models", timeout=2).status_code == 200  # loopback
             except httpx.HTTPError:
                 ok = False
             if ok and self.text().count("Application startup complete") >= processes:
@@ -140,6 +140,7 @@ def drive(base: str, *, clients: int, requests: int, limit_s: float = 50.0) -> l
     async def run() -> None:
         todo = iter(order)
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        # loopback: 127.0.0.1 only
         async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
 
             async def one() -> None:
@@ -170,7 +171,7 @@ class BackgroundLoad:
 
     def _run(self, t: int) -> None:
         i = t
-        with httpx.Client(base_url=self.base, timeout=20) as client:
+        with httpx.Client(base_url=self.base, timeout=20) as client:  # loopback
             while not self._stop.is_set():
                 i += len(self._threads)
                 try:
@@ -398,7 +399,7 @@ def test_full_disk_answers_503_then_recovers(tmp_path: Path, keys):
         srv = Serve(_audit_args(trail, priv), log=tmp_path / "server.log")
         try:
             srv.wait_ready()
-            with httpx.Client(base_url=srv.base, timeout=30) as client:
+            with httpx.Client(base_url=srv.base, timeout=30) as client:  # loopback
                 for i in range(3):
                     assert client.post("/v1/completions", json=_body(i)).status_code == 200
                 filler = _fill(fs)
@@ -458,7 +459,7 @@ def test_unwritable_audit_dir_refuses_with_503(tmp_path: Path, keys, how):
         srv = Serve(_audit_args(trail, priv), log=tmp_path / "server.log")
         try:
             srv.wait_ready()
-            with httpx.Client(base_url=srv.base, timeout=30) as client:
+            with httpx.Client(base_url=srv.base, timeout=30) as client:  # loopback
                 for i in range(3):
                     _assert_audit_503(client.post("/v1/completions", json=_body(i)))
                 assert client.get("/healthz").json()["audit"]["error"]
