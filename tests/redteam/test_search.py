@@ -129,12 +129,16 @@ def test_constraints_hold_on_every_hit_and_seeds_repeat(model, tok, mode):
     assert [h.span_ids for h in again.hits] == [h.span_ids for h in res.hits]
 
 
-def test_an_invalid_span_is_never_a_hit(model, tok):
-    """A template nothing can complete as Python: candidates are scored, none is a hit."""
+def test_an_impossible_constraint_set_is_one_line(model, tok):
+    """A template nothing can complete as Python: no candidate parses, and the search says
+    so in one line instead of reporting an empty result."""
     t = Template(prefix="x = (((", span_tokens=2, suffix="", python_valid=True)
     s = Searcher(_objective(model, "engage"), tok, t, batch=16)
-    res = s.run(mode="random", budget=48, seed=0)
-    assert res.hits == [] and not res.best.python_valid
+    with pytest.raises(InputError, match="none of the 48 candidates") as err:
+        s.run(mode="random", budget=48, seed=0)
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match="needs a 'prefix'"):
+        Searcher(_objective(model, "engage"), tok, Template(span_tokens=2, max_fluency_nats=3))
 
 
 def test_bad_input_is_one_line(model, tok, tmp_path: Path):

@@ -98,6 +98,7 @@ class Searcher:
     ) -> None:
         self.obj, self.tok, self.t = objective, tok, template
         self.batch, self.topk, self.population = batch, topk, population
+        self._valid_seen = False  # a candidate met python_valid (else the set is impossible)
         self.allowed = allowed_tokens(tok, template)
         self.mask = torch.zeros(tok.vocab_size, dtype=torch.bool)
         self.mask[self.allowed] = True
@@ -108,6 +109,9 @@ class Searcher:
             raise InputError("template: evade needs a 'target' (the behaviour to keep)")
         if objective.objective == "evade" and not self.prefix:
             raise InputError("template: evade needs a 'prefix' (the target is predicted)")
+        if template.max_fluency_nats is not None and not self.prefix:
+            raise InputError("template: max_fluency_nats needs a 'prefix' (the span's first "
+                             "token is scored from the text before it)")  # fmt: skip
         n = len(self.prefix) + template.span_tokens + len(self.suffix) + len(self.target)
         block = objective.model.config.block_size
         if n > block:
@@ -144,6 +148,7 @@ class Searcher:
             # The server tokenises the text: a hit must be one for the text's own tokens.
             same = self.tok.encode(self.t.text(text)) == ids[j].tolist()
             ok = py is not False and fluent and clean and same
+            self._valid_seen |= py is True
             out.append(Found(span_ids, text, float(s.loss[j]), float(s.engagement[j]),
                              float(s.max_z[j]), bool(s.flagged[j]), float(s.target_logprob[j]),
                              float(s.fluency[j]), py, fluent, clean, same,
@@ -164,6 +169,7 @@ class Searcher:
         if budget < 1:
             raise InputError("--budget must be >= 1")
         gen = torch.Generator().manual_seed(seed)
+        self._valid_seen = False
         t0 = time.perf_counter()
         cur = self.initial(gen)
         (best,) = self.evaluate(cur[None], 0)
@@ -197,6 +203,11 @@ class Searcher:
                 res.best = top
             res.trajectory.append(res.best)
         res.seconds = time.perf_counter() - t0
+        if self.t.python_valid and not self._valid_seen:
+            raise InputError(
+                f"template: none of the {res.evaluations} candidates scored makes the text "
+                "parse as Python: the prefix, suffix and target may not allow any span"
+            )
         return res
 
     @staticmethod
