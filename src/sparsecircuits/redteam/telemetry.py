@@ -114,7 +114,8 @@ class OverHttp:
             r = requests.get(f"{self.url}/v1/telemetry/{rid}", timeout=self.timeout,  # loopback
                              headers=self._auth(self.operator_key))  # fmt: skip
         except requests.RequestException as err:
-            raise InputError(f"{self.url}: cannot reach the server ({type(err).__name__})") from None
+            why = type(err).__name__
+            raise InputError(f"{self.url}: cannot reach the server ({why})") from None
         return self._json(r, "GET /v1/telemetry")
 
     def describe(self) -> dict[str, Any]:
