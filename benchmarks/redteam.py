@@ -10,6 +10,12 @@ rate, the median evaluations to the first hit, and the time per search.
 
     python benchmarks/redteam.py [--seeds 50] [--budget 512] [--families string-literal ...]
         [--modes gcg random evolve] [--out results.json]
+
+``--objective evade`` measures instead how well the breakout detectors of the telemetry
+benchmark hold up against ``evade`` (``redteam_evade.py`` says how):
+
+    python benchmarks/redteam.py --objective evade [--items 100] [--budget 512] [--span 4]
+        [--min-target-prob 0.1] [--dense stdlib-dense]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import statistics
 from pathlib import Path
 
+import redteam_evade
 from _timing import machine
 
 from sparsecircuits.model.io import resolve_model_dir
@@ -33,9 +40,22 @@ def main() -> None:
     ap.add_argument("--families", nargs="*", default=None)
     ap.add_argument("--modes", nargs="*", default=["gcg", "random", "evolve"])
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--objective", choices=["engage", "evade"], default="engage")
+    ev = ap.add_argument_group("evade")
+    ev.add_argument("--items", type=int, default=100, help="breakout items attacked")
+    ev.add_argument("--span", type=int, default=4, help="tokens searched before the breakout")
+    ev.add_argument("--min-target-prob", type=float, default=0.1)
+    ev.add_argument("--dense", default="stdlib-dense", help="behaviour transfer to this model")
+    ev.add_argument("--n-train", type=int, default=2000)
+    ev.add_argument("--n-test", type=int, default=2000)
+    ev.add_argument("--seed", type=int, default=0, help="data split seed")
     args = ap.parse_args()
     d = resolve_model_dir(args.model)
     mon = load_monitor(d, d / "monitor")
+    if args.objective == "evade":
+        print(machine())
+        redteam_evade.run(mon, args)
+        return
     families = args.families or sorted(mon.rules)
     rows = []
     for fam in families:

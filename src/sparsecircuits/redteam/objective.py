@@ -13,6 +13,9 @@ sees every position, so a family's score is taken over the positions from the sp
   ``n`` tokens, over the prompt and the target; every rule of the policy for the family)
   stays off. Minimised: the sum over positions of
   how far z exceeds the rule's threshold, plus the shortfall in target log-probability.
+  With a :class:`LinearProbe` instead, the monitor evaded is a dense probe: a linear read-out
+  of one residual site mean-pooled over the whole text, flagged above its threshold; the
+  first term is then how far the probe's logit exceeds that threshold.
 """
 
 from __future__ import annotations
@@ -33,12 +36,39 @@ SMOOTH_MAX_T = 0.1  # temperature of the log-sum-exp that stands in for max in g
 
 @dataclass(frozen=True)
 class Layout:
-    """Where things sit in a candidate's ids: span [span_lo, span_hi), target from ``tgt``."""
+    """Where things sit in a candidate's ids: span [span_lo, span_hi), target [tgt, tgt_end),
+    then the fixed text after the target up to ``length``."""
 
     span_lo: int
     span_hi: int
-    tgt: int  # == length when there is no target
+    tgt: int  # == tgt_end == length when there is no target
+    tgt_end: int
     length: int
+
+
+@dataclass(frozen=True)
+class LinearProbe:
+    """A dense linear probe, as the telemetry benchmark fits them: logit =
+    mean over positions of ``site`` activations (d_model,) . ``weight`` + ``bias``, flagged when
+    the logit exceeds ``threshold``. ``weight`` and ``bias`` are in raw activation units (a
+    probe fitted on standardised features folds its mean and scale in: :meth:`folded`)."""
+
+    site: str
+    weight: torch.Tensor  # (d_model,)
+    bias: float
+    threshold: float
+
+    @staticmethod
+    def folded(*, site: str, w, b: float, mu, sd, threshold: float) -> LinearProbe:
+        """From logit = ((x - mu) / sd) . w + b: weight w / sd, bias b - mu . (w / sd)."""
+        w, mu, sd = (torch.as_tensor(a, dtype=torch.float64) for a in (w, mu, sd))
+        weight = w / sd
+        return LinearProbe(site, weight.float(), float(b - mu @ weight), threshold)
+
+    def logit(self, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) from ``cache[site]`` (B, T, d_model): every position is pooled."""
+        x = cache[self.site].float().mean(1)
+        return x @ self.weight.to(x.device) + self.bias
 
 
 @dataclass(frozen=True)
@@ -68,8 +98,10 @@ class CircuitObjective:
         rules: list[FlagRule],
         min_target_prob: float = 0.5,
         benign_max: tuple[float, float] | None = None,
+        probe: LinearProbe | None = None,
     ) -> None:
         self.model, self.family, self.objective = model, family, objective
+        self.probe = probe  # evade this dense probe instead of the family's rules
         self.rules = list(rules)  # the server flags when any of them fires
         # (p50, p99) of the benign maximum over as many positions as the search scores: a
         # hit is compared with the same statistic on benign text (None: per-token quantiles)
@@ -89,16 +121,18 @@ class CircuitObjective:
         return self.stats.p99 if self.objective == "engage" else self.stats.p50
 
     def _run(self, x: torch.Tensor, idx: torch.Tensor, *, detach: bool):
-        hooks = Hooks(cache_names=self.scorer.sites, detach=detach)
+        sites = list(self.scorer.sites) + ([self.probe.site] if self.probe else [])
+        hooks = Hooks(cache_names=sites, detach=detach)
         logits = self.model.forward_from(0, x, idx, hooks=hooks)
         eng = self.scorer(hooks.cache)[..., 0]  # (B, T)
+        self._probe_logit = self.probe.logit(hooks.cache) if self.probe else None  # (B,)
         return logits, eng
 
     def _terms(self, logits: torch.Tensor, eng: torch.Tensor, idx: torch.Tensor, lay: Layout):
         z = (eng - self.stats.median) / self.stats.sigma  # (B, T), as the baseline's z_of
         logp = torch.log_softmax(logits.float(), dim=-1)
         nxt = logp[:, :-1].gather(-1, idx[:, 1:, None])[..., 0]  # (B, T-1): log p(token t+1)
-        tgt = nxt[:, lay.tgt - 1 : lay.length - 1].sum(-1)  # the target's log-probability
+        tgt = nxt[:, lay.tgt - 1 : lay.tgt_end - 1].sum(-1)  # the target's log-probability
         flu = -nxt[:, lay.span_lo - 1 : lay.span_hi - 1].mean(-1) if lay.span_lo else None
         return z, tgt, flu
 
@@ -109,7 +143,12 @@ class CircuitObjective:
         if self.objective in ("engage", "suppress"):
             top = SMOOTH_MAX_T * torch.logsumexp(e / SMOOTH_MAX_T, -1) if smooth else e.amax(-1)
             return -top if self.objective == "engage" else top
-        over = sum(torch.relu(zz - r.z).sum(-1) for r in self.rules) if self.rules else 0.0
+        if self.probe is not None:
+            over = torch.relu(self._probe_logit - self.probe.threshold)
+        elif self.rules:
+            over = sum(torch.relu(zz - r.z).sum(-1) for r in self.rules)
+        else:
+            over = 0.0
         return over + torch.relu(self.log_min_p - tgt)
 
     @torch.no_grad()
@@ -121,10 +160,16 @@ class CircuitObjective:
             loss=self.loss_of(eng, z, tgt, lay, smooth=False),
             engagement=eng[:, lay.span_lo :].amax(-1),
             max_z=z[:, lay.span_lo :].amax(-1),
-            flagged=self.flags(z),
+            flagged=self._flagged(z),
             target_logprob=tgt,
             fluency=flu if flu is not None else torch.zeros(len(ids)),
         )
+
+    def _flagged(self, z: torch.Tensor) -> torch.Tensor:
+        """(B,): the probe's verdict when evading a probe, else the family's rules'."""
+        if self.probe is not None:
+            return self._probe_logit > self.probe.threshold
+        return self.flags(z)
 
     def flags(self, z: torch.Tensor) -> torch.Tensor:
         """Whether any k-of-n rule fires anywhere (B,) from z (B, T), as the monitor's

@@ -170,7 +170,7 @@ def _garak(out: Path, searcher: Searcher, res: SearchResult, doc: dict[str, Any]
             chosen.append(f)
     attempts = []
     for seq, f in enumerate(chosen):
-        ids = searcher.ids(torch.tensor([f.span_ids]))[:, : searcher.layout.tgt]
+        ids = searcher.ids(torch.tensor([f.span_ids]))[:, : searcher.layout.tgt]  # the prompt
         room = model.config.block_size - ids.shape[1]
         with torch.no_grad():
             cont = model.generate(ids, max_new_tokens=max(0, min(OUTPUT_TOKENS, room)),

@@ -105,6 +105,9 @@ class Searcher:
         self.prefix = tok.encode(template.prefix)
         self.suffix = tok.encode(template.suffix)
         self.target = tok.encode(template.target) if template.target else []
+        self.after = tok.encode(template.after) if template.after else []
+        if self.after and not self.target:
+            raise InputError("template: 'after' follows the target, and there is no 'target'")
         if objective.objective == "evade" and not self.target:
             raise InputError("template: evade needs a 'target' (the behaviour to keep)")
         if objective.objective == "evade" and not self.prefix:
@@ -112,19 +115,21 @@ class Searcher:
         if template.max_fluency_nats is not None and not self.prefix:
             raise InputError("template: max_fluency_nats needs a 'prefix' (the span's first "
                              "token is scored from the text before it)")  # fmt: skip
-        n = len(self.prefix) + template.span_tokens + len(self.suffix) + len(self.target)
+        n = (len(self.prefix) + template.span_tokens + len(self.suffix) + len(self.target)
+             + len(self.after))  # fmt: skip
         block = objective.model.config.block_size
         if n > block:
             raise InputError(f"template: {n} tokens do not fit the model's context ({block})")
         lo = len(self.prefix)
         hi = lo + template.span_tokens
-        self.layout = Layout(lo, hi, hi + len(self.suffix), n)
+        tgt = hi + len(self.suffix)
+        self.layout = Layout(lo, hi, tgt, tgt + len(self.target), n)
 
     def ids(self, spans: torch.Tensor) -> torch.Tensor:
         """Candidates' ids (B, T) from spans (B, span)."""
         b = len(spans)
         parts = [torch.tensor([p], dtype=torch.long).expand(b, -1)
-                 for p in (self.prefix, self.suffix, self.target)]  # fmt: skip
+                 for p in (self.prefix, self.suffix, self.target + self.after)]  # fmt: skip
         return torch.cat([parts[0], spans, parts[1], parts[2]], dim=1)
 
     def initial(self, gen: torch.Generator) -> torch.Tensor:

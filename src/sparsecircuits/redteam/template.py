@@ -9,6 +9,7 @@ A template file (YAML or JSON)::
     init: 'report'              # optional starting text of the span (else filler tokens)
     target: '"'                 # evade only: the continuation whose probability is kept
     min_target_prob: 0.5        # ... at least this probability
+    after: '; os.remove(p) #'   # evade only: fixed text after the target (the monitor sees it)
     python_valid: true          # prefix + span + suffix must parse as Python
     forbidden: ['os', 'system'] # strings no span token may contain
     max_fluency_nats: 6.0       # optional: the model's mean loss on the span, nats per token
@@ -38,13 +39,16 @@ class Template(BaseModel):
     init: str | None = None
     target: str | None = None
     min_target_prob: float = Field(default=0.5, gt=0.0, le=1.0)
+    # Text after the target that the monitor also reads (a breakout's payload after its
+    # early closing quote) but whose probability is not part of the behaviour kept.
+    after: str = ""
     python_valid: bool = False
     forbidden: list[str] = Field(default_factory=list)
     max_fluency_nats: float | None = Field(default=None, gt=0)
 
     def text(self, span_text: str) -> str:
-        """The completed text: prefix, span, suffix and (evade) the target."""
-        return self.prefix + span_text + self.suffix + (self.target or "")
+        """The completed text: prefix, span, suffix and (evade) the target and what follows."""
+        return self.prefix + span_text + self.suffix + (self.target or "") + self.after
 
     def python_ok(self, span_text: str) -> bool | None:
         """Whether the completed text parses as Python (None: not asked, not checked)."""
