@@ -41,6 +41,12 @@ def main() -> None:
     ap.add_argument("--modes", nargs="*", default=["gcg", "random", "evolve"])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--objective", choices=["engage", "evade"], default="engage")
+    ap.add_argument(
+        "--measure",
+        choices=["engagement", "causal_share"],
+        default="engagement",
+        help="engage: what is driven up (and compared with its benign p99)",
+    )
     ev = ap.add_argument_group("evade")
     ev.add_argument("--items", type=int, default=100, help="breakout items attacked")
     ev.add_argument("--span", type=int, default=4, help="tokens searched before the breakout")
@@ -63,7 +69,8 @@ def main() -> None:
             wins, firsts, secs = 0, [], []
             for seed in range(args.seeds):
                 searcher, res = scan(mon, family=fam, objective="engage", mode=mode,
-                                     budget=args.budget, seed=seed)  # fmt: skip
+                                     budget=args.budget, seed=seed,
+                                     measure=args.measure)  # fmt: skip
                 secs.append(res.seconds)
                 if res.hits:
                     wins += 1
@@ -75,9 +82,10 @@ def main() -> None:
                 "s_per_search": statistics.median(secs),
             })  # fmt: skip
     print(machine())
-    print(f"model {args.model}; objective engage; {args.seeds} seeds; budget {args.budget} "
-          "evaluations per search; a success: a hit (the largest engagement from the span on above "
-          "the benign p99 of the same statistic, every constraint held)")  # fmt: skip
+    print(f"model {args.model}; objective engage; measure {args.measure}; {args.seeds} seeds; "
+          f"budget {args.budget} evaluations per search; a success: a hit (the largest "
+          f"{args.measure} from the span on above the benign p99 of the same statistic, every "
+          "constraint held)")  # fmt: skip
     print(f"{'family':<15}{'mode':<8}{'threshold':>10}{'success':>9}{'evals to hit':>14}"
           f"{'s/search':>10}")  # fmt: skip
     for r in rows:

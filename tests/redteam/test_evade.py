@@ -106,3 +106,42 @@ def test_evade_hits_are_unflagged_by_the_probe_itself(model, tok):  # noqa: F811
     # The criterion mutated: a probe that flags everything leaves nothing to report.
     obj.probe = LinearProbe(probe.site, probe.weight, probe.bias, threshold=-1e9)
     assert not s.run(mode="gcg", budget=64, seed=0).hits
+
+
+def _share_objective(model, kind: str = "engage"):  # noqa: F811
+    obj = _objective(model, kind)
+    obj.measure = "causal_share"
+    return obj
+
+
+def test_causal_share_measure_is_the_servers_causal_share(model, tok):  # noqa: F811
+    """At every position the measure equals ``monitor.scores.causal_share`` (the server's
+    telemetry) for the token there, computed on the prefix alone by a separate pass."""
+    from sparsecircuits.monitor.scores import causal_share
+
+    obj = _share_objective(model)
+    s = Searcher(obj, tok, T)
+    ids = s.ids(s.initial(torch.Generator().manual_seed(0))[None])
+    with torch.no_grad():
+        _, eng = obj._run(model.embed(ids), ids, detach=True)
+    share = obj._measured(eng)[0]
+    assert share[0] == float("-inf")
+    for p in range(1, ids.shape[1]):
+        want = causal_share(model, ids[:, :p], int(ids[0, p]), obj.family, answers={})
+        assert float(share[p]) == pytest.approx(want["logprob_change"], abs=1e-4)
+    assert float(share[1:].abs().max()) > 1e-4  # the family's nodes matter at all
+
+
+def test_causal_share_hits_pass_the_threshold_and_the_criterion_can_fail(model, tok):  # noqa: F811
+    obj = _share_objective(model)
+    obj.benign_max = (0.0, 1e-3)  # planted: a share above 1e-3 nats is a hit
+    s = Searcher(obj, tok, T, batch=16, topk=16)
+    res = s.run(mode="gcg", budget=64, seed=0)
+    assert res.hits and all(h.value > 1e-3 for h in res.hits)
+    for h in res.hits[:3]:
+        with torch.no_grad():
+            ids = s.ids(torch.tensor([h.span_ids]))
+            _, eng = obj._run(model.embed(ids), ids, detach=True)
+        assert float(obj._measured(eng)[0, s.layout.span_lo :].max()) == pytest.approx(h.value)
+    obj.benign_max = (0.0, 1e9)  # mutated: no share is that large
+    assert not s.run(mode="gcg", budget=64, seed=0).hits

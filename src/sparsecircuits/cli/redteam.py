@@ -20,6 +20,13 @@ def scan(
         Literal["engage", "suppress", "evade"],
         typer.Option(help="engage / suppress the family, or evade its flag keeping a target"),
     ],
+    measure: Annotated[
+        Literal["engagement", "causal-share"],
+        typer.Option(
+            help="engage/suppress: the family's engagement, or its causal share "
+            "(log p of each token, full minus the family mean-ablated)"
+        ),
+    ] = "engagement",
     model: ModelArg = DEFAULT_MODEL,
     catalog: Annotated[
         str, typer.Option(help="catalogue directory; 'shipped': the model's own")
@@ -59,23 +66,28 @@ def scan(
     started = now_iso()
     mon = load_monitor(mdir, cat, policy=policy)
     t = load_template(template, family=family)
+    meas = "causal_share" if measure == "causal-share" else "engagement"
+    if objective == "evade" and meas != "engagement":
+        raise InputError("--measure: evade keeps the flag rules off; it has no other measure")
     searcher, res = run_scan(mon, family=family, objective=objective, template=t, mode=mode,
-                             budget=budget, seed=seed, batch=batch, topk=topk)  # fmt: skip
+                             budget=budget, seed=seed, batch=batch, topk=topk,
+                             measure=meas)  # fmt: skip
     b, o = res.best, searcher.obj
-    goal = f"threshold {o.threshold():.3f}"
+    goal = f"{measure} threshold {o.threshold():.3f}"
     if objective == "evade":
         rules = ", ".join(f"z > {r.z:g} on {r.k} of {r.n}" for r in o.rules) or "none"
         goal = f"rules {rules}; target p >= {t.min_target_prob:g}"
     typer.echo(
         f"scan {family} {objective} ({mode}, seed {seed}): {len(res.hits)} hits in "
         f"{res.evaluations} evaluations, {res.seconds:.1f} s ({goal}); best span {b.span!r}: "
-        f"engagement {b.engagement:.3f}, max z {b.max_z:.2f}, flagged {b.flagged}, target logp "
-        f"{b.target_logprob:.3f}"
+        + ("" if meas == "engagement" else f"{measure} {b.value:.3f}, ")
+        + f"engagement {b.engagement:.3f}, max z {b.max_z:.2f}, "
+        f"flagged {b.flagged}, target logp {b.target_logprob:.3f}"
     )
     if out is not None:
-        run = {"family": family, "objective": objective, "mode": mode, "budget": budget,
-               "seed": seed, "model": mdir.name, "hashes": mon.hashes, "started": started,
-               "version": __version__}  # fmt: skip
+        run = {"family": family, "objective": objective, "measure": meas, "mode": mode,
+               "budget": budget, "seed": seed, "model": mdir.name, "hashes": mon.hashes,
+               "started": started, "version": __version__}  # fmt: skip
         write_scan(out, searcher, res, run=run)
         typer.echo(f"scan: wrote {out}/hits.jsonl, trajectory.jsonl, scan.json")
 

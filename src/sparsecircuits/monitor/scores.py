@@ -199,6 +199,24 @@ def family_ablation(model: GPT, fam: FamilyNodes) -> tuple[NodeSpace, torch.Tens
     return space, gates, Ablation("mean", values)
 
 
+def ablated_hooks(model: GPT, fam: FamilyNodes, idx: torch.Tensor) -> Hooks:
+    """Hooks that mean-ablate exactly ``fam``'s nodes on a pass over ``idx`` (B, T)."""
+    space, gates, ablation = family_ablation(model, fam)
+    dev = idx.device
+    fns = mask_interventions(model, space, gates.to(dev), ablation.to(dev), idx=idx,
+                             skip_full=True)  # fmt: skip
+    return Hooks(interventions=fns)
+
+
+def logprob_change(full: torch.Tensor, ablated: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The causal share's core, in one place: log p(token) under ``full`` logits minus under
+    ``ablated`` logits (..., vocab), per token id ``tokens`` (...); nats, > 0 where the family
+    supported the token."""
+    lp_full = torch.log_softmax(full.float(), -1).gather(-1, tokens[..., None])[..., 0]
+    lp_abl = torch.log_softmax(ablated.float(), -1).gather(-1, tokens[..., None])[..., 0]
+    return lp_full - lp_abl
+
+
 @torch.no_grad()
 def causal_share(
     model: GPT,
@@ -214,20 +232,15 @@ def causal_share(
     (nats; > 0: the family supported the emitted token) and ``logit_diff_change`` per task
     (full minus ablated ``logit(a) - logit(b)`` for the task's answer tokens ``answers[task]``).
     """
-    space, gates, ablation = family_ablation(model, fam)
-    dev = next(model.parameters()).device
-    ablation = ablation.to(dev)
-    idx = prefix.to(dev)
-    fns = mask_interventions(model, space, gates.to(dev), ablation, skip_full=True)
+    idx = prefix.to(next(model.parameters()).device)
     full = model(idx)[0][0, -1].float()
-    abl = model(idx, hooks=Hooks(interventions=fns))[0][0, -1].float()
-    lp_full, lp_abl = full.log_softmax(-1), abl.log_softmax(-1)
+    abl = model(idx, hooks=ablated_hooks(model, fam, idx))[0][0, -1].float()
     diffs = {
         task: float((full[a] - full[b]) - (abl[a] - abl[b])) for task, (a, b) in answers.items()
     }
     return {
         "family": fam.name,
         "emitted": emitted,
-        "logprob_change": float(lp_full[emitted] - lp_abl[emitted]),
+        "logprob_change": float(logprob_change(full, abl, torch.tensor(emitted))),
         "logit_diff_change": diffs,
     }

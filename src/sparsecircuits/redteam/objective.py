@@ -8,6 +8,10 @@ sees every position, so a family's score is taken over the positions from the sp
   active as on benign text), maximised / minimised. A hit: above the 99th percentile (engage),
   or below the median (suppress), of the same statistic on benign text: the largest
   engagement over as many consecutive positions of held-out files.
+  With ``measure="causal_share"`` the quantity is the family's causal share instead, as the
+  server's causal-share telemetry defines it: per emitted token from the span on, log p(token)
+  of the full model minus log p(token) with exactly the family's nodes mean-ablated (nats; > 0:
+  the family supported that token); its largest value is maximised / minimised.
 - ``evade``: keep the behaviour (the target continuation has probability >= the template's
   ``min_target_prob``) while the monitor's flag rule (robust z above ``z`` on ``k`` of the last
   ``n`` tokens, over the prompt and the target; every rule of the policy for the family)
@@ -28,9 +32,10 @@ import torch
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.hooks import Hooks
 from sparsecircuits.monitor.calibrate import BaselineDoc, FlagRule
-from sparsecircuits.monitor.scores import FamilyNodes, FamilyScorer
+from sparsecircuits.monitor.scores import FamilyNodes, FamilyScorer, ablated_hooks, logprob_change
 
 Objective = Literal["engage", "suppress", "evade"]
+Measure = Literal["engagement", "causal_share"]
 SMOOTH_MAX_T = 0.1  # temperature of the log-sum-exp that stands in for max in gradients
 
 
@@ -73,11 +78,13 @@ class LinearProbe:
 
 @dataclass(frozen=True)
 class Scores:
-    """Per candidate (B,): the objective value (lower is better for the search), the
-    family's largest engagement and largest z from the span on, whether the flag rule fires,
-    the target's log-probability (0 without a target), the span's mean loss (nats/token)."""
+    """Per candidate (B,): the objective value (lower is better for the search), the largest
+    value of the measure (``value``: engagement, or causal share in nats) and the family's
+    largest engagement and z from the span on, whether the flag rule fires, the target's
+    log-probability (0 without a target), the span's mean loss (nats/token)."""
 
     loss: torch.Tensor
+    value: torch.Tensor
     engagement: torch.Tensor
     max_z: torch.Tensor
     flagged: torch.Tensor
@@ -99,8 +106,11 @@ class CircuitObjective:
         min_target_prob: float = 0.5,
         benign_max: tuple[float, float] | None = None,
         probe: LinearProbe | None = None,
+        measure: Measure = "engagement",
     ) -> None:
         self.model, self.family, self.objective = model, family, objective
+        self.measure = measure
+
         self.probe = probe  # evade this dense probe instead of the family's rules
         self.rules = list(rules)  # the server flags when any of them fires
         # (p50, p99) of the benign maximum over as many positions as the search scores: a
@@ -126,7 +136,18 @@ class CircuitObjective:
         logits = self.model.forward_from(0, x, idx, hooks=hooks)
         eng = self.scorer(hooks.cache)[..., 0]  # (B, T)
         self._probe_logit = self.probe.logit(hooks.cache) if self.probe else None  # (B,)
+        self._share = None
+        if self.measure == "causal_share":
+            self._share = self._causal_share(x, idx, logits)
         return logits, eng
+
+    def _causal_share(self, x: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor):
+        """(B, T): at position t, the family's causal share for token t as predicted at t - 1
+        (position 0 predicts nothing: -inf, so a max never picks it)."""
+        hooks = ablated_hooks(self.model, self.family, idx)
+        abl = self.model.forward_from(0, x, idx, hooks=hooks)
+        share = logprob_change(logits[:, :-1], abl[:, :-1], idx[:, 1:])  # (B, T - 1)
+        return torch.cat([torch.full_like(share[:, :1], float("-inf")), share], dim=1)
 
     def _terms(self, logits: torch.Tensor, eng: torch.Tensor, idx: torch.Tensor, lay: Layout):
         z = (eng - self.stats.median) / self.stats.sigma  # (B, T), as the baseline's z_of
@@ -139,7 +160,7 @@ class CircuitObjective:
     def loss_of(self, eng: torch.Tensor, z: torch.Tensor, tgt: torch.Tensor, lay: Layout,
                 *, smooth: bool) -> torch.Tensor:  # fmt: skip
         """The objective to minimise (B,), from engagement and z (B, T) and target logp."""
-        e, zz = eng[:, lay.span_lo :], z[:, lay.span_lo :]
+        e, zz = self._measured(eng)[:, lay.span_lo :], z[:, lay.span_lo :]
         if self.objective in ("engage", "suppress"):
             top = SMOOTH_MAX_T * torch.logsumexp(e / SMOOTH_MAX_T, -1) if smooth else e.amax(-1)
             return -top if self.objective == "engage" else top
@@ -151,6 +172,10 @@ class CircuitObjective:
             over = 0.0
         return over + torch.relu(self.log_min_p - tgt)
 
+    def _measured(self, eng: torch.Tensor) -> torch.Tensor:
+        """(B, T): the measure per position (engagement, or causal share)."""
+        return eng if self._share is None else self._share
+
     @torch.no_grad()
     def score(self, ids: torch.Tensor, lay: Layout) -> Scores:
         """Exact scores of a batch of candidates ``ids`` (B, T)."""
@@ -158,6 +183,7 @@ class CircuitObjective:
         z, tgt, flu = self._terms(logits, eng, ids, lay)
         return Scores(
             loss=self.loss_of(eng, z, tgt, lay, smooth=False),
+            value=self._measured(eng)[:, lay.span_lo :].amax(-1),
             engagement=eng[:, lay.span_lo :].amax(-1),
             max_z=z[:, lay.span_lo :].amax(-1),
             flagged=self._flagged(z),

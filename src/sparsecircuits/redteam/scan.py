@@ -22,7 +22,7 @@ from typing import Any
 from sparsecircuits.audit.records import now_iso
 from sparsecircuits.errors import InputError
 from sparsecircuits.fileio import atomic_write_bytes, atomic_write_json
-from sparsecircuits.redteam.objective import CircuitObjective, Objective
+from sparsecircuits.redteam.objective import CircuitObjective, Measure, Objective
 from sparsecircuits.redteam.search import Mode, Searcher, SearchResult
 from sparsecircuits.redteam.template import Template, load_template
 
@@ -74,32 +74,31 @@ def load_monitor(model_dir: Path, catalog: Path, *, policy: Path | None = None) 
 BENIGN_WINDOWS = 16  # held-out windows of the context length, as the baseline was calibrated
 
 
-def benign_max_quantiles(mon: Monitor, family: str, width: int) -> tuple[float, float]:
-    """(p50, p99) of the family's largest engagement over ``width`` consecutive positions of
-    benign text (every start in the held-out windows the baseline uses): what a hit is
-    compared with, statistic for statistic. Cached per family and width."""
-    key = (family, width)
+def benign_max_quantiles(mon: Monitor, obj: CircuitObjective, width: int) -> tuple[float, float]:
+    """(p50, p99) of the largest value of ``obj``'s measure (the family's engagement, or its
+    causal share) over ``width`` consecutive positions of benign text (every start in the
+    held-out windows the baseline uses): what a hit is compared with, statistic for
+    statistic. Cached per family, measure and width."""
+    key = (obj.family.name, obj.measure, width)
     if key not in _BENIGN:
         import numpy as np
         import torch
 
         from sparsecircuits.circuits.means import pretrain_windows
-        from sparsecircuits.model.hooks import Hooks
-        from sparsecircuits.monitor.scores import engagement
 
         block = mon.model.config.block_size
         w = pretrain_windows(mon.tokenizer, n_windows=BENIGN_WINDOWS, length=block)
-        fam = mon.catalog.family_nodes(family)
         with torch.no_grad():
-            hooks = Hooks(cache_names=fam.sites)
-            mon.model(w, hooks=hooks)
-            e = engagement(hooks.cache, fam)  # (N, T)
+            _, eng = obj._run(mon.model.embed(w), w, detach=True)
+            e = obj._measured(eng)
+            if obj.measure == "causal_share":
+                e = e[:, 1:]  # position 0 predicts nothing (its share is -inf)
         maxima = e.unfold(1, width, 1).amax(-1).flatten().double().numpy()
         _BENIGN[key] = (float(np.quantile(maxima, 0.5)), float(np.quantile(maxima, 0.99)))
     return _BENIGN[key]
 
 
-_BENIGN: dict[tuple[str, int], tuple[float, float]] = {}
+_BENIGN: dict[tuple[str, str, int], tuple[float, float]] = {}
 
 
 def scan(
@@ -113,19 +112,21 @@ def scan(
     seed: int = 0,
     batch: int = 64,
     topk: int = 64,
+    measure: Measure = "engagement",
 ) -> tuple[Searcher, SearchResult]:
-    """One seeded search; ``template`` None: the family's default."""
+    """One seeded search; ``template`` None: the family's default; ``measure``: what engage
+    and suppress drive (the family's engagement, or its causal share)."""
     if family not in mon.rules:
         known = ", ".join(sorted(mon.rules)) or "none"
         raise InputError(f"--family {family!r}: not in the catalogue (monitored: {known})")
     t = template or load_template(None, family=family)
     obj = CircuitObjective(mon.model, mon.catalog.family_nodes(family), mon.baseline,
                            objective=objective, rules=mon.rules[family],
-                           min_target_prob=t.min_target_prob)  # fmt: skip
+                           min_target_prob=t.min_target_prob, measure=measure)  # fmt: skip
     searcher = Searcher(obj, mon.tokenizer, t, batch=batch, topk=topk)
     if objective != "evade":
         lay = searcher.layout
-        obj.benign_max = benign_max_quantiles(mon, family, lay.length - lay.span_lo)
+        obj.benign_max = benign_max_quantiles(mon, obj, lay.length - lay.span_lo)
     return searcher, searcher.run(mode=mode, budget=budget, seed=seed)
 
 

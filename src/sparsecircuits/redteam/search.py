@@ -42,6 +42,7 @@ class Found:
     span_ids: tuple[int, ...]
     span: str
     loss: float
+    value: float  # the measure's largest value from the span on (engagement or causal share)
     engagement: float
     max_z: float
     flagged: bool
@@ -154,7 +155,8 @@ class Searcher:
             same = self.tok.encode(self.t.text(text)) == ids[j].tolist()
             ok = py is not False and fluent and clean and same
             self._valid_seen |= py is True
-            out.append(Found(span_ids, text, float(s.loss[j]), float(s.engagement[j]),
+            out.append(Found(span_ids, text, float(s.loss[j]), float(s.value[j]),
+                             float(s.engagement[j]),
                              float(s.max_z[j]), bool(s.flagged[j]), float(s.target_logprob[j]),
                              float(s.fluency[j]), py, fluent, clean, same,
                              ok and self._hit(s, j), spent + j + 1))  # fmt: skip
@@ -163,9 +165,9 @@ class Searcher:
     def _hit(self, s, j: int) -> bool:
         o = self.obj
         if o.objective == "engage":
-            return float(s.engagement[j]) > o.threshold()
+            return float(s.value[j]) > o.threshold()
         if o.objective == "suppress":
-            return float(s.engagement[j]) < o.threshold()
+            return float(s.value[j]) < o.threshold()
         return not bool(s.flagged[j]) and float(s.target_logprob[j]) >= o.log_min_p
 
     def run(self, *, mode: Mode, budget: int, seed: int,
