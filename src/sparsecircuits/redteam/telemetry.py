@@ -116,7 +116,13 @@ class OverHttp:
         except requests.RequestException as err:
             why = type(err).__name__
             raise InputError(f"{self.url}: cannot reach the server ({why})") from None
-        return self._json(r, "GET /v1/telemetry")
+        answer = self._json(r, "GET /v1/telemetry")
+        # The server's answer wraps the monitor's record with the request's own fields.
+        record = answer.get("telemetry")
+        if not isinstance(record, dict) or "families" not in record:
+            raise InputError(f"{self.url}: the server keeps no circuit telemetry (was it "
+                             "started with --catalog and --policy?)")  # fmt: skip
+        return record
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "http", "url": self.url}
