@@ -20,6 +20,7 @@ Errors are one line naming the file and field.
 from __future__ import annotations
 
 import ast
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,14 @@ class Template(BaseModel):
         """Whether the completed text parses as Python (None: not asked, not checked)."""
         if not self.python_valid:
             return None
-        try:
-            ast.parse(self.text(span_text))
-        except (SyntaxError, ValueError):
-            return False
+        # A searched span is often odd code: its warnings (e.g. "invalid decimal literal") are
+        # not the user's business, only whether it parses.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ast.parse(self.text(span_text))
+            except (SyntaxError, ValueError):
+                return False
         return True
 
     def forbidden_ok(self, span_text: str) -> bool:
