@@ -10,6 +10,7 @@ import pytest
 
 from sparsecircuits.errors import InputError
 from sparsecircuits.redteam.report import (
+    GARAK_FORMAT_VERSION,
     OBJECTIVE_DETECTOR,
     TAXONOMY,
     Attempt,
@@ -122,6 +123,8 @@ def test_eval_counts_match_the_attempts(written):
         assert (e["passed"], e["fails"], e["nones"]) == (passed, len(ATTEMPTS) - passed, 0)
         assert e["total_evaluated"] == e["total_processed"] == e["total"] == len(ATTEMPTS)
         assert e["probe"] == "sparsecircuits.scan"
+        # garak's hit@k: one output per attempt, so k = 1 is also each attempt's own count
+        assert e["hit_at_k"] == {"1": {"score": e["fails"] / len(ATTEMPTS), "prompts": 4}}
     hits = sum(a.hit for a in ATTEMPTS)
     assert evals[OBJECTIVE_DETECTOR]["fails"] == hits
     assert evals[OBJECTIVE_DETECTOR]["passed"] == len(ATTEMPTS) - hits
@@ -163,6 +166,10 @@ def test_setup_records_hashes_seed_and_run(written):
     assert setup["sparsecircuits.template"] == _run().template
     assert setup["transient.run_id"] == init["run"] == RUN_ID == records[-1]["run"]
     assert setup["plugins.target_name"] == "tiny-sparse"
+    assert setup["_config.version"] == init["garak_version"] == GARAK_FORMAT_VERSION
+    # garak 0.17.1 writes the probe selection as run.spec (plugins.probe_spec is deprecated)
+    assert setup["run.spec"] == {"include": ["probes.sparsecircuits.scan"], "exclude": []}
+    assert "plugins.probe_spec" not in setup
     assert setup["sparsecircuits.family"] == "string-literal"
     assert setup["sparsecircuits.objective"] == "evade"
     assert setup["sparsecircuits.detectors"] == {detector_name(k): k for k in (CIRCUIT, DENSE)}
@@ -206,6 +213,9 @@ def test_outputs_align_with_detector_results(tmp_path):
     assert evals[detector_name(CIRCUIT)]["total_evaluated"] == 3
     assert [h["attempt_idx"] for h in _lines(paths["hitlog"])] == [0, 1]
     assert records[0]["run.generations"] == 2
+    # output counts 2 and 1 (the null output): garak keys the own-count bucket "n"
+    at_k = {"score": 0.5, "prompts": 2}  # attempt 0 fires the objective, attempt 1 does not
+    assert evals[OBJECTIVE_DETECTOR]["hit_at_k"] == {"1": at_k, "n": at_k}
 
 
 def test_detectors_may_differ_between_attempts(tmp_path):
@@ -219,16 +229,17 @@ def test_detectors_may_differ_between_attempts(tmp_path):
     assert evals[detector_name(CIRCUIT)]["total_evaluated"] == 2
 
 
-# What garak's report-digest tooling reads, at NVIDIA/garak commit cafbe99 (0.16.1.pre1):
-# garak/analyze/report_digest.py `_parse_report`, `_report_header_content`,
-# `_init_populate_result_db`, `_get_probe_info`, `_get_probe_detector_details`; the `__main__`
-# block reads "reporting.taxonomy" from the setup; garak/analyze/analyze_log.py and
-# qual_review.py read the attempt fields; garak/analyze/tbsa.py parses garak_version as x.y.z.
+# What garak's report-digest tooling reads, in garak 0.17.1 (GARAK_FORMAT_VERSION; the digest
+# itself runs on our reports in test_garak_real.py): garak/analyze/report_digest.py
+# `_parse_report`, `_report_header_content`, `_init_populate_result_db`, `_get_probe_info`,
+# `_get_probe_detector_details`; the `__main__` block reads "reporting.taxonomy" from the setup;
+# garak/analyze/analyze_log.py and qual_review.py read the attempt fields;
+# garak/analyze/tbsa.py parses garak_version as x.y.z.
 DIGEST_INIT_FIELDS = {"garak_version", "start_time", "run"}
 DIGEST_SETUP_FIELDS = {"transient.active_probes", "plugins.target_type", "plugins.target_name",
                        "reporting.taxonomy"}  # fmt: skip
 DIGEST_EVAL_FIELDS = {"probe", "detector", "passed", "total_evaluated"}
-GARAK_EVAL_FIELDS = DIGEST_EVAL_FIELDS | {"fails", "nones", "total_processed"}  # evaluators/base
+GARAK_EVAL_FIELDS = DIGEST_EVAL_FIELDS | {"fails", "nones", "total_processed", "hit_at_k"}
 DIGEST_PROBE_META = {"description", "tags", "tier"}  # _get_probe_info's required_fields
 DIGEST_DETECTOR_META = {"description"}  # _get_probe_detector_details's required_fields
 DIGEST_PROBE_SUMMARY = {"probe", "inference_counts", "detection_counts"}
@@ -263,7 +274,8 @@ def test_records_carry_every_field_garak_digest_reads(written):
         probe = e["probe"].replace("probes.", "")
         pm, pc = probe.split(".")  # the digest unpacks exactly two parts
         meta = cache["probes"][f"probes.{pm}.{pc}"]
-        assert set(meta) >= DIGEST_PROBE_META and all(meta[k] is not None for k in meta)
+        assert set(meta) >= DIGEST_PROBE_META
+        assert all(meta[k] is not None for k in DIGEST_PROBE_META)  # _resolve_plugin_info
         groups = [t for t in meta["tags"] if t.split(":")[0] == setup["reporting.taxonomy"]]
         assert groups == [MISP_TAG]
         detector = re.sub(r"[^0-9A-Za-z_.]", "", e["detector"].replace("detector.", ""))

@@ -92,6 +92,20 @@ def scan(
         typer.echo(f"scan: wrote {out}/hits.jsonl, trajectory.jsonl, scan.json")
 
 
+def install_garak_detector(
+    python: Annotated[Path, typer.Option(help="the python of garak's own environment")],
+) -> None:
+    """Copy our circuit-telemetry detector into a garak environment (garak loads detectors
+    only from its own package); then run garak there with ``-d sparsecircuits.CircuitTelemetry``
+    against a running ``sparsecircuits serve``."""
+    from sparsecircuits.redteam.adapters import GARAK_DETECTOR, install_garak_detector
+
+    dest = install_garak_detector(python)
+    env = "SPARSECIRCUITS_URL, _USER_KEY, _OPERATOR_KEY, _FAMILY"
+    typer.echo(f"installed {dest}: use garak -d {GARAK_DETECTOR} (settings: {env})")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``scan`` to ``app``."""
+    """Add ``scan`` and ``install-garak-detector`` to ``app``."""
     app.command()(scan)
+    app.command("install-garak-detector")(install_garak_detector)

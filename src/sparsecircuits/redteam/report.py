@@ -1,14 +1,14 @@
 """Scan results as red teams read them: garak's ``report.jsonl`` and ``hitlog.jsonl``, plus a
 Markdown and an HTML summary.
 
-Format followed: NVIDIA/garak commit cafbe992780df70015de7295ca026b70c4629ada (0.16.1.pre1,
-2026-08-07): records as ``garak/command.py`` (start_run setup, init, completion),
-``harnesses/base.py`` (plugin_cache, status-2 attempt), ``probes/base.py`` (status-1 attempt),
-``attempt.py`` (``Attempt.as_dict``) and ``evaluators/base.py`` (eval, probe_summary, hitlog)
-write them, and as ``analyze/report_digest.py`` reads them. Since garak 0.15.0 the digest takes
-plugin metadata from the report's plugin_cache entry (older ones import ``garak.probes.<mod>``
-and cannot digest a foreign probe); its CLI groups by the setup's ``reporting.taxonomy``, which
-spares it importing our probe's module. The digest entry is left to garak (``-w``).
+Format followed: garak 0.17.1 (PyPI), records as its ``command.py`` (start_run setup, init,
+completion), ``harnesses/base.py`` (plugin_cache, status-2 attempt), ``probes/base.py`` (status-1
+attempt), ``attempt.py`` (``Attempt.as_dict``) and ``evaluators/base.py`` (eval with hit@k,
+probe_summary, hitlog) write them, and as ``analyze/report_digest.py`` reads them: the digest
+takes plugin metadata from the report's plugin_cache entry and groups by the setup's
+``reporting.taxonomy``, so it never imports our probe's module (``garak.report.Report`` does, and
+cannot read a foreign probe). tests/redteam/test_garak_real.py runs that digest, in garak's own
+environment, on what this module writes. The digest entry is left to garak (``-w``).
 
 Mapping: the scan is the probe; each score key is a detector (``sparsecircuits.<key>``, non-word
 characters as ``_``), and so is the objective (``sparsecircuits.objective``, 1.0 on a hit), whose
@@ -33,8 +33,7 @@ from typing import Any
 from sparsecircuits.errors import InputError
 from sparsecircuits.fileio import atomic_write_bytes
 
-GARAK_FORMAT_VERSION = "0.16.1.pre1"
-GARAK_FORMAT_COMMIT = "cafbe992780df70015de7295ca026b70c4629ada"
+GARAK_FORMAT_VERSION = "0.17.1"  # the garak release whose format we write and test against
 ATTEMPT_STARTED, ATTEMPT_COMPLETE = 1, 2  # garak.attempt's status codes
 OBJECTIVE_DETECTOR = "sparsecircuits.objective"
 TAXONOMY = "avid-effect"  # probes are grouped by this tag prefix; the tag is in garak's MISP list
@@ -123,16 +122,17 @@ def _entries(run: RunInfo, attempts: Sequence[Attempt], probe: str, threshold: f
         "transient.starttime_iso": run.started, "transient.run_id": run.run_id,
         "transient.active_probes": [f"probes.{probe}"], "run.seed": run.seed,
         "run.generations": generations, "run.eval_threshold": threshold,
+        "run.spec": {"include": [f"probes.{probe}"], "exclude": []},
         "run.user_agent": f"sparsecircuits/{run.version}", "plugins.target_type": "sparsecircuits",
-        "plugins.target_name": run.model, "plugins.probe_spec": probe,
-        "plugins.detector_spec": ",".join(detectors), "reporting.taxonomy": TAXONOMY,
+        "plugins.target_name": run.model, "plugins.detector_spec": ",".join(detectors),
+        "reporting.taxonomy": TAXONOMY, "reporting.hit_at_k": [1],
         "reporting.group_aggregation_function": "lower_quartile",
         "sparsecircuits.version": run.version, "sparsecircuits.family": run.family,
         "sparsecircuits.objective": run.objective, "sparsecircuits.mode": run.mode,
         "sparsecircuits.budget": run.budget, "sparsecircuits.model": run.model,
         "sparsecircuits.hashes": dict(run.hashes), "sparsecircuits.template": dict(run.template),
         "sparsecircuits.detectors": {detector_name(k): k for k in keys},
-        "sparsecircuits.garak_format": f"garak {GARAK_FORMAT_VERSION} ({GARAK_FORMAT_COMMIT})",
+        "sparsecircuits.garak_format": f"garak {GARAK_FORMAT_VERSION}",
     }  # fmt: skip
     det_meta = {f"detectors.{OBJECTIVE_DETECTOR}": _detector_meta(
         f"1.0 when the attempt meets the scan's objective ({run.objective}) and its constraints",
@@ -144,7 +144,7 @@ def _entries(run: RunInfo, attempts: Sequence[Attempt], probe: str, threshold: f
     probe_meta = {
         "description": f"sparsecircuits scan ({run.mode}): {goal}", "DEFAULT_PARAMS": {},
         "active": True, "doc_uri": "", "extended_detectors": [], "extra_dependency_names": [],
-        "goal": goal, "lang": "*", "modality": {"in": ["text"]},
+        "goal": goal, "intent": None, "lang": "*", "modality": {"in": ["text"]},
         "parallelisable_attempts": False, "primary_detector": OBJECTIVE_DETECTOR,
         "tags": list(PROBE_TAGS), "tier": 1,
     }  # fmt: skip
@@ -157,6 +157,7 @@ def _entries(run: RunInfo, attempts: Sequence[Attempt], probe: str, threshold: f
     params = {"family": run.family, "objective": run.objective, "mode": run.mode}
     started, complete, hits = [], [], []
     counts = {d: {"passed": 0, "fails": 0} for d in detectors}
+    tries: dict[str, list[tuple[int, int]]] = {d: [] for d in detectors}  # (outputs, fails)
     for a in attempts:
         outs = [_message(o) for o in a.outputs] or [None]
         user = {"role": "user", "content": _message(a.prompt)}
@@ -179,6 +180,7 @@ def _entries(run: RunInfo, attempts: Sequence[Attempt], probe: str, threshold: f
         complete.append(record | {"status": ATTEMPT_COMPLETE, "detector_results": results})
         for d, s in results.items():
             counts[d]["passed" if s[0] < threshold else "fails"] += len(outs)
+            tries[d].append((len(outs), 0 if s[0] < threshold else len(outs)))
         for idx, out in enumerate(outs if a.hit else []):
             hits.append({
                 "goal": goal, "prompt": record["prompt"], "output": out, "triggers": None,
@@ -201,6 +203,7 @@ def _entries(run: RunInfo, attempts: Sequence[Attempt], probe: str, threshold: f
                 "total_processed": n,
                 "total": n,
             }
+            | _hit_at_k(tries[d])
         )  # "total": the name digests before garak 0.13 read
     summary = {
         "entry_type": "probe_summary", "probe": probe,
@@ -212,6 +215,20 @@ def _entries(run: RunInfo, attempts: Sequence[Attempt], probe: str, threshold: f
     }  # fmt: skip
     end = {"entry_type": "completion", "end_time": finished, "run": run.run_id}
     return [*head, *started, *complete, *evals, summary, end], hits
+
+
+def _hit_at_k(tries: list[tuple[int, int]]) -> dict[str, Any]:
+    """The eval's ``hit_at_k``, as garak's ``analyze/hit_at_k.py`` for k = 1, its default, and k =
+    each attempt's own output count (none without attempts, as garak). Every output of an attempt
+    shares its score, so an attempt is breached at any k or at none: both are the share of
+    attempts that fail."""
+    if not tries:
+        return {}
+    score = sum(c > 0 for _, c in tries) / len(tries)
+    sizes = {n for n, _ in tries}
+    auto = str(sizes.pop()) if len(sizes) == 1 else "n"  # garak's key when the counts differ
+    at_k = {k: {"score": score, "prompts": len(tries)} for k in dict.fromkeys(["1", auto])}
+    return {"hit_at_k": at_k}
 
 
 def _detector_meta(description: str, hit: str, passed: str) -> dict[str, Any]:
