@@ -207,6 +207,14 @@ LATER_PINS = {
     "opentelemetry-exporter-otlp-common", "opentelemetry-exporter-otlp-proto-common",
     "opentelemetry-exporter-otlp-proto-http", "opentelemetry-proto", "pycparser", "pymerkle",
     "pyrate-limiter", "schemathesis", "werkzeug",
+    # issue 22: the [pyrit] extra (PyRIT scorer adapter) and its dependencies
+    "aiofiles", "alembic", "appdirs", "art", "av", "azure-ai-contentsafety", "azure-core",
+    "azure-identity", "azure-keyvault-secrets", "azure-storage-blob", "base2048", "colorama",
+    "confusable-homoglyphs", "confusables", "ecoji", "et-xmlfile", "h2", "hpack", "httptools",
+    "hyperframe", "isodate", "jiter", "lxml", "mako", "msal", "msal-extensions", "openai",
+    "openpyxl", "pyjwt", "pyodbc", "pypdf", "pyrit", "python-docx", "python-dotenv", "reportlab",
+    "scipy", "segno", "six", "sniffio", "sqlalchemy", "tenacity", "termcolor", "tinytag",
+    "treelib", "uvloop", "watchfiles",
 }  # fmt: skip
 
 
