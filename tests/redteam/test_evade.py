@@ -145,3 +145,23 @@ def test_causal_share_hits_pass_the_threshold_and_the_criterion_can_fail(model, 
         assert float(obj._measured(eng)[0, s.layout.span_lo :].max()) == pytest.approx(h.value)
     obj.benign_max = (0.0, 1e9)  # mutated: no share is that large
     assert not s.run(mode="gcg", budget=64, seed=0).hits
+
+
+def test_a_causal_share_scan_says_so_in_its_reports(tmp_path):
+    from typer.testing import CliRunner
+
+    from sparsecircuits.cli import app
+    from sparsecircuits.redteam.report import read_report
+
+    out = tmp_path / "scan"
+    r = CliRunner().invoke(app, ["scan", "--family", "brackets", "--objective", "suppress",
+                                 "--measure", "causal-share", "--budget", "16", "--out",
+                                 str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "causal-share threshold" in r.output
+    probe = next(e for e in read_report(out / "report.jsonl") if e["entry_type"] == "attempt")
+    assert probe["probe_params"]["measure"] == "causal_share"
+    assert "causal share down" in probe["goal"]
+    r = CliRunner().invoke(app, ["scan", "--family", "brackets", "--objective", "evade",
+                                 "--measure", "causal-share"])  # fmt: skip
+    assert isinstance(r.exception, InputError) and "--measure" in str(r.exception)

@@ -55,6 +55,9 @@ def scan(
 
     if min(budget, batch, topk) < 1:
         raise InputError("--budget, --batch and --topk must be >= 1")
+    meas = "causal_share" if measure == "causal-share" else "engagement"
+    if objective == "evade" and meas != "engagement":
+        raise InputError("--measure: evade keeps the flag rules off; it has no other measure")
     mdir = resolve_model_dir(model)
     cat = mdir / "monitor" if catalog == SHIPPED else Path(catalog)
     if not cat.exists():
@@ -66,9 +69,6 @@ def scan(
     started = now_iso()
     mon = load_monitor(mdir, cat, policy=policy)
     t = load_template(template, family=family)
-    meas = "causal_share" if measure == "causal-share" else "engagement"
-    if objective == "evade" and meas != "engagement":
-        raise InputError("--measure: evade keeps the flag rules off; it has no other measure")
     searcher, res = run_scan(mon, family=family, objective=objective, template=t, mode=mode,
                              budget=budget, seed=seed, batch=batch, topk=topk,
                              measure=meas)  # fmt: skip

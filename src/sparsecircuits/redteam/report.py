@@ -38,8 +38,8 @@ ATTEMPT_STARTED, ATTEMPT_COMPLETE = 1, 2  # garak.attempt's status codes
 OBJECTIVE_DETECTOR = "sparsecircuits.objective"
 TAXONOMY = "avid-effect"  # probes are grouped by this tag prefix; the tag is in garak's MISP list
 PROBE_TAGS = ["avid-effect:security:S0403", "quality:Security:Adversarial"]
-_GOALS = {"engage": "drive the {f} circuit's engagement up",
-          "suppress": "drive the {f} circuit's engagement down",
+_GOALS = {"engage": "drive the {f} circuit's {m} up",
+          "suppress": "drive the {f} circuit's {m} down",
           "evade": "keep the {f} behaviour while its monitor stays off"}  # fmt: skip
 _PROBE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
 
@@ -59,6 +59,7 @@ class RunInfo:
     hashes: dict[str, str]  # weights_hash, catalog_sha256, policy_sha256 (some may be absent)
     template: dict[str, Any]  # prefix, suffix, span length, constraints, as given
     version: str  # sparsecircuits version
+    measure: str = "engagement"  # engage/suppress: "engagement" | "causal_share"
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def _entries(run: RunInfo, attempts: Sequence[Attempt], probe: str, threshold: f
     keys = sorted({k for a in attempts for k in a.scores}, key=detector_name)
     detectors = [OBJECTIVE_DETECTOR, *map(detector_name, keys)]
     generations = max((len(a.outputs) for a in attempts), default=1) or 1
-    goal = _GOALS[run.objective].format(f=run.family)
+    goal = _GOALS[run.objective].format(f=run.family, m=run.measure.replace("_", " "))
     setup = {
         "entry_type": "start_run setup", "_config.version": GARAK_FORMAT_VERSION,
         "transient.starttime_iso": run.started, "transient.run_id": run.run_id,
@@ -154,7 +155,12 @@ def _entries(run: RunInfo, attempts: Sequence[Attempt], probe: str, threshold: f
             {"entry_type": "init", "garak_version": GARAK_FORMAT_VERSION,
              "start_time": run.started, "run": run.run_id},
             {"entry_type": "plugin_cache", "run": run.run_id, "plugin_cache": cache}]  # fmt: skip
-    params = {"family": run.family, "objective": run.objective, "mode": run.mode}
+    params = {
+        "family": run.family,
+        "objective": run.objective,
+        "measure": run.measure,
+        "mode": run.mode,
+    }
     started, complete, hits = [], [], []
     counts = {d: {"passed": 0, "fails": 0} for d in detectors}
     tries: dict[str, list[tuple[int, int]]] = {d: [] for d in detectors}  # (outputs, fails)

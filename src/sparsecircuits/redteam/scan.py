@@ -188,5 +188,6 @@ def _garak(out: Path, searcher: Searcher, res: SearchResult, doc: dict[str, Any]
     run = RunInfo(run_id=doc["run_id"], started=doc.get("started", ""), seed=doc["seed"],
                   family=doc["family"], objective=doc["objective"], mode=doc["mode"],
                   budget=doc["budget"], model=doc["model"], hashes=doc["hashes"],
-                  template=doc["template"], version=doc["version"])  # fmt: skip
+                  template=doc["template"], version=doc["version"],
+                  measure=doc.get("measure", "engagement"))  # fmt: skip
     write_reports(out, run, attempts)
