@@ -146,6 +146,7 @@ class CircuitObjective:
         (position 0 predicts nothing: -inf, so a max never picks it)."""
         hooks = ablated_hooks(self.model, self.family, idx)
         abl = self.model.forward_from(0, x, idx, hooks=hooks)
+        self._abl_logits = abl  # (B, T, vocab): the gradient's direct term reads its rows
         share = logprob_change(logits[:, :-1], abl[:, :-1], idx[:, 1:])  # (B, T - 1)
         return torch.cat([torch.full_like(share[:, :1], float("-inf")), share], dim=1)
 
@@ -209,6 +210,22 @@ class CircuitObjective:
             fired |= (counts >= r.k).any(-1)
         return fired
 
+    def _share_direct(self, onehot: torch.Tensor, logits: torch.Tensor, lay: Layout):
+        """(1, T) of zeros whose gradient is a span token's direct effect on its own causal
+        share: the share at p reads row p - 1 of log p(full) - log p(ablated) at the token
+        there, so swapping that token moves the share by the row's difference (the embedding
+        path carries only its effect on the later positions)."""
+        lo = max(lay.span_lo, 1)  # position 0 has no share
+        direct = torch.zeros(1, logits.shape[1], dtype=onehot.dtype, device=onehot.device)
+        if lo >= lay.span_hi:
+            return direct
+        full = torch.log_softmax(logits[0, lo - 1 : lay.span_hi - 1].detach().float(), -1)
+        cut = torch.log_softmax(self._abl_logits[0, lo - 1 : lay.span_hi - 1].detach().float(), -1)
+        rows = (full - cut).to(onehot.dtype)  # (n, vocab)
+        oh = onehot[lo - lay.span_lo :]
+        direct[0, lo : lay.span_hi] = ((oh - oh.detach()) * rows).sum(-1)
+        return direct
+
     def gradient(self, ids: torch.Tensor, lay: Layout) -> torch.Tensor:
         """d(smoothed loss)/d(one-hot of each span token): (span, vocab). The forward value is
         the model's own (the one-hot enters as ``onehot - onehot.detach()`` times the token
@@ -227,6 +244,8 @@ class CircuitObjective:
             extra = torch.zeros_like(logits)
             extra[0, lay.span_lo : lay.span_hi] = (onehot - onehot.detach()) @ table.to(wte.dtype)
             logits = logits + extra
+        if self.measure == "causal_share":
+            self._share = self._share + self._share_direct(onehot, logits, lay)
         z, tgt, _ = self._terms(logits, eng, ids, lay)
         loss = self.loss_of(eng, z, tgt, lay, smooth=True).sum()
         (grad,) = torch.autograd.grad(loss, onehot)

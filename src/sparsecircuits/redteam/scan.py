@@ -5,9 +5,11 @@ Output directory: ``hits.jsonl`` (one line per distinct hit: span, prompt, score
 constraints), ``trajectory.jsonl`` (the best candidate after each step), ``scan.json`` (the
 run: seed, budget, mode, template, model/catalogue/policy hashes, counts, time), and the same
 attempts as red teams read them: garak's ``report.jsonl`` and ``hitlog.jsonl`` with a Markdown
-and an HTML summary (:mod:`sparsecircuits.redteam.report`). A report attempt carries the
-model's greedy continuation of its prompt (``OUTPUT_TOKENS`` tokens) and the circuit
-detector's score: 1 when the monitor's flag rule fires on the prompt, else 0.
+and an HTML summary (:mod:`sparsecircuits.redteam.report`). A report attempt's output is the
+model's greedy continuation of its prompt (``OUTPUT_TOKENS`` tokens; for evade, the kept target
+and the text after it, which the search scored), and the circuit detector's score is 1 when the
+monitor's flag rule fires on the text the search scored: the prompt, or for evade the prompt
+and that output (as garak's detectors score prompt + output).
 """
 
 from __future__ import annotations
@@ -78,8 +80,9 @@ def benign_max_quantiles(mon: Monitor, obj: CircuitObjective, width: int) -> tup
     """(p50, p99) of the largest value of ``obj``'s measure (the family's engagement, or its
     causal share) over ``width`` consecutive positions of benign text (every start in the
     held-out windows the baseline uses): what a hit is compared with, statistic for
-    statistic. Cached per family, measure and width."""
-    key = (obj.family.name, obj.measure, width)
+    statistic. Cached per model, catalogue, family, measure and width."""
+    # keyed by the model object too: two models (or catalogues) in one process differ
+    key = (id(mon.model), mon.hashes.get("catalog_sha256"), obj.family.name, obj.measure, width)
     if key not in _BENIGN:
         import numpy as np
         import torch
@@ -98,7 +101,7 @@ def benign_max_quantiles(mon: Monitor, obj: CircuitObjective, width: int) -> tup
     return _BENIGN[key]
 
 
-_BENIGN: dict[tuple[str, str, int], tuple[float, float]] = {}
+_BENIGN: dict[tuple, tuple[float, float]] = {}
 
 
 def scan(
@@ -134,8 +137,9 @@ def write_scan(out: Path, searcher: Searcher, res: SearchResult, *, run: dict[st
     """Write the scan's files to ``out``; returns the ``scan.json`` document."""
     t = searcher.t
 
-    def line(f) -> dict[str, Any]:
-        return {**dataclasses.asdict(f), "prompt": t.prefix + f.span + t.suffix}
+    def line(f) -> dict[str, Any]:  # prompt: what is sent; text: all the monitor read
+        return {**dataclasses.asdict(f), "prompt": t.prefix + f.span + t.suffix,
+                "text": t.text(f.span)}  # fmt: skip
 
     for name, rows in (("hits.jsonl", res.hits), ("trajectory.jsonl", res.trajectory)):
         atomic_write_bytes(out / name, "".join(json.dumps(line(f)) + "\n" for f in rows).encode())
@@ -171,12 +175,15 @@ def _garak(out: Path, searcher: Searcher, res: SearchResult, doc: dict[str, Any]
             chosen.append(f)
     attempts = []
     for seq, f in enumerate(chosen):
-        ids = searcher.ids(torch.tensor([f.span_ids]))[:, : searcher.layout.tgt]  # the prompt
-        room = model.config.block_size - ids.shape[1]
-        with torch.no_grad():
-            cont = model.generate(ids, max_new_tokens=max(0, min(OUTPUT_TOKENS, room)),
-                                  temperature=0)  # fmt: skip
-        output = tok.decode(cont[0, ids.shape[1] :].tolist())
+        if searcher.obj.objective == "evade":  # the output the search kept and scored
+            output = (t.target or "") + t.after
+        else:
+            ids = searcher.ids(torch.tensor([f.span_ids]))[:, : searcher.layout.tgt]  # prompt
+            room = model.config.block_size - ids.shape[1]
+            with torch.no_grad():
+                cont = model.generate(ids, max_new_tokens=max(0, min(OUTPUT_TOKENS, room)),
+                                      temperature=0)  # fmt: skip
+            output = tok.decode(cont[0, ids.shape[1] :].tolist())
         attempts.append(Attempt(
             seq=seq, prompt=t.prefix + f.span + t.suffix, span=f.span, outputs=[output],
             scores={f"circuit.{doc['family']}": 1.0 if f.flagged else 0.0},

@@ -99,7 +99,9 @@ class Searcher:
     ) -> None:
         self.obj, self.tok, self.t = objective, tok, template
         self.batch, self.topk, self.population = batch, topk, population
-        self._valid_seen = False  # a candidate met python_valid (else the set is impossible)
+        # Constraints some candidate met: one none met is an impossible set, said in one line
+        self._valid_seen = self._fluent_seen = self._retok_seen = False
+        self._best_fluency = float("inf")
         self.allowed = allowed_tokens(tok, template)
         self.mask = torch.zeros(tok.vocab_size, dtype=torch.bool)
         self.mask[self.allowed] = True
@@ -155,6 +157,9 @@ class Searcher:
             same = self.tok.encode(self.t.text(text)) == ids[j].tolist()
             ok = py is not False and fluent and clean and same
             self._valid_seen |= py is True
+            self._fluent_seen |= fluent
+            self._best_fluency = min(self._best_fluency, float(s.fluency[j]))
+            self._retok_seen |= same
             out.append(Found(span_ids, text, float(s.loss[j]), float(s.value[j]),
                              float(s.engagement[j]),
                              float(s.max_z[j]), bool(s.flagged[j]), float(s.target_logprob[j]),
@@ -176,7 +181,8 @@ class Searcher:
         if budget < 1:
             raise InputError("--budget must be >= 1")
         gen = torch.Generator().manual_seed(seed)
-        self._valid_seen = False
+        self._valid_seen = self._fluent_seen = self._retok_seen = False
+        self._best_fluency = float("inf")
         t0 = time.perf_counter()
         cur = self.initial(gen)
         (best,) = self.evaluate(cur[None], 0)
@@ -210,12 +216,22 @@ class Searcher:
                 res.best = top
             res.trajectory.append(res.best)
         res.seconds = time.perf_counter() - t0
-        if self.t.python_valid and not self._valid_seen:
-            raise InputError(
-                f"template: none of the {res.evaluations} candidates scored makes the text "
-                "parse as Python: the prefix, suffix and target may not allow any span"
-            )
+        self._check_possible(res.evaluations)
         return res
+
+    def _check_possible(self, n: int) -> None:
+        """One line when no candidate of the search met a constraint: the set is impossible
+        (or the bound out of reach), which an empty result would hide."""
+        why = None
+        if self.t.python_valid and not self._valid_seen:
+            why = "makes the text parse as Python: prefix, suffix and target may allow no span"
+        elif not self._fluent_seen:
+            why = (f"meets max_fluency_nats {self.t.max_fluency_nats:g} (the most fluent: "
+                   f"{self._best_fluency:.2f} nats/token)")  # fmt: skip
+        elif not self._retok_seen:
+            why = "encodes back to its own tokens: the span's edges merge with the prefix or suffix"
+        if why:
+            raise InputError(f"template: none of the {n} candidates scored {why}")
 
     @staticmethod
     def _new(spans: torch.Tensor, seen: set[tuple[int, ...]]) -> torch.Tensor:

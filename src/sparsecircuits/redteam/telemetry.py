@@ -68,7 +68,10 @@ class InProcess:
         ids = self.tok.encode(text)
         if not ids:
             raise InputError("telemetry: the text is empty (no tokens to score)")
-        ids = ids[-self.model.config.block_size :]  # as the server: the context's last tokens
+        block = self.model.config.block_size
+        if len(ids) > block:  # refused, as the server refuses it: never a silent partial score
+            raise InputError(f"telemetry: the text is {len(ids)} tokens, more than the model's "
+                             f"context ({block}); score it in parts")  # fmt: skip
         mon = self.factory.start(f"redteam-{uuid.uuid4().hex[:12]}")
         dev = next(self.model.parameters()).device
         with torch.no_grad():

@@ -66,12 +66,19 @@ class Template(BaseModel):
         return True
 
     def forbidden_ok(self, span_text: str) -> bool:
-        """Whether no forbidden string appears in the text the span adds, including strings
-        that straddle the span's edges (text that prefix and suffix alone already hold is
-        not the span's)."""
+        """Whether no forbidden string occurs where the span's characters are, including an
+        occurrence that straddles the span's edges (one wholly inside the fixed text is not
+        the span's)."""
+        text, lo = self.text(span_text), len(self.prefix)
+        hi = lo + len(span_text)
         for f in self.forbidden:
-            if f and self.text(span_text).count(f) > self.text("").count(f):
-                return False
+            if not f:
+                continue
+            start = text.find(f, max(0, lo - len(f) + 1))  # every occurrence, overlaps too
+            while start != -1 and start < hi:
+                if start + len(f) > lo:  # it holds at least one of the span's characters
+                    return False
+                start = text.find(f, start + 1)
         return True
 
 
