@@ -134,7 +134,7 @@ def test_evade_report_circuit_score_is_for_the_text_it_shows(model, tok, tmp_pat
 def test_an_impossible_fluency_bound_is_one_line(model, tok):  # noqa: F811
     t = Template(prefix="def f(x):\n    return ", span_tokens=2, max_fluency_nats=1e-6)
     s = Searcher(_objective(model, "engage"), tok, t, batch=16)
-    with pytest.raises(InputError, match="none of the 48 candidates scored meets max_fluency_nats 1e-06") as err:
+    with pytest.raises(InputError, match="scored meets max_fluency_nats 1e-06") as err:
         s.run(mode="random", budget=48, seed=0)
     assert "\n" not in str(err.value)
 

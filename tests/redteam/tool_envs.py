@@ -35,8 +35,12 @@ READY = ".sparsecircuits-ready.json"  # written last, before the rename: its pre
 BASE_PYTHON = "python3.11"  # the tools' newest supported Python on this machine
 GARAK_VERSION = GARAK_FORMAT_VERSION  # the garak whose report format we write, and test against
 # This machine's pip would pick the newest torch its cap allows (a 5 GB CUDA build) for garak's
-# "torch>=2.13.0"; the CPU wheel on disk is 2.13.0, so it is installed first and pinned.
-TORCH_CPU = "torch==2.13.0"
+# "torch>=2.13.0"; the CPU wheel on disk is 2.13.0+cpu, so it is installed first and pinned. The
+# local label matters: where no CPU wheel is at hand, PyPI has no "+cpu" build, so the install
+# fails (and the tests skip) instead of fetching the CUDA one.
+TORCH_CPU = "torch==2.13.0+cpu"
+# SPARSECIRCUITS_BUILD_TOOL_ENVS=0: use envs already built, never build one (the tests skip).
+BUILD = os.environ.get("SPARSECIRCUITS_BUILD_TOOL_ENVS", "1") != "0"
 INSTALL_TIMEOUT_S = 3600  # a cold garak env downloads a few hundred MB of dependencies
 
 
@@ -86,6 +90,11 @@ def _retarget_scripts(bin_dir: Path, old: Path, new: Path) -> None:
             f.write_bytes(data.replace(old_b, new_b))
 
 
+def _may_build(name: str, version: str) -> None:
+    if not BUILD:
+        raise ToolEnvError(f"{name} {version} is not built and SPARSECIRCUITS_BUILD_TOOL_ENVS=0")
+
+
 def env_dir(name: str, version: str) -> Path:
     """Where the env of ``name`` ``version`` lives once created."""
     return CACHE_ROOT / f"{name}-{version}"
@@ -110,6 +119,7 @@ def python_tool_env(name: str, version: str, packages: Sequence[str], *,
             shutil.rmtree(stale, ignore_errors=True)
         if final.exists():  # no ready mark: not ours to trust (a copy, a manual edit)
             shutil.rmtree(final)
+        _may_build(name, version)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{version}.tmp-", dir=CACHE_ROOT))
         try:
             started = time.monotonic()
@@ -248,6 +258,7 @@ def npm_tool_env(name: str, version: str, packages: Sequence[str], *,
             shutil.rmtree(stale, ignore_errors=True)
         if final.exists():
             shutil.rmtree(final)
+        _may_build(name, version)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{version}.tmp-", dir=CACHE_ROOT))
         try:
             started = time.monotonic()
