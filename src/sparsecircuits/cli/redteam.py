@@ -84,6 +84,9 @@ def scan(
         + f"engagement {b.engagement:.3f}, max z {b.max_z:.2f}, "
         f"flagged {b.flagged}, target logp {b.target_logprob:.3f}"
     )
+    if res.none_retokenized:
+        typer.echo("scan: no candidate encoded back to its own tokens (the span's edges merge "
+                   "with the text around it): try another --seed or template")  # fmt: skip
     if out is not None:
         run = {"family": family, "objective": objective, "measure": meas, "mode": mode,
                "budget": budget, "seed": seed, "model": mdir.name, "hashes": mon.hashes,

@@ -63,6 +63,9 @@ class SearchResult:
     trajectory: list[Found] = field(default_factory=list)  # the best after each step
     evaluations: int = 0
     seconds: float = 0.0
+    # No candidate encoded back to its own tokens (the span's edges merged with the text
+    # around it): no hit was possible on this search's path; another seed may fare better.
+    none_retokenized: bool = False
 
 
 def allowed_tokens(tok: Tokenizer, template: Template) -> torch.Tensor:
@@ -217,19 +220,18 @@ class Searcher:
             res.trajectory.append(res.best)
         res.seconds = time.perf_counter() - t0
         self._check_possible(res.evaluations)
+        res.none_retokenized = not self._retok_seen
         return res
 
     def _check_possible(self, n: int) -> None:
-        """One line when no candidate of the search met a constraint: the set is impossible
-        (or the bound out of reach), which an empty result would hide."""
+        """One line when no candidate of the search met a constraint the template sets: the
+        set is impossible (or the bound out of reach), which an empty result would hide."""
         why = None
         if self.t.python_valid and not self._valid_seen:
             why = "makes the text parse as Python: prefix, suffix and target may allow no span"
         elif not self._fluent_seen:
             why = (f"meets max_fluency_nats {self.t.max_fluency_nats:g} (the most fluent: "
                    f"{self._best_fluency:.2f} nats/token)")  # fmt: skip
-        elif not self._retok_seen:
-            why = "encodes back to its own tokens: the span's edges merge with the prefix or suffix"
         if why:
             raise InputError(f"template: none of the {n} candidates scored {why}")
 
