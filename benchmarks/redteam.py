@@ -55,9 +55,16 @@ def main() -> None:
     ev.add_argument("--n-train", type=int, default=2000)
     ev.add_argument("--n-test", type=int, default=2000)
     ev.add_argument("--seed", type=int, default=0, help="data split seed")
+    ev.add_argument(
+        "--calibrate",
+        choices=["test", "train"],
+        default="test",
+        help="the split whose benign items set the 1%%-FPR thresholds",
+    )
     args = ap.parse_args()
     d = resolve_model_dir(args.model)
-    mon = load_monitor(d, d / "monitor")
+    shipped = d / "monitor" / "policy.yaml"  # its rules, as the server applies them
+    mon = load_monitor(d, d / "monitor", policy=shipped if shipped.exists() else None)
     if args.objective == "evade":
         print(machine())
         redteam_evade.run(mon, args)
