@@ -165,3 +165,26 @@ def test_a_causal_share_scan_says_so_in_its_reports(tmp_path):
     r = CliRunner().invoke(app, ["scan", "--family", "brackets", "--objective", "evade",
                                  "--measure", "causal-share"])  # fmt: skip
     assert isinstance(r.exception, InputError) and "--measure" in str(r.exception)
+
+
+def test_rule_evade_gradient_candidates_agree_with_exhaustive_evaluation(model, tok):  # noqa: F811
+    """evade against the family's k-of-n rules: the first term (z over each rule's threshold)
+    is active everywhere with a rule at z = -50, and the gradient ranks swaps with it."""
+    from sparsecircuits.monitor.calibrate import FlagRule
+
+    obj = _objective(model, "evade")
+    obj.rules = [FlagRule.model_construct(z=-50.0, k=1, n=1)]  # below every z: always over
+    s = Searcher(obj, tok, T, topk=len(allowed_tokens(tok, T)))
+    base = s.initial(torch.Generator().manual_seed(2))
+    (start,) = s.evaluate(base[None], 0)
+    g = obj.gradient(s.ids(base[None]), s.layout)
+    pred, exact = [], []
+    for p in range(len(base)):
+        spans = base.expand(len(s.allowed), -1).clone()
+        spans[:, p] = s.allowed
+        exact.append(obj.score(s.ids(spans), s.layout).loss - start.loss)
+        pred.append(g[p, s.allowed] - g[p, base[p]])
+    pred_t, exact_t = torch.cat(pred), torch.cat(exact)
+    ranks = lambda v: v.argsort().argsort().float()  # noqa: E731
+    rho = torch.corrcoef(torch.stack([ranks(pred_t), ranks(exact_t)]))[0, 1]
+    assert rho > 0.1, float(rho)
