@@ -67,12 +67,12 @@ def test_text_after_the_target_is_read_but_not_part_of_the_behaviour(model, tok)
         Searcher(obj, tok, Template(prefix="x", span_tokens=2, after="y"))
 
 
-def test_probe_gradient_candidates_agree_with_exhaustive_evaluation(model, tok):  # noqa: F811
-    probe, _ = _probe(model, tok, threshold=-50.0)  # always over: the probe term is active
-    obj = _objective(model, "evade")
-    obj.probe = probe
-    s = Searcher(obj, tok, T, topk=len(allowed_tokens(tok, T)))
-    base = s.initial(torch.Generator().manual_seed(2))
+def gradient_vs_exhaustive(obj, tok, template: Template, seed: int):  # noqa: F811
+    """For every single swap of a seeded start span: (the one-hot gradient's predicted change,
+    the exact change of the objective), both flattened over positions and tokens, and their
+    rank correlation."""
+    s = Searcher(obj, tok, template, topk=len(allowed_tokens(tok, template)))
+    base = s.initial(torch.Generator().manual_seed(seed))
     (start,) = s.evaluate(base[None], 0)
     g = obj.gradient(s.ids(base[None]), s.layout)
     pred, exact = [], []
@@ -83,8 +83,16 @@ def test_probe_gradient_candidates_agree_with_exhaustive_evaluation(model, tok):
         pred.append(g[p, s.allowed] - g[p, base[p]])
     pred_t, exact_t = torch.cat(pred), torch.cat(exact)
     ranks = lambda v: v.argsort().argsort().float()  # noqa: E731
-    rho = torch.corrcoef(torch.stack([ranks(pred_t), ranks(exact_t)]))[0, 1]
-    assert rho > 0.1, float(rho)  # first order through attention and norms: noisy, as GCG's
+    rho = float(torch.corrcoef(torch.stack([ranks(pred_t), ranks(exact_t)]))[0, 1])
+    return pred_t, exact_t, rho
+
+
+def test_probe_gradient_candidates_agree_with_exhaustive_evaluation(model, tok):  # noqa: F811
+    probe, _ = _probe(model, tok, threshold=-50.0)  # always over: the probe term is active
+    obj = _objective(model, "evade")
+    obj.probe = probe
+    pred_t, exact_t, rho = gradient_vs_exhaustive(obj, tok, T, 2)
+    assert rho > 0.1, rho  # first order through attention and norms: noisy, as GCG's
     quarter = len(pred_t) // 4
     best = set(exact_t.argsort()[:quarter].tolist())
     chosen = set(pred_t.argsort()[:quarter].tolist())
@@ -174,17 +182,5 @@ def test_rule_evade_gradient_candidates_agree_with_exhaustive_evaluation(model, 
 
     obj = _objective(model, "evade")
     obj.rules = [FlagRule.model_construct(z=-50.0, k=1, n=1)]  # below every z: always over
-    s = Searcher(obj, tok, T, topk=len(allowed_tokens(tok, T)))
-    base = s.initial(torch.Generator().manual_seed(2))
-    (start,) = s.evaluate(base[None], 0)
-    g = obj.gradient(s.ids(base[None]), s.layout)
-    pred, exact = [], []
-    for p in range(len(base)):
-        spans = base.expand(len(s.allowed), -1).clone()
-        spans[:, p] = s.allowed
-        exact.append(obj.score(s.ids(spans), s.layout).loss - start.loss)
-        pred.append(g[p, s.allowed] - g[p, base[p]])
-    pred_t, exact_t = torch.cat(pred), torch.cat(exact)
-    ranks = lambda v: v.argsort().argsort().float()  # noqa: E731
-    rho = torch.corrcoef(torch.stack([ranks(pred_t), ranks(exact_t)]))[0, 1]
-    assert rho > 0.1, float(rho)
+    _, _, rho = gradient_vs_exhaustive(obj, tok, T, 2)
+    assert rho > 0.1, rho

@@ -11,7 +11,7 @@ import torch
 
 from sparsecircuits.errors import InputError
 from sparsecircuits.monitor.calibrate import FlagRule
-from sparsecircuits.redteam.search import Searcher, allowed_tokens
+from sparsecircuits.redteam.search import Searcher
 from sparsecircuits.redteam.template import Template
 from tests.model.helpers import tiny_model
 from tests.redteam.test_search import TEMPLATE, _objective, model, tok  # noqa: F401 (fixtures)
@@ -29,21 +29,11 @@ def test_a_forbidden_string_the_span_writes_is_refused():
 def _rank_agreement(model, tok, seed: int) -> float:  # noqa: F811
     """Rank correlation between the one-hot gradient's predicted change and the exact change
     of every single swap, for engage on the causal share."""
+    from tests.redteam.test_evade import gradient_vs_exhaustive
+
     obj = _objective(model, "engage")
     obj.measure = "causal_share"
-    s = Searcher(obj, tok, TEMPLATE, topk=len(allowed_tokens(tok, TEMPLATE)))
-    base = s.initial(torch.Generator().manual_seed(seed))
-    (start,) = s.evaluate(base[None], 0)
-    g = obj.gradient(s.ids(base[None]), s.layout)
-    pred, exact = [], []
-    for p in range(len(base)):
-        spans = base.expand(len(s.allowed), -1).clone()
-        spans[:, p] = s.allowed
-        exact.append(obj.score(s.ids(spans), s.layout).loss - start.loss)
-        pred.append(g[p, s.allowed] - g[p, base[p]])
-    ranks = lambda v: v.argsort().argsort().float()  # noqa: E731
-    both = torch.stack([ranks(torch.cat(pred)), ranks(torch.cat(exact))])
-    return float(torch.corrcoef(both)[0, 1])
+    return gradient_vs_exhaustive(obj, tok, TEMPLATE, seed)[2]
 
 
 def test_causal_share_gradient_candidates_agree_with_exhaustive_evaluation(model, tok):  # noqa: F811
