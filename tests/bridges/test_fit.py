@@ -43,9 +43,10 @@ def test_the_loss_falls(tmp_path: Path):
     torch.manual_seed(CFG.seed)
     fresh = Bridges(n_layer=sparse.config.n_layer, d_dense=dense.config.d_model,
                     d_sparse=sparse.config.d_model)  # fmt: skip
-    before = float(fit_loss(sparse, dense, fresh, idx, CFG)[0])
+    before = float(fit_loss(sparse, dense, fresh, idx, CFG)[0].detach())
     fit(sparse, dense, win, tmp_path, CFG.model_copy(update={"steps": 30}), hashes=HASHES)
-    after = float(fit_loss(sparse, dense, load_bridges(tmp_path, hashes=HASHES), idx, CFG)[0])
+    fitted = load_bridges(tmp_path, hashes=HASHES)
+    after = float(fit_loss(sparse, dense, fitted, idx, CFG)[0].detach())
     assert after < 0.8 * before, (before, after)
 
 
