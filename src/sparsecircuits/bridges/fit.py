@@ -122,7 +122,7 @@ def fit(sparse: GPT, dense: GPT, windows, out: Path, cfg: FitConfig, *, hashes: 
         opt.step()
         step += 1
         if progress is not None:
-            progress(step, float(loss))
+            progress(step, float(loss.detach()))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             state = {"bridges": bridges.state_dict(), "opt": opt.state_dict(), "step": step,
                      "rng": json.dumps(rng.bit_generator.state), "config": cfg.model_dump(),
