@@ -16,6 +16,7 @@ import typer
 from sparsecircuits._alloc import tune_allocator
 from sparsecircuits.cli import (
     audit,
+    bridge,
     checkpoint,
     circuits,
     compare,
@@ -49,6 +50,7 @@ for group in (
     redteam,
     serve,
     audit,
+    bridge,
 ):
     group.register(app)
 

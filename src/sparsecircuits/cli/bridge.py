@@ -1,0 +1,100 @@
+"""``sparsecircuits bridge fit|eval``: bridges between a weight-sparse and a dense model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sparsecircuits.errors import InputError
+
+bridge_app = typer.Typer(no_args_is_help=True, help="Bridges between a sparse and a dense model.")
+SparseOpt = Annotated[str, typer.Option(help="the weight-sparse model (dir, run or name)")]
+DenseOpt = Annotated[str, typer.Option(help="the dense model (dir, run or name)")]
+
+
+def _pair(sparse: str, dense: str):
+    """Both models (eval mode, frozen), the shared tokenizer and their weights hashes."""
+    from sparsecircuits.data import Tokenizer
+    from sparsecircuits.model.io import load_model, resolve_model_dir, weights_hash
+
+    sd, dd = resolve_model_dir(sparse), resolve_model_dir(dense)
+    tok = Tokenizer.load(sd)
+    if Tokenizer.load(dd).fingerprint() != tok.fingerprint():
+        raise InputError(f"--dense {dense}: another tokenizer than --sparse {sparse}'s")
+    s, d = load_model(sd), load_model(dd)
+    return s, d, tok, {"sparse": weights_hash(s), "dense": weights_hash(d)}
+
+
+@bridge_app.command("fit")
+def fit_cmd(
+    out: Annotated[Path, typer.Option(help="directory for bridges.safetensors/.json")],
+    sparse: SparseOpt = "stdlib-sparse",
+    dense: DenseOpt = "stdlib-dense",
+    steps: Annotated[int, typer.Option(help="optimiser steps")] = 500,
+    batch: Annotated[int, typer.Option(help="windows per step")] = 8,
+    seq_len: Annotated[int, typer.Option(help="tokens per window")] = 128,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="seed of the bridges and the windows")] = 0,
+    resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint.pt")] = False,
+) -> None:
+    """Fit post-hoc bridges between two frozen models on the stdlib corpus's training files."""
+    from pydantic import ValidationError
+    from rich.progress import Progress
+
+    from sparsecircuits.bridges.fit import FitConfig, fit
+    from sparsecircuits.data import build_token_cache, load_corpus
+    from sparsecircuits.model.config import format_validation_error
+    from sparsecircuits.train.trainer import default_cache_dir
+
+    try:
+        cfg = FitConfig(steps=steps, batch=batch, seq_len=seq_len, lr=lr, seed=seed)
+    except ValidationError as err:
+        raise InputError(format_validation_error(err, source="bridge fit")) from None
+    s, d, tok, hashes = _pair(sparse, dense)
+    if cfg.seq_len > min(s.config.block_size, d.config.block_size):
+        raise InputError(f"--seq-len {seq_len}: longer than a model's context")
+    train, _ = build_token_cache(
+        load_corpus("stdlib"), tok, cache_dir=default_cache_dir() / "tokens"
+    )
+    with Progress(transient=True) as bar:
+        task = bar.add_task("fitting bridges", total=cfg.steps)
+
+        def tick(step: int, loss: float) -> None:
+            bar.update(task, completed=step, description=f"fitting bridges (loss {loss:.3f})")
+
+        meta = fit(s, d, train, out, cfg, hashes=hashes, resume=resume, progress=tick)
+    typer.echo(f"bridge fit: {meta['steps']} steps in {meta['seconds']} s; wrote {out}")
+
+
+@bridge_app.command("eval")
+def eval_cmd(
+    bridges_dir: Annotated[Path, typer.Argument(help="a directory written by bridge fit")],
+    sparse: SparseOpt = "stdlib-sparse",
+    dense: DenseOpt = "stdlib-dense",
+    windows: Annotated[int, typer.Option(help="held-out windows")] = 32,
+    seq_len: Annotated[int, typer.Option(help="tokens per window")] = 128,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write JSON")] = None,
+) -> None:
+    """Per-site fidelity on held-out files: NMSE both ways, hybrid KL and next-token
+    agreement both ways, beside the sparse model alone."""
+    from sparsecircuits.bridges.evaluate import fidelity, format_table
+    from sparsecircuits.bridges.fit import load_bridges
+    from sparsecircuits.circuits.means import pretrain_windows
+    from sparsecircuits.fileio import atomic_write_json
+
+    if windows < 1 or seq_len < 2:
+        raise InputError("--windows must be >= 1 and --seq-len >= 2")
+    s, d, tok, hashes = _pair(sparse, dense)
+    b = load_bridges(bridges_dir, hashes=hashes)
+    doc = fidelity(s, d, b, pretrain_windows(tok, n_windows=windows, length=seq_len))
+    typer.echo(f"{doc['windows']} held-out windows of {seq_len} tokens")
+    typer.echo(format_table(doc))
+    if json_out is not None:
+        atomic_write_json(json_out, doc)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``bridge`` group to ``app``."""
+    app.add_typer(bridge_app, name="bridge")
