@@ -68,6 +68,21 @@ def test_decoding_a_zero_change_changes_nothing_and_is_linear():
         assert int((site.encode(torch.randn(5, 12)) != 0).sum(-1).max()) <= 4  # AbsTopK
 
 
+def test_a_decoded_zero_change_added_to_the_dense_residual_leaves_its_logits():
+    """The steering path: run the dense model from a site on its own residual plus the decoded
+    change; a zero change gives the plain logits, a nonzero one does not."""
+    d = tiny_model(1)
+    b = Bridges(n_layer=d.config.n_layer, d_dense=d.config.d_model, d_sparse=20)
+    idx = tokens()
+    with torch.no_grad():
+        plain, res = residuals(d, idx, b.sites)
+        for site in ("0.resid_mid", "1.resid_in"):
+            zero = b.decode_delta(site, torch.zeros(*idx.shape, 20))
+            assert torch.allclose(d.forward_from(site, res[site] + zero, idx), plain, atol=1e-5)
+            bump = b.decode_delta(site, torch.ones(*idx.shape, 20))
+            assert not torch.allclose(d.forward_from(site, res[site] + bump, idx), plain)
+
+
 def test_bad_sites_and_sizes_are_one_line():
     b = Bridges(n_layer=2, d_dense=8, d_sparse=8)
     with pytest.raises(InputError, match="not a bridge site") as err:

@@ -14,11 +14,12 @@ exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ def fit_loss(sparse: GPT, dense: GPT, bridges: Bridges, idx: torch.Tensor, cfg: 
         dense_logits, hd = residuals(dense, idx, bridges.sites)
         _, hs = residuals(sparse, idx, bridges.sites)
     parts: dict[str, list[float]] = {"enc_nmse": [], "dec_nmse": [], "kl_d2s": [], "kl_s2d": []}
-    total = torch.zeros(())
+    total = torch.zeros((), device=idx.device)
     for site in bridges.sites:
         b = bridges[site]
         d2s = hybrid_d2s(sparse, bridges, site, hd[site], idx)
@@ -83,11 +84,14 @@ def fit_loss(sparse: GPT, dense: GPT, bridges: Bridges, idx: torch.Tensor, cfg: 
 
 
 def _save(out: Path, bridges: Bridges, meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+    """Weights, then metadata naming the weights' sha256: a pair torn by a kill between the
+    two writes is refused on load, never mixed."""
+    from safetensors.torch import save
 
-    state = {k: v.detach().contiguous() for k, v in bridges.state_dict().items()}
-    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
-    atomic_write_json(out / META_FILE, meta)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in bridges.state_dict().items()}
+    data = save(state)
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write_json(out / META_FILE, {**meta, "weights_sha256": hashlib.sha256(data).hexdigest()})
 
 
 def fit(sparse: GPT, dense: GPT, windows, out: Path, cfg: FitConfig, *, hashes: dict[str, str],
@@ -95,27 +99,41 @@ def fit(sparse: GPT, dense: GPT, windows, out: Path, cfg: FitConfig, *, hashes: 
     """Fit bridges between frozen ``sparse`` and ``dense`` on windows drawn from ``windows`` (a
     :class:`~sparsecircuits.data.TokenStore`); writes to ``out`` and returns the metadata."""
     check_pair(sparse, dense)
+    raw = sparse.config.afrac_loctypes or ()
+    locs = set(raw.split(",") if isinstance(raw, str) else raw)
+    if cfg.k is None and sparse.config.afrac and locs & {"resid_post_attn", "resid_post_mlp"}:
+        raise InputError("k: the sparse model's residual stream is AbsTopK-sparse; give the "
+                         "encoder's keep-count")  # fmt: skip
     for m in (sparse, dense):
         m.eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
     bridges = Bridges(n_layer=sparse.config.n_layer, d_dense=dense.config.d_model,
                       d_sparse=sparse.config.d_model, k=cfg.k)  # fmt: skip
+    ref = next(dense.parameters())
+    bridges.to(device=ref.device, dtype=ref.dtype)  # the models' device and precision
     opt = torch.optim.AdamW(bridges.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
     step, ckpt = 0, out / CHECKPOINT_FILE
+    parts: dict[str, list[float]] = {}
     if resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        same = {k: v for k, v in state["config"].items() if k != "steps"}
-        if same != cfg.model_dump(exclude={"steps"}) or state["hashes"] != hashes:
-            raise InputError(f"{ckpt}: made with another config or other models; fit afresh")
+        free = {"steps", "checkpoint_every"}  # may change between sessions
+        now = cfg.model_dump(exclude=free)
+        differ = [k for k, v in now.items() if state["config"].get(k) != v]
+        differ += [f"the {r} model" for r in hashes if state["hashes"].get(r) != hashes[r]]
+        if differ:
+            raise InputError(f"{ckpt}: made with another {', '.join(differ)}; fit afresh")
+        if int(state["step"]) > cfg.steps:
+            raise InputError(f"--steps {cfg.steps}: the checkpoint is already at step "
+                             f"{state['step']}")  # fmt: skip
         bridges.load_state_dict(state["bridges"])
         opt.load_state_dict(state["opt"])
         rng.bit_generator.state = json.loads(state["rng"])
-        step = int(state["step"])
-    parts: dict[str, list[float]] = {}
+        step, parts = int(state["step"]), json.loads(state.get("last_losses", "{}"))
     t0 = time.perf_counter()
     while step < cfg.steps:
         idx = torch.from_numpy(windows.sample_windows(rng, cfg.batch, cfg.seq_len)).long()
+        idx = idx.to(ref.device)
         loss, parts = fit_loss(sparse, dense, bridges, idx, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -126,7 +144,7 @@ def fit(sparse: GPT, dense: GPT, windows, out: Path, cfg: FitConfig, *, hashes: 
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             state = {"bridges": bridges.state_dict(), "opt": opt.state_dict(), "step": step,
                      "rng": json.dumps(rng.bit_generator.state), "config": cfg.model_dump(),
-                     "hashes": hashes}  # fmt: skip
+                     "hashes": hashes, "last_losses": json.dumps(parts)}  # fmt: skip
             atomic_write(ckpt, lambda tmp, s=state: torch.save(s, tmp))
     meta = {"format": "sparsecircuits.bridges", "format_version": 1, "sites": bridges.sites,
             "d_dense": bridges.d_dense, "d_sparse": bridges.d_sparse, "k": cfg.k,
@@ -136,20 +154,49 @@ def fit(sparse: GPT, dense: GPT, windows, out: Path, cfg: FitConfig, *, hashes: 
     return meta
 
 
-def load_bridges(directory: Path, *, hashes: dict[str, str]) -> Bridges:
-    """Bridges written by :func:`fit`, refused (one line) when made for other models."""
-    from safetensors.torch import load_file
+class BridgeMeta(BaseModel):
+    """``bridges.json``, validated on load."""
 
-    meta_path = Path(directory) / META_FILE
+    model_config = ConfigDict(extra="allow")
+    format: Literal["sparsecircuits.bridges"]
+    format_version: Literal[1]
+    sites: list[str]
+    d_dense: int = Field(ge=1)
+    d_sparse: int = Field(ge=1)
+    k: int | None
+    hashes: dict[str, str]
+    weights_sha256: str
+
+
+def load_bridges(directory: Path, *, hashes: dict[str, str]) -> Bridges:
+    """Bridges written by :func:`fit`; refused in one line when made for other models, torn
+    (weights and metadata from different fits) or unreadable."""
+    from pydantic import ValidationError
+    from safetensors.torch import load
+
+    from sparsecircuits.model.config import format_validation_error
+
+    meta_path, w_path = Path(directory) / META_FILE, Path(directory) / WEIGHTS_FILE
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{meta_path}: cannot read bridge metadata ({err})") from None
+        meta = BridgeMeta.model_validate_json(meta_path.read_bytes())
+        data = w_path.read_bytes()
+    except OSError as err:
+        raise InputError(f"{err.filename}: cannot read ({err.strerror})") from None
+    except ValidationError as err:
+        raise InputError(format_validation_error(err, source=str(meta_path))) from None
     for role, h in hashes.items():
-        if meta.get("hashes", {}).get(role) != h:
+        if meta.hashes.get(role) != h:
             raise InputError(f"{meta_path}: these bridges were fitted to another {role} model "
                              "(weights hash differs)")  # fmt: skip
-    b = Bridges(n_layer=len(meta["sites"]) // 2, d_dense=meta["d_dense"],
-                d_sparse=meta["d_sparse"], k=meta["k"])  # fmt: skip
-    b.load_state_dict(load_file(Path(directory) / WEIGHTS_FILE))
+    if hashlib.sha256(data).hexdigest() != meta.weights_sha256:
+        raise InputError(f"{w_path}: not the weights {META_FILE} describes (a torn write?)")
+    b = Bridges(n_layer=len(meta.sites) // 2, d_dense=meta.d_dense, d_sparse=meta.d_sparse,
+                k=meta.k)  # fmt: skip
+    if b.sites != meta.sites:
+        raise InputError(f"{meta_path}: sites {meta.sites} are not a bridge's")
+    try:
+        b.load_state_dict(load(data))
+    except Exception as err:  # safetensors' error type differs by version
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{w_path}: does not fit the sizes in {META_FILE} ({first})") from None
     return b.eval()
