@@ -89,8 +89,8 @@ class Client:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         req = urllib.request.Request(self.url + route, data=data, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # the configured URL
+        try:  # our own server, SPARSECIRCUITS_URL (default http://127.0.0.1:8000)
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # loopback
                 return json.loads(resp.read())
         except urllib.error.HTTPError as err:
             try:
