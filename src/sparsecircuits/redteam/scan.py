@@ -81,8 +81,10 @@ def benign_max_quantiles(mon: Monitor, obj: CircuitObjective, width: int) -> tup
     causal share) over ``width`` consecutive positions of benign text (every start in the
     held-out windows the baseline uses): what a hit is compared with, statistic for
     statistic. Cached per model, catalogue, family, measure and width."""
-    # keyed by the model object too: two models (or catalogues) in one process differ
-    key = (id(mon.model), mon.hashes.get("catalog_sha256"), obj.family.name, obj.measure, width)
+    # keyed by the weights (their hash; else the object, for monitors built by hand) and the
+    # catalogue: two models in one process differ, and a freed model's address may be reused
+    model_key = mon.hashes.get("weights_hash") or id(mon.model)
+    key = (model_key, mon.hashes.get("catalog_sha256"), obj.family.name, obj.measure, width)
     if key not in _BENIGN:
         import numpy as np
         import torch
