@@ -17,6 +17,8 @@ from sparsecircuits.bridges.bridge import Bridges
 from sparsecircuits.bridges.losses import hybrid_d2s, hybrid_s2d, kl, residuals
 from sparsecircuits.model.gpt import GPT
 
+FIDELITY_FILE = "fidelity.json"  # written by ``bridge eval`` beside the bridges
+
 
 def agreement(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     """Share of positions where both logits (..., vocab) rank the same token first."""

@@ -168,22 +168,32 @@ class BridgeMeta(BaseModel):
     weights_sha256: str
 
 
-def load_bridges(directory: Path, *, hashes: dict[str, str]) -> Bridges:
-    """Bridges written by :func:`fit`; refused in one line when made for other models, torn
-    (weights and metadata from different fits) or unreadable."""
+def load_meta(directory: Path) -> BridgeMeta:
+    """``bridges.json`` of a bridges directory, validated; one line if missing or malformed."""
     from pydantic import ValidationError
-    from safetensors.torch import load
 
     from sparsecircuits.model.config import format_validation_error
 
-    meta_path, w_path = Path(directory) / META_FILE, Path(directory) / WEIGHTS_FILE
+    meta_path = Path(directory) / META_FILE
     try:
-        meta = BridgeMeta.model_validate_json(meta_path.read_bytes())
-        data = w_path.read_bytes()
+        return BridgeMeta.model_validate_json(meta_path.read_bytes())
     except OSError as err:
         raise InputError(f"{err.filename}: cannot read ({err.strerror})") from None
     except ValidationError as err:
         raise InputError(format_validation_error(err, source=str(meta_path))) from None
+
+
+def load_bridges(directory: Path, *, hashes: dict[str, str]) -> Bridges:
+    """Bridges written by :func:`fit`; refused in one line when made for other models, torn
+    (weights and metadata from different fits) or unreadable."""
+    from safetensors.torch import load
+
+    meta_path, w_path = Path(directory) / META_FILE, Path(directory) / WEIGHTS_FILE
+    meta = load_meta(directory)
+    try:
+        data = w_path.read_bytes()
+    except OSError as err:
+        raise InputError(f"{err.filename}: cannot read ({err.strerror})") from None
     for role, h in hashes.items():
         if meta.hashes.get(role) != h:
             raise InputError(f"{meta_path}: these bridges were fitted to another {role} model "

@@ -75,12 +75,13 @@ def eval_cmd(
     dense: DenseOpt = "stdlib-dense",
     windows: Annotated[int, typer.Option(help="held-out windows")] = 32,
     seq_len: Annotated[int, typer.Option(help="tokens per window")] = 128,
-    json_out: Annotated[Path | None, typer.Option("--json", help="also write JSON")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write JSON here")] = None,
 ) -> None:
     """Per-site fidelity on held-out files: NMSE both ways, hybrid KL and next-token
-    agreement both ways, beside the sparse model alone."""
-    from sparsecircuits.bridges.evaluate import fidelity, format_table
-    from sparsecircuits.bridges.fit import load_bridges
+    agreement both ways, beside the sparse model alone. Also written to
+    BRIDGES_DIR/fidelity.json, where serving and the dashboard read it."""
+    from sparsecircuits.bridges.evaluate import FIDELITY_FILE, fidelity, format_table
+    from sparsecircuits.bridges.fit import load_bridges, load_meta
     from sparsecircuits.circuits.means import pretrain_windows
     from sparsecircuits.fileio import atomic_write_json
 
@@ -91,6 +92,8 @@ def eval_cmd(
     doc = fidelity(s, d, b, pretrain_windows(tok, n_windows=windows, length=seq_len))
     typer.echo(f"{doc['windows']} held-out windows of {seq_len} tokens")
     typer.echo(format_table(doc))
+    doc["weights_sha256"] = load_meta(bridges_dir).weights_sha256  # which bridges were measured
+    atomic_write_json(bridges_dir / FIDELITY_FILE, doc)
     if json_out is not None:
         atomic_write_json(json_out, doc)
 
