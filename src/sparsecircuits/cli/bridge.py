@@ -1,4 +1,4 @@
-"""``sparsecircuits bridge fit|eval``: bridges between a weight-sparse and a dense model."""
+"""``sparsecircuits bridge fit|eval|nodes|steer``: bridges between a sparse and a dense model."""
 
 from __future__ import annotations
 
@@ -94,6 +94,107 @@ def eval_cmd(
     typer.echo(format_table(doc))
     doc["weights_sha256"] = load_meta(bridges_dir).weights_sha256  # which bridges were measured
     atomic_write_json(bridges_dir / FIDELITY_FILE, doc)
+    if json_out is not None:
+        atomic_write_json(json_out, doc)
+
+
+TaskOpt = Annotated[
+    str, typer.Option("--prompts", help="the task whose prompts define the classes")
+]
+PositionsOpt = Annotated[str, typer.Option(help="steer the last position or all positions")]
+
+
+def _positions(value: str):
+    if value not in ("last", "all"):
+        raise InputError(f"--positions {value!r}: expected last or all")
+    return value
+
+
+@bridge_app.command("nodes")
+def nodes_cmd(
+    prompts: TaskOpt,
+    sparse: SparseOpt = "stdlib-sparse",
+    circuit: Annotated[
+        Path | None,
+        typer.Option(help="circuit.json (default: the sparse model's shipped circuit of the task)"),
+    ] = None,
+    positions: PositionsOpt = "last",
+    top: Annotated[int, typer.Option(help="rows to print")] = 10,
+    pairs: Annotated[int, typer.Option(help="train pairs per class")] = 100,
+) -> None:
+    """A circuit's nodes ordered by how well they separate the task's two classes (the
+    candidates for ``bridge steer --node``)."""
+    from sparsecircuits.bridges.steer import parse_node, rank_nodes
+    from sparsecircuits.circuits.schema import load_circuit
+    from sparsecircuits.data import Tokenizer
+    from sparsecircuits.model.io import load_model, resolve_model_dir
+    from sparsecircuits.tasks import registry
+
+    sd = resolve_model_dir(sparse)
+    path = circuit or sd / "monitor" / "circuits" / prompts
+    model = load_model(sd).eval()
+    doc = load_circuit(path, model=model)
+    if doc.task != prompts:
+        raise InputError(f"--circuit {path}: a circuit of {doc.task}, not of {prompts}")
+    nodes = [parse_node(n.id, model) for n in doc.nodes if n.loc != "embed"]
+    train = registry.get(prompts).build(Tokenizer.load(sd), split="train", n=pairs,
+                                        max_len=model.config.block_size)  # fmt: skip
+    rows = rank_nodes(model, nodes, train, positions=_positions(positions), top=top)
+    typer.echo(f"{'node':<22}{'mean a':>9}{'mean b':>9}{'separation':>12}")
+    for r in rows:
+        typer.echo(f"{r['node']:<22}{r['mean_a']:>+9.3f}{r['mean_b']:>+9.3f}"
+                   f"{r['separation']:>12.2f}")  # fmt: skip
+
+
+@bridge_app.command("steer")
+def steer_cmd(
+    bridges_dir: Annotated[Path, typer.Argument(help="a directory written by bridge fit")],
+    node: Annotated[str, typer.Option(help="sparse node LAYER.LOCATION.INDEX")],
+    prompts: TaskOpt,
+    src: Annotated[str, typer.Option("--from", help="the class moved from (a or b)")] = "a",
+    dst: Annotated[str, typer.Option("--to", help="the class moved to (a or b)")] = "b",
+    scale: Annotated[list[float], typer.Option(help="multiplier of the move (repeatable)")] = [1.0],  # noqa: B006
+    seeds: Annotated[int, typer.Option(help="random-direction controls")] = 5,
+    pairs: Annotated[int, typer.Option(help="pairs per split of the task")] = 100,
+    side_pairs: Annotated[int, typer.Option(help="test pairs per other task")] = 50,
+    heldout_windows: Annotated[int, typer.Option(help="held-out windows (0: skip)")] = 16,
+    positions: PositionsOpt = "last",
+    sparse: SparseOpt = "stdlib-sparse",
+    dense: DenseOpt = "stdlib-dense",
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write JSON here")] = None,
+) -> None:
+    """Steer the dense model through a sparse node and the bridge, beside a random direction
+    of equal norm, the dense class-mean difference and the sparse model steered itself."""
+    from sparsecircuits.bridges.evaluate import FIDELITY_FILE
+    from sparsecircuits.bridges.fit import load_bridges, load_meta
+    from sparsecircuits.bridges.steer import check_sides, parse_node
+    from sparsecircuits.bridges.steer_run import format_steering, run_steering
+    from sparsecircuits.circuits.means import pretrain_windows
+    from sparsecircuits.fileio import atomic_write_json
+    from sparsecircuits.tasks import registry
+
+    check_sides(src, dst)
+    registry.get(prompts)  # an unknown task is one line before any model loads
+    if seeds < 1 or pairs < 1 or side_pairs < 0 or heldout_windows < 0 or not scale:
+        raise InputError("--seeds and --pairs must be >= 1, --side-pairs and "
+                         "--heldout-windows >= 0")  # fmt: skip
+    s, d, tok, hashes = _pair(sparse, dense)
+    b = load_bridges(bridges_dir, hashes=hashes)
+    n = parse_node(node, s)
+    windows = (
+        pretrain_windows(tok, n_windows=heldout_windows, length=128) if heldout_windows else None
+    )
+    doc = run_steering(s, d, b, tok, task=prompts, node=n, src=src, dst=dst, scales=scale,
+                       seeds=list(range(seeds)), n_pairs=pairs, side_pairs=side_pairs,
+                       positions=_positions(positions), windows=windows)  # fmt: skip
+    doc["bridges_sha256"] = load_meta(bridges_dir).weights_sha256
+    fid = bridges_dir / FIDELITY_FILE
+    if fid.exists():  # the site's fidelity travels with the result
+        import json
+
+        rows = {r["site"]: r for r in json.loads(fid.read_text()).get("sites", [])}
+        doc["site_fidelity"] = rows.get(doc["site"])
+    typer.echo(format_steering(doc))
     if json_out is not None:
         atomic_write_json(json_out, doc)
 
