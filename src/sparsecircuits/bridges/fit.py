@@ -29,6 +29,7 @@ from sparsecircuits.bridges.bridge import Bridges
 from sparsecircuits.bridges.losses import hybrid_d2s, hybrid_s2d, kl, nmse, residuals
 from sparsecircuits.errors import InputError
 from sparsecircuits.fileio import atomic_write, atomic_write_json
+from sparsecircuits.model.config import GPTConfig
 from sparsecircuits.model.gpt import GPT
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,10 @@ class FitConfig(BaseModel):
     checkpoint_every: int = Field(default=50, ge=1)
 
 
-def check_pair(sparse: GPT, dense: GPT) -> None:
-    """The two models must share the layer count (the sites) and the vocabulary."""
-    s, d = sparse.config, dense.config
+def check_pair(sparse: GPT | GPTConfig, dense: GPT | GPTConfig) -> None:
+    """The two models (or their configs) must share the layer count (the sites) and the
+    vocabulary."""
+    s, d = getattr(sparse, "config", sparse), getattr(dense, "config", dense)
     if s.n_layer != d.n_layer:
         raise InputError(f"bridges need one layer count: sparse {s.n_layer}, dense {d.n_layer}")
     if s.vocab_size != d.vocab_size:
@@ -99,11 +101,7 @@ def fit(sparse: GPT, dense: GPT, windows, out: Path, cfg: FitConfig, *, hashes: 
     """Fit bridges between frozen ``sparse`` and ``dense`` on windows drawn from ``windows`` (a
     :class:`~sparsecircuits.data.TokenStore`); writes to ``out`` and returns the metadata."""
     check_pair(sparse, dense)
-    raw = sparse.config.afrac_loctypes or ()
-    locs = set(raw.split(",") if isinstance(raw, str) else raw)
-    if cfg.k is None and sparse.config.afrac and locs & {"resid_post_attn", "resid_post_mlp"}:
-        raise InputError("k: the sparse model's residual stream is AbsTopK-sparse; give the "
-                         "encoder's keep-count")  # fmt: skip
+    check_encoder_k(sparse.config, cfg.k)
     for m in (sparse, dense):
         m.eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
@@ -146,12 +144,29 @@ def fit(sparse: GPT, dense: GPT, windows, out: Path, cfg: FitConfig, *, hashes: 
                      "rng": json.dumps(rng.bit_generator.state), "config": cfg.model_dump(),
                      "hashes": hashes, "last_losses": json.dumps(parts)}  # fmt: skip
             atomic_write(ckpt, lambda tmp, s=state: torch.save(s, tmp))
-    meta = {"format": "sparsecircuits.bridges", "format_version": 1, "sites": bridges.sites,
-            "d_dense": bridges.d_dense, "d_sparse": bridges.d_sparse, "k": cfg.k,
-            "hashes": hashes, "config": cfg.model_dump(), "steps": step,
-            "last_losses": parts, "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    meta = bridge_meta(bridges, hashes=hashes, config=cfg.model_dump(), steps=step,
+                       last_losses=parts, seconds=time.perf_counter() - t0)  # fmt: skip
     _save(out, bridges, meta)
     return meta
+
+
+def check_encoder_k(sparse: GPTConfig, k: int | None) -> None:
+    """A sparse model whose residual stream is AbsTopK-sparse needs the encoder's keep-count."""
+    raw = sparse.afrac_loctypes or ()
+    locs = set(raw.split(",") if isinstance(raw, str) else raw)
+    if k is None and sparse.afrac and locs & {"resid_post_attn", "resid_post_mlp"}:
+        raise InputError("k: the sparse model's residual stream is AbsTopK-sparse; give the "
+                         "encoder's keep-count")  # fmt: skip
+
+
+def bridge_meta(bridges: Bridges, *, hashes: dict[str, str], config: dict[str, Any], steps: int,
+                last_losses: dict[str, Any], seconds: float) -> dict[str, Any]:  # fmt: skip
+    """``bridges.json``'s content (before :func:`_save` adds the weights' sha256): the format,
+    the sites and sizes, both models' weights hashes, the config that made them."""
+    return {"format": "sparsecircuits.bridges", "format_version": 1, "sites": bridges.sites,
+            "d_dense": bridges.d_dense, "d_sparse": bridges.d_sparse, "k": bridges.k,
+            "hashes": hashes, "config": config, "steps": steps, "last_losses": last_losses,
+            "seconds": round(seconds, 1)}  # fmt: skip
 
 
 class BridgeMeta(BaseModel):

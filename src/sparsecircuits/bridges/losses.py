@@ -9,9 +9,14 @@ one model into the other at a site).
   over tokens.
 - ``hybrid_d2s``: the dense model up to site i, the encoder, the sparse model from i on.
 - ``hybrid_s2d``: the sparse model up to site i, the decoder, the dense model from i on.
+- ``stacked_pass``, ``hybrids_d2s``, ``hybrids_s2d``: every site's hybrid at once, in one
+  forward pass on the batch stacked once per site (the same logits as the per-site functions,
+  up to float rounding).
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -57,3 +62,48 @@ def hybrid_s2d(dense: GPT, bridges: Bridges, site: str, h_sparse: torch.Tensor,
     """Logits (B, T, vocab) of the dense model run from ``site`` on the decoded sparse
     residual ``h_sparse`` (B, T, d_sparse) there."""
     return dense.forward_from(site, bridges[site].decode(h_sparse), idx)
+
+
+def stacked_pass(model: GPT, idx: torch.Tensor, inject: Mapping[str, torch.Tensor], *,
+                 plain: Collection[str] | None = None) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """One forward of ``model`` on ``idx`` (B, T) stacked ``n`` deep, ``n = len(inject)`` (+1
+    with ``plain``): copy j has its residual at the j-th site of ``inject`` replaced by
+    ``inject[site]`` (B, T, d_model), which is ``model.forward_from(site, inject[site], idx)``;
+    with ``plain`` the last copy runs untouched and its residuals at the sites in ``plain`` are
+    returned (graph kept).
+
+    Returns (logits (n, B, T, vocab), {site: residual (B, T, d_model)}). The copies of a
+    sequence are adjacent rows (row b * n + j), so any leading share of the rows holds every
+    copy: the fast trainer's regrowth estimate reads the first sequences of a pass."""
+    B, n = idx.shape[0], len(inject) + (plain is not None)
+
+    def put(j: int, h: torch.Tensor):
+        def fn(x: torch.Tensor) -> torch.Tensor:  # x (B * n, T, d_model)
+            # copy j before the site was computed for nothing: the copy is overwritten here
+            out = x.clone(memory_format=torch.contiguous_format)
+            out.view(B, n, *x.shape[1:])[:, j] = h
+            return out
+
+        return fn
+
+    put_all = {s: put(j, h) for j, (s, h) in enumerate(inject.items())}
+    hooks = Hooks(cache_names=plain, interventions=put_all, detach=False)
+    logits, _ = model(idx.repeat_interleave(n, dim=0), hooks=hooks)
+    cached = {s: h.unflatten(0, (B, n))[:, -1] for s, h in hooks.cache.items()}
+    return logits.unflatten(0, (B, n)).movedim(1, 0), cached
+
+
+def hybrids_d2s(sparse: GPT, bridges: Bridges, h_dense: Mapping[str, torch.Tensor],
+                idx: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """:func:`hybrid_d2s` at every bridge site in one pass: logits (n_sites, B, T, vocab)
+    from the dense residuals ``h_dense`` {site: (B, T, d_dense)}."""
+    enc = {s: bridges[s].encode(h_dense[s]) for s in bridges.sites}
+    return stacked_pass(sparse, idx, enc)[0]
+
+
+def hybrids_s2d(dense: GPT, bridges: Bridges, h_sparse: Mapping[str, torch.Tensor],
+                idx: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """:func:`hybrid_s2d` at every bridge site in one pass: logits (n_sites, B, T, vocab)
+    from the sparse residuals ``h_sparse`` {site: (B, T, d_sparse)}."""
+    dec = {s: bridges[s].decode(h_sparse[s]) for s in bridges.sites}
+    return stacked_pass(dense, idx, dec)[0]

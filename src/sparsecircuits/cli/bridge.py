@@ -1,4 +1,5 @@
-"""``sparsecircuits bridge fit|eval|nodes|steer``: bridges between a sparse and a dense model."""
+"""``sparsecircuits bridge fit|train|eval|nodes|steer``: bridges between a sparse and a dense
+model."""
 
 from __future__ import annotations
 
@@ -201,4 +202,8 @@ def steer_cmd(
 
 def register(app: typer.Typer) -> None:
     """Add the ``bridge`` group to ``app``."""
+    from sparsecircuits.cli.bridge_train import register_train
+
+    if not any(c.name == "train" for c in bridge_app.registered_commands):
+        register_train(bridge_app)  # joint training lives in its own module (it is long)
     app.add_typer(bridge_app, name="bridge")

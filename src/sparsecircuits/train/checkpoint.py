@@ -2,8 +2,10 @@
 
 Layout: ``<run>/checkpoints/step_00000100/`` holding ``config.json`` + ``model.safetensors``
 (loadable by ``load_model``), ``tokenizer.json``, ``optimizer.pt`` (optimizer state and RNG) and
-``state.json`` (step, tokens seen). The data position is the step: batches are a pure function of
-(seed, step), so a resumed run sees exactly the batches an uninterrupted run would.
+``state.json`` (step, tokens seen); a run with an ``Objective`` (``train/objective.py``) also
+keeps its state in ``optimizer.pt`` and its artifacts in the directory. The data position is
+the step: batches are a pure function of (seed, step), so a resumed run sees exactly the
+batches an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sparsecircuits.errors import CheckpointError
 from sparsecircuits.fileio import atomic_dir, atomic_write, atomic_write_json
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.io import load_model, save_model
+from sparsecircuits.train.objective import Objective
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +50,18 @@ def save_checkpoint(
     state: TrainState,
     tokenizer_file: Path,
     keep: int,
+    objective: Objective | None = None,
 ) -> Path:
-    """Write a complete checkpoint for ``state.step`` and prune older ones beyond ``keep``."""
+    """Write a complete checkpoint for ``state.step`` and prune older ones beyond ``keep``
+    (with ``objective``: its state and artifacts too, inside the same atomic directory)."""
     final = Path(run_dir) / CHECKPOINTS / f"step_{state.step:08d}"
     with atomic_dir(final) as tmp:
         save_model(model, tmp)
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         extra = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+        if objective is not None:
+            extra["objective"] = objective.state_dict()
+            objective.save(tmp, model)
         atomic_write(tmp / OPTIMIZER_FILE, lambda p: torch.save(extra, p))
         atomic_write_json(
             tmp / STATE_FILE,
@@ -94,8 +102,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: p.name)
 
 
-def load_checkpoint(path: Path, *, model: GPT, optimizer: torch.optim.Optimizer) -> TrainState:
-    """Restore model weights, optimizer state and RNG from one checkpoint directory."""
+def load_checkpoint(
+    path: Path,
+    *,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    objective: Objective | None = None,
+) -> TrainState:
+    """Restore model weights, optimizer state and RNG (and ``objective``'s state) from one
+    checkpoint directory."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
         step, tokens = int(state["step"]), int(state["tokens"])
@@ -111,6 +126,8 @@ def load_checkpoint(path: Path, *, model: GPT, optimizer: torch.optim.Optimizer)
         extra = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(extra["optimizer"])
         torch.set_rng_state(extra["torch_rng"])
+        if objective is not None:  # KeyError here: a plain run's checkpoint
+            objective.load_state_dict(extra["objective"])
     except Exception as err:  # truncated zip, wrong keys, mismatched param groups
         raise CheckpointError(
             f"{path / OPTIMIZER_FILE}: cannot restore optimizer ({err})"
@@ -129,14 +146,19 @@ def remove_stale_temps(run_dir: Path) -> int:
 
 
 def restore_latest(
-    run_dir: Path, *, model: GPT, optimizer: torch.optim.Optimizer
+    run_dir: Path,
+    *,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    objective: Objective | None = None,
 ) -> tuple[Path, TrainState] | None:
     """Restore the newest checkpoint that loads; an unreadable one (e.g. after an OS crash) is
     skipped with a warning in favour of the one before. None when the run has none."""
     errors = []
     for ckpt in reversed(list_checkpoints(run_dir)):
         try:
-            return ckpt, load_checkpoint(ckpt, model=model, optimizer=optimizer)
+            state = load_checkpoint(ckpt, model=model, optimizer=optimizer, objective=objective)
+            return ckpt, state
         except CheckpointError as err:
             log.warning("skipping unreadable checkpoint: %s", err)
             errors.append(str(err))

@@ -19,6 +19,7 @@ from sparsecircuits.model.layers import (
 from sparsecircuits.model.sparsity import WeightSparsity
 from sparsecircuits.train import distributed as D
 from sparsecircuits.train.config import OptimConfig, SparsityConfig
+from sparsecircuits.train.objective import Objective
 from sparsecircuits.train.optim import (
     corrected_sq,
     estimated_sq,
@@ -48,6 +49,7 @@ def train_step(
     precision: str = "fp32",
     regrow_precision: RegrowPrecision = "bf16",
     regrow_tokens: float = SparsityConfig().regrow_tokens,
+    objective: Objective | None = None,
 ) -> tuple[float, float]:
     """One optimizer step on (x, y) (B, T): forward/backward, gradient averaging over ranks,
     RMS control, AdamW at ``lr``, then the top-k projection at L0 fraction ``frac``.
@@ -61,6 +63,8 @@ def train_step(
     bfloat16 product where the CPU has one (``kernels/linear.py``); ``regrow_tokens`` < 1: from
     that share of the sequences (scaled up), the supports' gradients still from all of them;
     both default to the trainer's defaults (``SparsityConfig``).
+    ``objective``: its loss instead of the next-token loss; its extra parameters' gradients
+    are averaged over ranks with the model's and it steps them after the model's step.
     Returns (this rank's loss in nats/token, gradient RMS before rescaling)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -74,13 +78,18 @@ def train_step(
     # only the projected weights: any other Linear needs its whole, exact gradient
     set_weight_grad(model, grad_mode, only=sparsity.params.values(), regrowth=regrowth)
     with autocast_context(precision, x.device):
-        _, loss = model(x, y)  # the loss itself is computed in fp32 (see GPT.forward)
+        if objective is None:
+            _, loss = model(x, y)  # the loss itself is computed in fp32 (see GPT.forward)
+        else:
+            loss = objective.loss(model, x, y)
     loss.backward()
     restricted = support_only_weights(model) if support else []
     measured = regrowth_excess(model) if grad_mode == "regrow" and regrowth.share < 1 else []
     set_weight_grad(model, "dense")  # exact gradients again for anyone using the model later
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    D.average_gradients_(params, dist)
+    # the objective's parameters ride in the same all-reduce (one flat buffer, one call)
+    extra = objective.parameters() if objective is not None else []
+    D.average_gradients_(params + extra, dist)
     named = dict(model.named_parameters())
     excess = _excess_by_name(named, measured, dist, x.device)
     index = sparsity.support_index() if support or mode == "regrow" else {}
@@ -104,6 +113,8 @@ def train_step(
             support_opt.catch_up({id(sparsity.params[n]): m for n, m in sparsity.masks.items()})
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if objective is not None:  # its own optimiser, outside the model's RMS control
+        objective.step()
     if support:
         done = frozenset(id(w) for w in restricted) if support_opt is not None else frozenset()
         sparsity.keep_support_(skip=done)

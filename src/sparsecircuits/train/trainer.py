@@ -34,6 +34,7 @@ from sparsecircuits.train.checkpoint import (
 )
 from sparsecircuits.train.config import TrainConfig
 from sparsecircuits.train.metrics import MetricsLog, evaluate
+from sparsecircuits.train.objective import Objective, objective_metrics
 from sparsecircuits.train.optim import build_optimizer
 from sparsecircuits.train.run_data import build_run_data
 from sparsecircuits.train.schedule import l0_fraction, lr_at, regrows
@@ -47,15 +48,8 @@ CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "model"
 DATA_FILE = "data.json"  # fingerprints of the corpus and tokenizer the run trains on
-RUN_ARTIFACTS = (
-    CONFIG_FILE,
-    METRICS_FILE,
-    TOKENIZER_FILE,
-    DATA_FILE,
-    FINAL_DIR,
-    "checkpoints",
-    SNAPSHOTS,
-)
+RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE, DATA_FILE, FINAL_DIR, "checkpoints",
+                 SNAPSHOTS)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,7 +68,8 @@ def default_cache_dir() -> Path:
 
 
 class Trainer:
-    """Train ``cfg`` into ``run_dir``. ``resume=True`` continues from the newest checkpoint."""
+    """Train ``cfg`` into ``run_dir``. ``resume=True`` continues from the newest checkpoint.
+    ``objective``: another loss and extra parameters (:mod:`sparsecircuits.train.objective`)."""
 
     def __init__(
         self,
@@ -84,8 +79,10 @@ class Trainer:
         device: str = "auto",
         cache_dir: str | Path | None = None,
         resume: bool = False,
+        objective: Objective | None = None,
     ) -> None:
         self.cfg = cfg
+        self.objective = objective
         self.run_dir = Path(run_dir)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.resume = resume
@@ -183,6 +180,8 @@ class Trainer:
         # Everything that can fail on bad input runs before the run directory is written.
         tok, train, val, data = self._prepare_data()
         model = self._build_model(tok, train)
+        if self.objective is not None:
+            self.objective.bind(model)
         sp = cfg.sparsity
         names = sparse_parameter_names(
             model,
@@ -200,7 +199,7 @@ class Trainer:
         if main and remove_stale_temps(self.run_dir):
             log.info("removed unfinished files left by an interrupted run")
         restored = (
-            restore_latest(self.run_dir, model=model, optimizer=optimizer)
+            restore_latest(self.run_dir, model=model, optimizer=optimizer, objective=self.objective)
             if (self.resume)
             else None
         )
@@ -252,6 +251,7 @@ class Trainer:
                 precision=cfg.precision,
                 regrow_precision=sp.regrow_precision,
                 regrow_tokens=sp.regrow_tokens,
+                objective=self.objective,
             )
             loss_val = self._global_mean(loss)
             state = TrainState(
@@ -277,6 +277,7 @@ class Trainer:
                     "elapsed_s": state.elapsed_s,
                 }
                 window_loss, window_steps, window_time = 0.0, 0, 0.0
+                rec.update(objective_metrics(self.objective, self.dist, dev))
                 if do_eval:
                     ev = evaluate(
                         model, val, windows=cfg.eval_windows, batch_size=local, device=dev
@@ -305,6 +306,7 @@ class Trainer:
                     state=state,
                     tokenizer_file=self.run_dir / TOKENIZER_FILE,
                     keep=cfg.keep_checkpoints,
+                    objective=self.objective,
                 )
             if checkpoint:
                 last_checkpoint_t = time.time()
@@ -329,18 +331,13 @@ class Trainer:
                 save_model(model, tmp)
                 shutil.copyfile(self.run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
                 atomic_write_json(tmp / SPARSITY_FILE, sp.model_dump(mode="json"))
+            if self.objective is not None:  # after the model: a kill between the two resumes
+                self.objective.save(self.run_dir, model)
             if math.isnan(val_loss):  # resumed after the last step: report the saved result
                 val_loss = _last_val_loss(metrics)
         D.barrier(self.dist)
-        return TrainResult(
-            self.run_dir,
-            final,
-            state.step,
-            state.tokens,
-            val_loss,
-            time.time() - t_start,
-            state.elapsed_s,
-        )
+        return TrainResult(self.run_dir, final, state.step, state.tokens, val_loss,
+                           time.time() - t_start, state.elapsed_s)  # fmt: skip
 
     def _stops(self, val_loss: float) -> bool:
         """Whether ``val_loss`` (nats/token) meets ``stop_at_val_loss`` (never when unset)."""
