@@ -39,7 +39,7 @@ def test_bridge_commands_on_the_shipped_pair(tmp_path: Path):
 
     out = tmp_path / "br"
     r = CliRunner().invoke(app, ["bridge", "fit", "--out", str(out), "--steps", "2", "--batch",
-                                 "1", "--seq-len", "16"])  # fmt: skip
+                                 "1", "--seq-len", "16", "--init-tokens", "64"])  # fmt: skip
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, ["bridge", "eval", str(out), "--windows", "2", "--seq-len", "16",
                                  "--json", str(tmp_path / "f.json")])  # fmt: skip

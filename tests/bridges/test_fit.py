@@ -31,7 +31,7 @@ def _pair():
     return tiny_model(0), tiny_model(1)
 
 
-CFG = FitConfig(steps=6, batch=2, seq_len=8, lr=3e-3, checkpoint_every=2)
+CFG = FitConfig(steps=6, batch=2, seq_len=8, lr=3e-3, checkpoint_every=2, init_tokens=256)
 
 
 def test_the_loss_falls(tmp_path: Path):

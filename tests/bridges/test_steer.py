@@ -168,7 +168,8 @@ def test_bridge_steer_on_the_command_line(tmp_path: Path, model, tok):
     for m, d in ((model, sd), (dense, dd)):
         save_model(m, d)
         tok.save(d)
-    fit(model, dense, Windows(tok.vocab_size), bd, FitConfig(steps=2, batch=2, seq_len=8),
+    cfg = FitConfig(steps=2, batch=2, seq_len=8, init_tokens=256)
+    fit(model, dense, Windows(tok.vocab_size), bd, cfg,
         hashes={"sparse": weights_hash(model), "dense": weights_hash(dense)})  # fmt: skip
     common = ["--prompts", TASK, "--sparse", str(sd), "--dense", str(dd), "--pairs", "8",
               "--side-pairs", "0", "--heldout-windows", "0", "--seeds", "2"]  # fmt: skip

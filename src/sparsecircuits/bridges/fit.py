@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparsecircuits.bridges.bridge import Bridges
+from sparsecircuits.bridges.init import init_lstsq
 from sparsecircuits.bridges.losses import hybrid_d2s, hybrid_s2d, kl, nmse, residuals
 from sparsecircuits.errors import InputError
 from sparsecircuits.fileio import atomic_write, atomic_write_json
@@ -49,6 +50,9 @@ class FitConfig(BaseModel):
     coef_kl: float = Field(default=1.0, ge=0)
     k: int | None = Field(default=None, ge=1)  # encoder AbsTopK keep-count (None: dense)
     checkpoint_every: int = Field(default=50, ge=1)
+    # start from the least-squares maps (bridges/init.py) fitted on this many tokens
+    init: Literal["lstsq", "random"] = "lstsq"
+    init_tokens: int = Field(default=65536, ge=1)
 
 
 def check_pair(sparse: GPT | GPTConfig, dense: GPT | GPTConfig) -> None:
@@ -109,6 +113,9 @@ def fit(sparse: GPT, dense: GPT, windows, out: Path, cfg: FitConfig, *, hashes: 
                       d_sparse=sparse.config.d_model, k=cfg.k)  # fmt: skip
     ref = next(dense.parameters())
     bridges.to(device=ref.device, dtype=ref.dtype)  # the models' device and precision
+    if cfg.init == "lstsq" and not (resume and (out / CHECKPOINT_FILE).exists()):
+        init_lstsq(bridges, sparse, dense, windows, tokens=cfg.init_tokens,
+                   seq_len=cfg.seq_len, seed=cfg.seed)  # fmt: skip
     opt = torch.optim.AdamW(bridges.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
     step, ckpt = 0, out / CHECKPOINT_FILE
@@ -224,4 +231,4 @@ def load_bridges(directory: Path, *, hashes: dict[str, str]) -> Bridges:
     except Exception as err:  # safetensors' error type differs by version
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"{w_path}: does not fit the sizes in {META_FILE} ({first})") from None
-    return b.eval()
+    return b.eval().requires_grad_(False)

@@ -38,6 +38,10 @@ def fit_cmd(
     seq_len: Annotated[int, typer.Option(help="tokens per window")] = 128,
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
     seed: Annotated[int, typer.Option(help="seed of the bridges and the windows")] = 0,
+    init: Annotated[
+        str, typer.Option(help="start: lstsq (least-squares maps) or random")
+    ] = "lstsq",
+    init_tokens: Annotated[int, typer.Option(help="tokens of the least-squares start")] = 65536,
     resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint.pt")] = False,
 ) -> None:
     """Fit post-hoc bridges between two frozen models on the stdlib corpus's training files."""
@@ -50,7 +54,8 @@ def fit_cmd(
     from sparsecircuits.train.trainer import default_cache_dir
 
     try:
-        cfg = FitConfig(steps=steps, batch=batch, seq_len=seq_len, lr=lr, seed=seed)
+        cfg = FitConfig(steps=steps, batch=batch, seq_len=seq_len, lr=lr, seed=seed, init=init,
+                        init_tokens=init_tokens)  # fmt: skip
     except ValidationError as err:
         raise InputError(format_validation_error(err, source="bridge fit")) from None
     s, d, tok, hashes = _pair(sparse, dense)
