@@ -182,3 +182,17 @@ def test_opt_in_causal_share_where_a_rule_first_fires(planted, catalog, baseline
                         on.families["quotes"], answers=catalog.answers("quotes"))  # fmt: skip
     assert rec["logprob_change"] == pytest.approx(want["logprob_change"], abs=1e-6)
     assert json.dumps(rec)  # JSON-able
+
+
+def test_a_dampened_request_survives_the_window_sliding(planted, catalog, baseline, tmp_path):
+    from sparsecircuits.serve.engine import SamplingOptions, generate
+
+    f = _factory(planted, catalog, baseline, tmp_path,
+                 "  - family: quotes\n    action: dampen\n    z: 0.0001\n    k: 1\n    n: 1\n"
+                 "    dampen: {mode: scale, factor: 0.5}\n")  # fmt: skip
+    ids = planted.tokenizer.encode("x = 'abc'\n" * 40)[: planted.model.config.block_size - 2]
+    mon = f.start("r5")
+    opts = SamplingOptions(max_tokens=6, temperature=0)
+    list(generate(planted.model, planted.tokenizer, ids, mon, options=opts))
+    tel = mon.telemetry()
+    assert len(tel["families"]["quotes"]["engagement"]) == len(ids) + tel["n_generated_tokens"]

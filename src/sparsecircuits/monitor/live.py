@@ -75,7 +75,9 @@ class CircuitMonitor:
         self._passes += 1
         first = len(self._ids)  # absolute position of this pass's first new token
         self._ids += list(token_ids)
-        seen = {**cache, **self._pre}  # before the monitor's own dampening, where it acted
+        # before the monitor's own dampening, where it acted; only the new positions (after a
+        # slide the pass re-reads the whole window, but the engine hands over the new ones)
+        seen = {**cache, **{k: v[:, -n_new:] for k, v in self._pre.items()}}
         self._pre = {}
         # Every family in one product, one transfer: this runs once per generated token.
         e_all = self.f.scorer(seen)[0]  # (T_new, F)
