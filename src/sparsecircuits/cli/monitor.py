@@ -93,6 +93,16 @@ def calibrate_cmd(
     z: Annotated[float, typer.Option(help="default flag: robust z threshold")] = 4.0,
     k: Annotated[int, typer.Option(help="default flag: k of the last n tokens")] = 3,
     n: Annotated[int, typer.Option(help="default flag: window of n tokens")] = 8,
+    bridge: Annotated[
+        Path | None,
+        typer.Option(
+            help="bridges directory: calibrate the dense model (--dense) monitored through "
+            "them (written beside the bridges by default)"
+        ),
+    ] = None,
+    dense: Annotated[
+        str | None, typer.Option(help="with --bridge: the dense model to be served")
+    ] = None,
     device: Device = "auto",
 ) -> None:
     """Fit per-family engagement baselines (median, MAD, quantiles) on benign text."""
@@ -105,19 +115,43 @@ def calibrate_cmd(
 
     if windows < 1:
         raise InputError(f"--windows must be >= 1, got {windows}")
+    if (bridge is None) != (dense is None):
+        raise InputError("--bridge and --dense go together")
     path = catalog_path(catalog)
     doc = load_catalog(path)
     lm = load_for_circuits(model or doc.model_id, device=resolve_device(device))
     doc = load_catalog(path, lm.model)  # refuses another model
     flag = _flag(FlagRule, z, k, n)
     with status(f"calibrating on {windows} windows"):
-        base = calibrate(lm.model, lm.tokenizer, doc, catalog_sha256=file_sha256(path),
-                         windows=windows, corpus=corpus, flag=flag)  # fmt: skip
-    dest = save_baseline(base, out or path.parent)
+        if bridge is None:
+            base = calibrate(lm.model, lm.tokenizer, doc, catalog_sha256=file_sha256(path),
+                             windows=windows, corpus=corpus, flag=flag)  # fmt: skip
+        else:
+            base = _calibrate_bridged(lm, doc, bridge, dense, catalog_sha256=file_sha256(path),
+                                      windows=windows, corpus=corpus, flag=flag)  # fmt: skip
+    # a bridged baseline goes beside the bridges: beside the catalogue it would replace the
+    # sparse model's own, which direct monitoring needs
+    dest = save_baseline(base, out or (path.parent if bridge is None else bridge))
     for name, b in base.families.items():
         typer.echo(f"{name}: median {b.median:.3f} MAD {b.mad:.3f} p99 {b.p99:.3f} "
                    f"p99.9 {b.p99_9:.3f} over {b.n_tokens} tokens")  # fmt: skip
     typer.echo(f"baseline written to {dest}")
+
+
+def _calibrate_bridged(lm, doc, bridge: Path, dense: str, **kw):
+    """``monitor.bridged.calibrate_bridged`` with the dense model and bridges loaded (each
+    refused in one line when made for other models)."""
+    from sparsecircuits.bridges.fit import load_bridges, load_meta
+    from sparsecircuits.model.io import load_model, resolve_model_dir, weights_hash
+    from sparsecircuits.monitor.bridged import calibrate_bridged, same_tokenizer
+
+    ddir = resolve_model_dir(dense)
+    same_tokenizer(ddir, lm.directory)
+    d = load_model(ddir, device=next(lm.model.parameters()).device).eval()
+    dh = weights_hash(d)
+    b = load_bridges(bridge, hashes={"sparse": lm.hash, "dense": dh})
+    return calibrate_bridged(d, lm.model, b, lm.tokenizer, doc, dense_hash=dh,
+                             bridges_sha256=load_meta(bridge).weights_sha256, **kw)  # fmt: skip
 
 
 def _flag(cls, z: float, k: int, n: int):

@@ -35,7 +35,24 @@ def serve(
     ] = None,
     policy: Annotated[Path | None, typer.Option(help="policy YAML (needs --catalog)")] = None,
     baseline: Annotated[
-        Path | None, typer.Option(help="baseline.json (default: the one beside the catalogue)")
+        Path | None,
+        typer.Option(
+            help="baseline.json (default: beside the bridges with --bridge, else beside the "
+            "catalogue)"
+        ),
+    ] = None,
+    bridge: Annotated[
+        Path | None,
+        typer.Option(
+            help="bridges directory (bridge fit + bridge eval): monitor MODEL, a dense model, "
+            "through its sparse companion; needs --catalog and --policy"
+        ),
+    ] = None,
+    companion: Annotated[
+        str | None,
+        typer.Option(
+            help="the bridged sparse model (dir, run or name; default: the catalogue's model)"
+        ),
     ] = None,
     operator_key_file: Annotated[
         Path | None,
@@ -101,13 +118,26 @@ def serve(
     from sparsecircuits.train.distributed import resolve_device
 
     mdir = resolve_model_dir(model)
+    if (bridge is not None or companion is not None) and catalog is None:
+        raise InputError("--bridge monitors through a catalogue of the companion: give "
+                         "--catalog and --policy (and --companion needs --bridge)")  # fmt: skip
+    if companion is not None and bridge is None:
+        raise InputError("--companion needs --bridge")
+    cdir = None if companion is None else resolve_model_dir(companion)
     if catalog is not None and str(catalog) == SHIPPED:
-        catalog = mdir / MONITOR_DIR
+        if bridge is not None and cdir is None:
+            raise InputError("--catalog shipped with --bridge: name the --companion that ships it")
+        catalog = (cdir or mdir) / MONITOR_DIR  # with --bridge: the companion's catalogue
         if not catalog.is_dir():
-            raise InputError(f"--catalog shipped: {mdir.name} ships no catalogue ({catalog})")
+            raise InputError(f"--catalog shipped: {catalog.parent.name} ships no catalogue "
+                             f"({catalog})")  # fmt: skip
         policy = policy or catalog / "policy.yaml"
     if (catalog is None) != (policy is None) or (baseline is not None and catalog is None):
         raise InputError("--catalog and --policy go together (and --baseline needs them)")
+    if bridge is not None and cdir is None:  # the catalogue names the model it was built for
+        from sparsecircuits.monitor.catalog import catalog_path, load_catalog
+
+        cdir = resolve_model_dir(load_catalog(catalog_path(catalog)).model_id)
     key = _operator_key(operator_key_file)
     if key is None and keys is None and not _loopback(host):
         raise InputError(
@@ -127,7 +157,8 @@ def serve(
         cfg = ServeConfig(
             model_dir=str(mdir), model_name=model if not Path(model).exists() else mdir.name,
             device=str(resolve_device(device)), catalog=_s(catalog), policy=_s(policy),
-            baseline=_s(baseline), workers=workers, queue=queue, timeout_s=timeout,
+            baseline=_s(baseline), bridge=_s(bridge), companion_dir=_s(cdir), workers=workers,
+            queue=queue, timeout_s=timeout,
             operator_key_sha256=None if key is None else hashlib.sha256(key.encode()).hexdigest(),
             keys_file=_s(keys), max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
             audit_dir=_s(audit_dir), audit_key=_s(audit_key), audit_log_id=audit_log_id,
@@ -138,7 +169,8 @@ def serve(
         )  # fmt: skip
     except ValidationError as err:
         raise InputError(format_validation_error(err, source="serve options")) from None
-    typer.echo(f"serve: {mdir.name} at http://{host}:{port}/v1  (Ctrl+C to stop)")
+    via = "" if cdir is None else f", monitored through {cdir.name} via {bridge}"
+    typer.echo(f"serve: {mdir.name} at http://{host}:{port}/v1{via}  (Ctrl+C to stop)")
     run(cfg, host=host, port=port, processes=processes)
 
 

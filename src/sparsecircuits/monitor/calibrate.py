@@ -10,11 +10,16 @@ Flags: the robust z-score of engagement e is ``z = (e - median) / sigma`` with
 deviation; the floor, in engagement units, keeps a family whose benign engagement is almost
 constant from flagging on noise). A family is flagged at a token when z > z_threshold for at
 least k of the last n tokens (``KOfN``).
+
+A baseline of a dense model monitored through bridges (``monitor/bridged.py``) is measured the
+same way, on the engagement the bridged path computes, and names the bridges, the dense model
+and each family's bridge site (``bridge``): z-scores are only comparable along one path.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -68,6 +73,16 @@ class FamilyBaseline(BaseModel):
     p99_9: float
 
 
+class BridgeBinding(BaseModel):
+    """How a bridged baseline was measured: which bridges, from which dense model, and the
+    bridge site each family's nodes were computed from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    bridges_sha256: str  # bridges.json's weights_sha256
+    dense_weights_hash: str
+    sites: dict[str, str]  # family -> bridge site
+
+
 class BaselineDoc(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     schema_: Literal["sparsecircuits.monitor.baseline"] = SCHEMA
@@ -78,6 +93,7 @@ class BaselineDoc(BaseModel):
     source: str  # what the benign text was
     flag: FlagRule  # default flag rule (a policy rule may override it)
     families: dict[str, FamilyBaseline]
+    bridge: BridgeBinding | None = None  # None: measured on the catalogue's model itself
 
     def z(self, family: str, e: torch.Tensor) -> torch.Tensor:
         """Robust z-scores of engagement values ``e`` (any shape) of ``family``."""
@@ -142,19 +158,28 @@ def calibrate(
     windows: int = 16,
     corpus: str = "stdlib",
     flag: FlagRule | None = None,
+    measure: Callable[[torch.Tensor], dict[str, np.ndarray]] | None = None,
+    bridge: BridgeBinding | None = None,
 ) -> BaselineDoc:
     """Baselines of every monitored family over ``windows`` benign windows of block_size
-    tokens from ``corpus``'s held-out files."""
+    tokens (``model``'s: the served model) from ``corpus``'s held-out files.
+
+    ``measure(windows (N, T) int64) -> {family: (N * T,) float64}``: the engagement of the path
+    being calibrated (default: :func:`family_engagements` of ``model`` itself); a bridged path
+    passes its own and its ``bridge`` binding, and gets the same statistics."""
     w = pretrain_windows(tokenizer, corpus=corpus, n_windows=windows,
                          length=model.config.block_size)  # fmt: skip
-    eng = family_engagements(model, catalog, w)
+    eng = measure(w) if measure is not None else family_engagements(model, catalog, w)
+    via = "" if bridge is None else ", through bridges"
     return BaselineDoc(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         catalog_sha256=catalog_sha256,
         weights_hash=catalog.weights_hash,
-        source=f"{corpus} held-out files, {windows} windows of {model.config.block_size} tokens",
+        source=f"{corpus} held-out files, {windows} windows of {model.config.block_size} "
+        f"tokens{via}",
         flag=flag or FlagRule(),
         families={n: robust_stats(v) for n, v in eng.items()},
+        bridge=bridge,
     )
 
 
@@ -162,6 +187,8 @@ def save_baseline(doc: BaselineDoc, path: str | Path) -> Path:
     path = Path(path)
     path = path / BASELINE_FILE if path.is_dir() else path
     data = doc.model_dump(mode="json")
+    if data["bridge"] is None:  # a plain baseline's file stays as it was before bridges
+        del data["bridge"]
     atomic_write_json(path, {"schema": data.pop("schema_"), **data})
     return path
 

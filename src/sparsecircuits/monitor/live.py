@@ -79,8 +79,7 @@ class CircuitMonitor:
         # slide the pass re-reads the whole window, but the engine hands over the new ones)
         seen = {**cache, **{k: v[:, -n_new:] for k, v in self._pre.items()}}
         self._pre = {}
-        # Every family in one product, one transfer: this runs once per generated token.
-        e_all = self.f.scorer(seen)[0]  # (T_new, F)
+        e_all = self._engagement(seen, n_new)  # (T_new, F)
         z_all = self.f.baseline.z_of(self.f.scorer.names, e_all).cpu().tolist()
         e_all = e_all.cpu().tolist()
         z_now: dict[str, list[float]] = {}
@@ -98,6 +97,15 @@ class CircuitMonitor:
                     self._escalate(rule, at[pos], zv)
         return self.decision
 
+    def _engagement(self, cache: dict[str, torch.Tensor], n_new: int) -> torch.Tensor:
+        """Engagement (n_new, F) of the new positions, families in ``f.scorer.names`` order.
+        Every family in one product, one transfer: this runs once per generated token."""
+        return self.f.scorer(cache)[0]
+
+    def _evidence(self, family: str) -> dict[str, Any] | None:
+        """What a decision fired by ``family`` carries beside its scores (None: nothing)."""
+        return None
+
     def _escalate(self, rule: ResolvedRule, at: int, z: float) -> None:
         if rule.action is Action.DAMPEN and rule.family not in self.dampened:
             d = rule.dampen
@@ -112,7 +120,7 @@ class CircuitMonitor:
                 rule.action, policy_sha256=self.f.policy.sha256, family=rule.family,
                 rule=rule.name, at_token=at,
                 reason=f"{rule.family}: z > {rule.flag.z:g} on >= {rule.flag.k} of the last "
-                f"{rule.flag.n} tokens (z {z:.2f})",
+                f"{rule.flag.n} tokens (z {z:.2f})", bridge=self._evidence(rule.family),
             )  # fmt: skip
 
     def _causal(self, family: str, position: int, at: int) -> dict[str, Any]:
@@ -161,6 +169,8 @@ class CircuitMonitor:
 class CircuitMonitorFactory:
     """Starts a :class:`CircuitMonitor` per request from a catalogue, baseline and policy."""
 
+    bridged = False  # scores measured on this model itself (bridged.py: through bridges)
+
     def __init__(
         self,
         model: GPT,
@@ -173,6 +183,14 @@ class CircuitMonitorFactory:
         missing = sorted(set(catalog.monitored()) - set(baseline.families))
         if missing:
             raise ConfigError(f"baseline has no numbers for family {missing[0]!r}; recalibrate")
+        # z-scores compare engagement with benign engagement measured along the same path
+        if baseline.bridge is not None and not self.bridged:
+            raise ConfigError("the baseline was measured through bridges from a dense model; "
+                              "serve it with --bridge, or calibrate without --bridge")  # fmt: skip
+        if baseline.bridge is None and self.bridged:
+            raise ConfigError("the baseline was measured on the sparse model itself, not "
+                              "through the bridges; run `sparsecircuits monitor calibrate "
+                              "--bridge DIR --dense MODEL`")  # fmt: skip
         dev = next(model.parameters()).device
         self.catalog, self.baseline, self.policy = catalog, baseline, policy
         self.model = model

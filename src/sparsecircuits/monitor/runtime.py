@@ -43,6 +43,8 @@ class Decision:
     ``action``: the strictest action any rule has fired; ``family`` / ``rule``: what fired it
     (None for allow); ``at_token``: index of the generated token at which it fired (prompt
     tokens count as -1); ``policy_sha256``: the policy file's hash (every decision names it).
+    ``bridge``: set when the family was scored through a bridge from a dense model (the site
+    and that site's measured fidelity, ``monitor/bridged.py``); absent from the JSON otherwise.
     """
 
     action: Action
@@ -51,9 +53,10 @@ class Decision:
     rule: str | None = None
     at_token: int | None = None
     reason: str = ""
+    bridge: dict[str, Any] | None = field(default=None, hash=False)  # a dict: not hashable
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "action": self.action.value,
             "family": self.family,
             "rule": self.rule,
@@ -61,6 +64,9 @@ class Decision:
             "reason": self.reason,
             "policy_sha256": self.policy_sha256,
         }
+        if self.bridge is not None:  # a bridge-derived decision never travels without it
+            out["bridge"] = dict(self.bridge)
+        return out
 
 
 class RequestMonitor(Protocol):

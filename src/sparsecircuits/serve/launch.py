@@ -35,6 +35,8 @@ class ServeConfig(BaseModel):
     catalog: str | None = None
     policy: str | None = None
     baseline: str | None = None
+    bridge: str | None = None  # bridges directory: monitor the model through its companion
+    companion_dir: str | None = None  # the bridged sparse companion (the catalogue's model)
     workers: int = Field(default=1, ge=1)
     queue: int = Field(default=16, ge=0)
     timeout_s: float = Field(default=120.0, gt=0)
@@ -55,29 +57,85 @@ class ServeConfig(BaseModel):
     otel_capture_content: bool = False
 
 
-def baseline_file(catalog: Path, baseline: Path | None) -> Path:
-    """The baseline a catalogue is served with: the one given, else the one beside it."""
+def baseline_file(catalog: Path, baseline: Path | None, bridge: Path | None = None) -> Path:
+    """The baseline a catalogue is served with: the one given, else the one beside the bridges
+    (monitoring through them: ``monitor calibrate --bridge`` writes it there), else the one
+    beside the catalogue."""
     from sparsecircuits.monitor.calibrate import BASELINE_FILE
     from sparsecircuits.monitor.catalog import catalog_path
 
-    return baseline or catalog_path(catalog).parent / BASELINE_FILE
+    if baseline is not None:
+        return baseline
+    return (bridge if bridge is not None else catalog_path(catalog).parent) / BASELINE_FILE
 
 
-def monitor_factory(model, *, catalog: Path, policy: Path, baseline: Path | None):
+def monitor_factory(
+    model,
+    *,
+    catalog: Path,
+    policy: Path,
+    baseline: Path | None,
+    bridge: Path | None = None,
+    dense_dir: Path | None = None,
+    companion_dir: Path | None = None,
+):
     """The per-request circuit telemetry of a catalogue, its baseline and a policy; each file
     is checked against the others (the model's weights hash, the catalogue's hash, the
-    catalogue's families)."""
+    catalogue's families). With ``bridge`` (and the served model's ``dense_dir``), ``model``
+    is monitored through the bridges and the sparse companion in ``companion_dir``."""
     from sparsecircuits.interop.download import file_sha256
     from sparsecircuits.monitor.calibrate import load_baseline
     from sparsecircuits.monitor.catalog import catalog_path, load_catalog
     from sparsecircuits.monitor.live import CircuitMonitorFactory
     from sparsecircuits.monitor.policy import load_policy
 
+    if bridge is not None:
+        if dense_dir is None or companion_dir is None:
+            raise ConfigError("monitoring through bridges needs the model's and the companion's "
+                              "directories")  # fmt: skip
+        return bridged_factory(model, dense_dir=dense_dir, companion_dir=companion_dir,
+                               bridge=bridge, catalog=catalog, policy=policy,
+                               baseline=baseline)  # fmt: skip
     path = catalog_path(catalog)
     doc = load_catalog(path, model)  # refuses a catalogue built for another model
     base = load_baseline(baseline_file(catalog, baseline), catalog_sha256=file_sha256(path))
     pol = load_policy(policy, families=doc.monitored())
     return CircuitMonitorFactory(model, doc, base, pol, catalog_path=path)
+
+
+def bridged_factory(dense, *, dense_dir: Path, companion_dir: Path, bridge: Path, catalog: Path,
+                    policy: Path, baseline: Path | None):  # fmt: skip
+    """``monitor/bridged.py``'s factory from files, each checked against the others: the
+    bridges against both models' weights, ``fidelity.json`` against the bridges, the catalogue
+    against the companion, the baseline against the catalogue, the bridges and the sites."""
+    from sparsecircuits.bridges.fit import load_bridges, load_meta
+    from sparsecircuits.interop.download import file_sha256
+    from sparsecircuits.model.io import load_model, weights_hash
+    from sparsecircuits.monitor.bridged import (
+        BridgedMonitorFactory,
+        load_fidelity,
+        same_tokenizer,
+    )
+    from sparsecircuits.monitor.calibrate import load_baseline
+    from sparsecircuits.monitor.catalog import catalog_path, load_catalog
+    from sparsecircuits.monitor.policy import load_policy
+
+    same_tokenizer(Path(dense_dir), Path(companion_dir))
+    dev = next(dense.parameters()).device
+    companion = load_model(Path(companion_dir), device=dev).eval()
+    hashes = {"sparse": weights_hash(companion), "dense": weights_hash(dense)}
+    bridges = load_bridges(Path(bridge), hashes=hashes)  # refuses other models' bridges
+    sha = load_meta(Path(bridge)).weights_sha256
+    fidelity = load_fidelity(bridge, weights_sha256=sha)  # refuses other bridges' numbers
+    path = catalog_path(catalog)
+    doc = load_catalog(path, companion)
+    base = load_baseline(baseline_file(catalog, baseline, bridge),
+                         catalog_sha256=file_sha256(path))  # fmt: skip
+    pol = load_policy(policy, families=doc.monitored())
+    return BridgedMonitorFactory(dense, companion, bridges, doc, base, pol, fidelity=fidelity,
+                                 hashes=hashes, bridges_sha256=sha,
+                                 companion_name=Path(companion_dir).name,
+                                 catalog_path=path)  # fmt: skip
 
 
 def build_app(cfg: ServeConfig, *, tracer_provider=None) -> FastAPI:
@@ -100,13 +158,24 @@ def build_app(cfg: ServeConfig, *, tracer_provider=None) -> FastAPI:
     info: dict[str, Any] = {"weights_hash": weights_hash(model)}
     if cfg.catalog is not None and cfg.policy is not None:
         base = None if cfg.baseline is None else Path(cfg.baseline)
+        bridge = None if cfg.bridge is None else Path(cfg.bridge)
         factory = monitor_factory(
-            model, catalog=Path(cfg.catalog), policy=Path(cfg.policy), baseline=base
-        )
+            model, catalog=Path(cfg.catalog), policy=Path(cfg.policy), baseline=base,
+            bridge=bridge, dense_dir=mdir,
+            companion_dir=None if cfg.companion_dir is None else Path(cfg.companion_dir),
+        )  # fmt: skip
         pol = factory.policy
-        bfile = baseline_file(Path(cfg.catalog), base)
+        bfile = baseline_file(Path(cfg.catalog), base, bridge)
         info.update(catalog_sha256=file_sha256(factory.catalog_path), policy_sha256=pol.sha256,
                     policy_version=pol.doc.version, baseline_sha256=file_sha256(bfile))  # fmt: skip
+        if bridge is not None:  # every record names what its bridge-derived scores rest on
+            from sparsecircuits.monitor.bridged import FIDELITY_FILE
+
+            info.update(bridges_sha256=factory.bridges_sha256,
+                        fidelity_sha256=file_sha256(bridge / FIDELITY_FILE),
+                        companion_weights_hash=factory.hashes["sparse"])  # fmt: skip
+    elif cfg.bridge is not None:
+        raise ConfigError("--bridge monitors through a catalogue: give --catalog and --policy")
     auditor = None
     if cfg.audit_dir is not None:
         if cfg.audit_key is None:

@@ -114,12 +114,17 @@ def replay(
     cat, pol = catalog or cfg.get("catalog"), policy or cfg.get("policy")
     if cat is not None and pol is not None:
         base = baseline or cfg.get("baseline")
+        # a server that monitored through bridges is replayed through the same bridges
+        bridge, comp = cfg.get("bridge"), cfg.get("companion_dir")
+        bridge = None if bridge is None else Path(bridge)
         factory = monitor_factory(m, catalog=Path(cat), policy=Path(pol),
-                                  baseline=None if base is None else Path(base))  # fmt: skip
+                                  baseline=None if base is None else Path(base), bridge=bridge,
+                                  dense_dir=mdir,
+                                  companion_dir=None if comp is None else Path(comp))  # fmt: skip
         from sparsecircuits.interop.download import file_sha256
         from sparsecircuits.serve.launch import baseline_file
 
-        bfile = baseline_file(Path(cat), None if base is None else Path(base))
+        bfile = baseline_file(Path(cat), None if base is None else Path(base), bridge)
         info.update(catalog_sha256=file_sha256(factory.catalog_path),
                     policy_sha256=factory.policy.sha256,
                     baseline_sha256=file_sha256(bfile))  # fmt: skip
