@@ -195,11 +195,13 @@ def steer_cmd(
                        positions=_positions(positions), windows=windows)  # fmt: skip
     doc["bridges_sha256"] = load_meta(bridges_dir).weights_sha256
     fid = bridges_dir / FIDELITY_FILE
-    if fid.exists():  # the site's fidelity travels with the result
+    if fid.exists():  # the site's fidelity travels with the result, if it is of these bridges
         import json
 
-        rows = {r["site"]: r for r in json.loads(fid.read_text()).get("sites", [])}
-        doc["site_fidelity"] = rows.get(doc["site"])
+        measured = json.loads(fid.read_text())
+        if measured.get("weights_sha256") == doc["bridges_sha256"]:
+            rows = {r["site"]: r for r in measured.get("sites", [])}
+            doc["site_fidelity"] = rows.get(doc["site"])
     typer.echo(format_steering(doc))
     if json_out is not None:
         atomic_write_json(json_out, doc)

@@ -3,8 +3,9 @@
 
 Pickers in the sidebar choose model, task and circuit run; the pages show one layer at a time
 with a node inspector, the whole circuit, curves and the verification report, embeddings, and a
-playground, and the Monitor page (one served request's circuit telemetry; ``--server URL``,
-``--catalog DIR``). Costly data comes from ``analysis.json`` (``sparsecircuits analyze``).
+playground, the Monitor page (one served request's circuit telemetry; ``--server URL``,
+``--catalog DIR``) and the Bridges page (a bridges directory's fidelity and steering results).
+Costly data comes from ``analysis.json`` (``sparsecircuits analyze``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import streamlit as st
 
 from sparsecircuits.circuits.schema import CircuitDoc
 from sparsecircuits.viz import app_state as state
+from sparsecircuits.viz.app_bridges import bridges_page
 from sparsecircuits.viz.app_data import CircuitEntry
 from sparsecircuits.viz.app_monitor import monitor_page
 from sparsecircuits.viz.app_pages import Ctx, curves_page, embeddings_page, graph_page, layer_page
@@ -27,6 +29,7 @@ PAGES = {
     "Embeddings": embeddings_page,
     "Playground": playground_page,
     "Monitor": monitor_page,
+    "Bridges": bridges_page,
 }
 
 

@@ -35,6 +35,7 @@ NODE = "node"  # session key: the inspected node id
 NODE_PICK = "node_pick"  # the fallback select box
 LAYER = "layer"  # the layer view's layer
 LAYER_PICK = "layer_pick"  # its select box
+BRIDGES_DIR = "bridges_dir"  # the Bridges page's directory (default: the shipped bridges)
 
 
 @dataclass(frozen=True)
