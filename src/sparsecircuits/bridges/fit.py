@@ -190,6 +190,28 @@ class BridgeMeta(BaseModel):
     weights_sha256: str
 
 
+def shipped_bridges() -> list[str]:
+    """Names of the bridges shipped with the package (``sparsecircuits/pretrained/NAME``)."""
+    from sparsecircuits.model.io import PRETRAINED_ROOT
+
+    if not PRETRAINED_ROOT.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_ROOT.iterdir() if (p / META_FILE).exists())
+
+
+def resolve_bridges_dir(spec: str | Path) -> Path:
+    """A bridges directory from a path or the name of shipped bridges (``stdlib-bridges``)."""
+    from sparsecircuits.model.io import PRETRAINED_ROOT
+
+    path = Path(spec)
+    if path.is_dir():
+        return path
+    if str(spec) in shipped_bridges():
+        return PRETRAINED_ROOT / str(spec)
+    known = ", ".join(shipped_bridges()) or "none installed"
+    raise InputError(f"{spec}: no such bridges directory or shipped bridges (shipped: {known})")
+
+
 def load_meta(directory: Path) -> BridgeMeta:
     """``bridges.json`` of a bridges directory, validated; one line if missing or malformed."""
     from pydantic import ValidationError

@@ -129,6 +129,7 @@ def run_steering(sparse: GPT, dense: GPT, bridges: Bridges, tokenizer, *, task: 
         })  # fmt: skip
     return {"task": task, "node": node_id(node), "from": src,
             "to": dst, "site": steer.site, "positions": positions, "n_pairs": n_pairs,
+            "side_pairs": side_pairs, "heldout_windows": 0 if windows is None else len(windows),
             "seeds": seeds, "value_from": steer.value_from, "value_to": steer.value_to,
             "n_test_prompts": len(dense_before), "rows": rows}  # fmt: skip
 

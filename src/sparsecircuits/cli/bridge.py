@@ -1,4 +1,4 @@
-"""``sparsecircuits bridge fit|train|eval|nodes|steer``: bridges between a sparse and a dense
+"""``sparsecircuits bridge fit|train|eval|nodes|steer|card``: bridges between a sparse and a dense
 model."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def fit_cmd(
 
 @bridge_app.command("eval")
 def eval_cmd(
-    bridges_dir: Annotated[Path, typer.Argument(help="a directory written by bridge fit")],
+    bridges: Annotated[str, typer.Argument(help="bridges: a directory or a shipped name")],
     sparse: SparseOpt = "stdlib-sparse",
     dense: DenseOpt = "stdlib-dense",
     windows: Annotated[int, typer.Option(help="held-out windows")] = 32,
@@ -87,12 +87,13 @@ def eval_cmd(
     agreement both ways, beside the sparse model alone. Also written to
     BRIDGES_DIR/fidelity.json, where serving and the dashboard read it."""
     from sparsecircuits.bridges.evaluate import FIDELITY_FILE, fidelity, format_table
-    from sparsecircuits.bridges.fit import load_bridges, load_meta
+    from sparsecircuits.bridges.fit import load_bridges, load_meta, resolve_bridges_dir
     from sparsecircuits.circuits.means import pretrain_windows
     from sparsecircuits.fileio import atomic_write_json
 
     if windows < 1 or seq_len < 2:
         raise InputError("--windows must be >= 1 and --seq-len >= 2")
+    bridges_dir = resolve_bridges_dir(bridges)
     s, d, tok, hashes = _pair(sparse, dense)
     b = load_bridges(bridges_dir, hashes=hashes)
     doc = fidelity(s, d, b, pretrain_windows(tok, n_windows=windows, length=seq_len))
@@ -154,7 +155,7 @@ def nodes_cmd(
 
 @bridge_app.command("steer")
 def steer_cmd(
-    bridges_dir: Annotated[Path, typer.Argument(help="a directory written by bridge fit")],
+    bridges: Annotated[str, typer.Argument(help="bridges: a directory or a shipped name")],
     node: Annotated[str, typer.Option(help="sparse node LAYER.LOCATION.INDEX")],
     prompts: TaskOpt,
     src: Annotated[str, typer.Option("--from", help="the class moved from (a or b)")] = "a",
@@ -172,7 +173,7 @@ def steer_cmd(
     """Steer the dense model through a sparse node and the bridge, beside a random direction
     of equal norm, the dense class-mean difference and the sparse model steered itself."""
     from sparsecircuits.bridges.evaluate import FIDELITY_FILE
-    from sparsecircuits.bridges.fit import load_bridges, load_meta
+    from sparsecircuits.bridges.fit import load_bridges, load_meta, resolve_bridges_dir
     from sparsecircuits.bridges.steer import check_sides, parse_node
     from sparsecircuits.bridges.steer_run import format_steering, run_steering
     from sparsecircuits.circuits.means import pretrain_windows
@@ -184,6 +185,7 @@ def steer_cmd(
     if seeds < 1 or pairs < 1 or side_pairs < 0 or heldout_windows < 0 or not scale:
         raise InputError("--seeds and --pairs must be >= 1, --side-pairs and "
                          "--heldout-windows >= 0")  # fmt: skip
+    bridges_dir = resolve_bridges_dir(bridges)
     s, d, tok, hashes = _pair(sparse, dense)
     b = load_bridges(bridges_dir, hashes=hashes)
     n = parse_node(node, s)
@@ -205,6 +207,25 @@ def steer_cmd(
     typer.echo(format_steering(doc))
     if json_out is not None:
         atomic_write_json(json_out, doc)
+
+
+@bridge_app.command("card")
+def card_cmd(
+    bridges: Annotated[str, typer.Argument(help="bridges: a directory or a shipped name")],
+    name: Annotated[str, typer.Option(help="the name the bridges are published under")],
+    sparse: SparseOpt = "stdlib-sparse",
+    dense: DenseOpt = "stdlib-dense",
+) -> None:
+    """Write BRIDGES/README.md from the directory's own files: metadata, fidelity table and
+    steering experiments, each with the command that reproduces it."""
+    from sparsecircuits.bridges.card import CARD_FILE, card_text
+    from sparsecircuits.bridges.fit import resolve_bridges_dir
+    from sparsecircuits.fileio import atomic_write
+
+    d = resolve_bridges_dir(bridges)
+    text = card_text(d, name=name, sparse=sparse, dense=dense)
+    atomic_write(d / CARD_FILE, lambda tmp: Path(tmp).write_text(text))
+    typer.echo(f"wrote {d / CARD_FILE}")
 
 
 def register(app: typer.Typer) -> None:

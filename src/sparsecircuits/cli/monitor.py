@@ -96,8 +96,8 @@ def calibrate_cmd(
     bridge: Annotated[
         Path | None,
         typer.Option(
-            help="bridges directory: calibrate the dense model (--dense) monitored through "
-            "them (written beside the bridges by default)"
+            help="bridges (a directory, or stdlib-bridges): calibrate the dense model (--dense) "
+            "through them (written beside the bridges by default)"
         ),
     ] = None,
     dense: Annotated[
@@ -117,6 +117,10 @@ def calibrate_cmd(
         raise InputError(f"--windows must be >= 1, got {windows}")
     if (bridge is None) != (dense is None):
         raise InputError("--bridge and --dense go together")
+    if bridge is not None:  # a directory or the name of shipped bridges
+        from sparsecircuits.bridges.fit import resolve_bridges_dir
+
+        bridge = resolve_bridges_dir(bridge)
     path = catalog_path(catalog)
     doc = load_catalog(path)
     lm = load_for_circuits(model or doc.model_id, device=resolve_device(device))

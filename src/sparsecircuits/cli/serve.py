@@ -44,7 +44,7 @@ def serve(
     bridge: Annotated[
         Path | None,
         typer.Option(
-            help="bridges directory (bridge fit + bridge eval): monitor MODEL, a dense model, "
+            help="bridges (a directory, or stdlib-bridges): monitor MODEL, a dense model, "
             "through its sparse companion; needs --catalog and --policy"
         ),
     ] = None,
@@ -118,6 +118,10 @@ def serve(
     from sparsecircuits.train.distributed import resolve_device
 
     mdir = resolve_model_dir(model)
+    if bridge is not None:  # a directory or the name of shipped bridges
+        from sparsecircuits.bridges.fit import resolve_bridges_dir
+
+        bridge = resolve_bridges_dir(bridge)
     if (bridge is not None or companion is not None) and catalog is None:
         raise InputError("--bridge monitors through a catalogue of the companion: give "
                          "--catalog and --policy (and --companion needs --bridge)")  # fmt: skip
