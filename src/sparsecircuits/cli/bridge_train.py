@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from sparsecircuits.cli.common import Device, parse_overrides
+from sparsecircuits.cli.common import Device, parse_overrides, run_trainer
 from sparsecircuits.errors import SparseCircuitsError
 
 Opt = typer.Option
@@ -40,9 +40,7 @@ def train_cmd(
     are written to OUT/bridges (and in every checkpoint): check them with
     ``sparsecircuits bridge eval OUT/bridges --sparse OUT --dense DENSE``."""
     from sparsecircuits.bridges.joint import JointConfig, joint_trainer, read_joint_config
-    from sparsecircuits.console import train_progress
     from sparsecircuits.train.config import TrainConfig, merge_overrides, preset_config
-    from sparsecircuits.train.distributed import shutdown
     from sparsecircuits.train.trainer import read_run_config
 
     overrides = parse_overrides(set_)
@@ -68,17 +66,7 @@ def train_cmd(
         joint = JointConfig.from_dict(given, source="bridge train")
     trainer = joint_trainer(cfg, joint, dense=dense, run_dir=out, device=device,
                             cache_dir=cache_dir, resume=resume)  # fmt: skip
-    try:
-        with train_progress(total=cfg.steps, enabled=trainer.dist.is_main) as on_record:
-            result = trainer.run(on_record=on_record)
-    finally:
-        shutdown(trainer.dist)
-    if trainer.dist.is_main:
-        typer.echo(
-            f"trained {result.steps} steps ({result.tokens:,} tokens) in {result.seconds:.0f} s; "
-            f"validation loss {result.val_loss:.4f} nats/token; model saved to "
-            f"{result.model_dir}, bridges to {out / 'bridges'}"
-        )
+    run_trainer(trainer, steps=cfg.steps, saved=f", bridges to {out / 'bridges'}")
 
 
 def register_train(bridge_app: typer.Typer) -> None:

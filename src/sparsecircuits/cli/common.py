@@ -39,3 +39,22 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 raise SparseCircuitsError(f"--set '{item}': '{p}' was already set to a value")
         node[leaf] = value
     return out
+
+
+def run_trainer(trainer, *, steps: int, saved: str = "") -> None:
+    """Run a ``Trainer`` with the progress bar, shut its process group down whatever happens,
+    and report on the main rank (``saved``: more to say about what was written)."""
+    from sparsecircuits.console import train_progress
+    from sparsecircuits.train.distributed import shutdown
+
+    try:
+        with train_progress(total=steps, enabled=trainer.dist.is_main) as on_record:
+            result = trainer.run(on_record=on_record)
+    finally:
+        shutdown(trainer.dist)
+    if trainer.dist.is_main:
+        typer.echo(
+            f"trained {result.steps} steps ({result.tokens:,} tokens) in {result.seconds:.0f} s; "
+            f"validation loss {result.val_loss:.4f} nats/token; model saved to "
+            f"{result.model_dir}{saved}"
+        )

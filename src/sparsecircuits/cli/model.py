@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from sparsecircuits.cli.common import DEFAULT_MODEL, Device, ModelArg, parse_overrides
+from sparsecircuits.cli.common import DEFAULT_MODEL, Device, ModelArg, parse_overrides, run_trainer
 from sparsecircuits.errors import InputError, SparseCircuitsError
 
 
@@ -50,19 +50,7 @@ def train(
     else:
         cfg = preset_config(preset, **overrides)
     trainer = Trainer(cfg, run_dir=out, device=device, cache_dir=cache_dir, resume=resume)
-    from sparsecircuits.console import train_progress
-    from sparsecircuits.train.distributed import shutdown
-
-    try:
-        with train_progress(total=cfg.steps, enabled=trainer.dist.is_main) as on_record:
-            result = trainer.run(on_record=on_record)
-    finally:
-        shutdown(trainer.dist)
-    if trainer.dist.is_main:
-        typer.echo(
-            f"trained {result.steps} steps ({result.tokens:,} tokens) in {result.seconds:.0f} s; "
-            f"validation loss {result.val_loss:.4f} nats/token; model saved to {result.model_dir}"
-        )
+    run_trainer(trainer, steps=cfg.steps)
 
 
 def info(
