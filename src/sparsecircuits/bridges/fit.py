@@ -199,6 +199,13 @@ def shipped_bridges() -> list[str]:
     return sorted(p.name for p in PRETRAINED_ROOT.iterdir() if (p / META_FILE).exists())
 
 
+def is_shipped(directory: Path) -> bool:
+    """Whether ``directory`` is inside the package's shipped files (not to be rewritten)."""
+    from sparsecircuits.model.io import PRETRAINED_ROOT
+
+    return Path(directory).resolve().is_relative_to(PRETRAINED_ROOT.resolve())
+
+
 def resolve_bridges_dir(spec: str | Path) -> Path:
     """A bridges directory from a path or the name of shipped bridges (``stdlib-bridges``)."""
     from sparsecircuits.model.io import PRETRAINED_ROOT

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecircuits.bridges.bridge import Bridges
-from sparsecircuits.circuits.nodes import WRITES, Location, Node, NodeSpace
+from sparsecircuits.circuits.nodes import Location, Node, NodeSpace
 from sparsecircuits.errors import InputError
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.hooks import FINAL_SITE, Hooks
@@ -130,12 +130,12 @@ def site_mean(model: GPT, site: str, p: Prompts) -> torch.Tensor:
 @torch.no_grad()
 def sparse_delta(sparse: GPT, node: Node, amount: float, site: str, p: Prompts) -> torch.Tensor:
     """The change (N, T, d_sparse) of the sparse residual at ``site`` when ``amount`` is added
-    to the node at the masked positions (a write's own channel; otherwise through the
-    sublayer, measured by running the model)."""
-    if node.loc in WRITES:  # the write is added to the residual as is: decode it directly
-        out = torch.zeros(*p.idx.shape, sparse.config.d_model, device=p.idx.device)
-        out[..., node.index][p.mask] = amount
-        return out
+    to the node at the masked positions, measured by running the model (a residual write is
+    its own channel's change unless the residual is activated after it; a residual read or
+    any other node is carried through its sublayer)."""
+    # Always measured by running: a residual write reaches the residual as is only when the
+    # residual is not ReLU'd or AbsTopK'd after it (the shipped models), and running gives that
+    # exact answer there too.
     plain, steered = (
         Hooks(cache_names=[site]),
         Hooks(cache_names=[site], interventions={node.site: _add_at(p.mask, amount, node.index)}),

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from sparsecircuits.errors import InputError
+from sparsecircuits.errors import InputError, SparseCircuitsError
 
 bridge_app = typer.Typer(no_args_is_help=True, help="Bridges between a sparse and a dense model.")
 SparseOpt = Annotated[str, typer.Option(help="the weight-sparse model (dir, run or name)")]
@@ -87,7 +87,7 @@ def eval_cmd(
     agreement both ways, beside the sparse model alone. Also written to
     BRIDGES_DIR/fidelity.json, where serving and the dashboard read it."""
     from sparsecircuits.bridges.evaluate import FIDELITY_FILE, fidelity, format_table
-    from sparsecircuits.bridges.fit import load_bridges, load_meta, resolve_bridges_dir
+    from sparsecircuits.bridges.fit import is_shipped, load_bridges, load_meta, resolve_bridges_dir
     from sparsecircuits.circuits.means import pretrain_windows
     from sparsecircuits.fileio import atomic_write_json
 
@@ -100,7 +100,10 @@ def eval_cmd(
     typer.echo(f"{doc['windows']} held-out windows of {seq_len} tokens")
     typer.echo(format_table(doc))
     doc["weights_sha256"] = load_meta(bridges_dir).weights_sha256  # which bridges were measured
-    atomic_write_json(bridges_dir / FIDELITY_FILE, doc)
+    if is_shipped(bridges_dir):  # the package's own files are not rewritten by a user's run
+        typer.echo("(not written beside the shipped bridges; use --json to keep it)")
+    else:
+        atomic_write_json(bridges_dir / FIDELITY_FILE, doc)
     if json_out is not None:
         atomic_write_json(json_out, doc)
 
@@ -198,12 +201,16 @@ def steer_cmd(
     doc["bridges_sha256"] = load_meta(bridges_dir).weights_sha256
     fid = bridges_dir / FIDELITY_FILE
     if fid.exists():  # the site's fidelity travels with the result, if it is of these bridges
-        import json
+        from sparsecircuits.monitor.bridged import load_fidelity
 
-        measured = json.loads(fid.read_text())
-        if measured.get("weights_sha256") == doc["bridges_sha256"]:
-            rows = {r["site"]: r for r in measured.get("sites", [])}
-            doc["site_fidelity"] = rows.get(doc["site"])
+        try:
+            doc["site_fidelity"] = load_fidelity(bridges_dir, weights_sha256=doc["bridges_sha256"])[
+                doc["site"]
+            ].model_dump()
+        except SparseCircuitsError as err:  # other bridges' or a malformed file: say so, go on
+            typer.echo(f"note: no site fidelity recorded ({err})", err=True)
+        except KeyError:
+            typer.echo(f"note: {fid} has no row for {doc['site']}", err=True)
     typer.echo(format_steering(doc))
     if json_out is not None:
         atomic_write_json(json_out, doc)

@@ -135,6 +135,11 @@ def calibrate_cmd(
                                       windows=windows, corpus=corpus, flag=flag)  # fmt: skip
     # a bridged baseline goes beside the bridges: beside the catalogue it would replace the
     # sparse model's own, which direct monitoring needs
+    if out is None and bridge is not None:
+        from sparsecircuits.bridges.fit import is_shipped
+
+        if is_shipped(bridge):  # the package's own baseline is not rewritten by a user's run
+            raise InputError("--bridge names shipped bridges: give --out for the baseline")
     dest = save_baseline(base, out or (path.parent if bridge is None else bridge))
     for name, b in base.families.items():
         typer.echo(f"{name}: median {b.median:.3f} MAD {b.mad:.3f} p99 {b.p99:.3f} "

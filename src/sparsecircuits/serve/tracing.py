@@ -191,6 +191,7 @@ def circuit_attributes(
         attrs["circuit.decision.family"] = decision.family
     if decision.rule is not None:
         attrs["circuit.decision.rule"] = decision.rule
+    attrs.update(_bridge_attributes("circuit.decision.bridge", getattr(decision, "bridge", None)))
     if policy_version is not None:
         attrs["circuit.policy.version"] = policy_version
     if catalog_sha256 is not None:
@@ -208,7 +209,24 @@ def circuit_attributes(
         flags = fam.get("flags")  # rule name -> tokens at which it fired
         fired = isinstance(flags, Mapping) and any(bool(at) for at in flags.values())
         attrs[f"circuit.family.{name}.flagged"] = fired
+        attrs.update(_bridge_attributes(f"circuit.family.{name}.bridge", fam.get("bridge")))
+    mode = (telemetry or {}).get("monitoring")
+    if isinstance(mode, Mapping) and isinstance(mode.get("mode"), str):
+        attrs["circuit.monitoring.mode"] = mode["mode"]
     return attrs
+
+
+def _bridge_attributes(prefix: str, evidence: Any) -> Attributes:
+    """A bridged score's site and fidelity (no bridge-derived score or flag leaves without
+    them): ``{prefix}.site`` and ``{prefix}.{enc_nmse,dec_nmse,kl_d2s,agree_d2s}``."""
+    if not isinstance(evidence, Mapping):
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in evidence.items():
+        if isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool)
+                                      and math.isfinite(value)):  # fmt: skip
+            out[f"{prefix}.{key}"] = value
+    return out
 
 
 def error_attributes(error: BaseException | str) -> Attributes:

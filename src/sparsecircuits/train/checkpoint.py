@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sparsecircuits.errors import CheckpointError
+from sparsecircuits.errors import CheckpointError, SparseCircuitsError
 from sparsecircuits.fileio import atomic_dir, atomic_write, atomic_write_json
 from sparsecircuits.model.gpt import GPT
 from sparsecircuits.model.io import load_model, save_model
@@ -132,6 +132,9 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path / OPTIMIZER_FILE}: cannot restore optimizer ({err})"
         ) from None
+    if objective is None and "objective" in extra:  # resumed without it, the loss would change
+        raise SparseCircuitsError(f"{path}: this run trains with an extra objective (e.g. "
+                                  "bridge train); resume it with its own command")  # fmt: skip
     return TrainState(step=step, tokens=tokens, elapsed_s=elapsed, grad_shares=shares)
 
 
