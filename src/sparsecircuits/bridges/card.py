@@ -49,7 +49,8 @@ def card_text(directory: Path, *, name: str, sparse: str, dense: str) -> str:
         f"sparsecircuits bridge fit --out DIR --sparse {sparse} --dense {dense} "
         f"--steps {cfg.get('steps', '?')} --batch {cfg.get('batch', '?')} "
         f"--seq-len {cfg.get('seq_len', '?')} --lr {cfg.get('lr', '?')} "
-        f"--seed {cfg.get('seed', '?')} --init {cfg.get('init', 'random')}",
+        f"--seed {cfg.get('seed', '?')} --init {cfg.get('init', 'random')} "
+        f"--init-tokens {cfg.get('init_tokens', 65536)}",
         f"sparsecircuits bridge eval DIR --sparse {sparse} --dense {dense} "
         f"--windows {fid['windows']} --seq-len {fid['seq_len']}",
         "```",
@@ -75,7 +76,8 @@ def card_text(directory: Path, *, name: str, sparse: str, dense: str) -> str:
         scales = " ".join(f"--scale {r['scale']:g}" for r in doc["rows"])
         lines += [
             "```bash",
-            f"sparsecircuits bridge steer {name} --node {doc['node']} --prompts {doc['task']} "
+            f"sparsecircuits bridge steer {name} --sparse {sparse} --dense {dense} "
+            f"--node {doc['node']} --prompts {doc['task']} "
             f"--from {doc['from']} --to {doc['to']} {scales} --seeds {len(doc['seeds'])} "
             f"--pairs {doc['n_pairs']} --side-pairs {doc['side_pairs']} --heldout-windows "
             f"{doc['heldout_windows']} --positions {doc['positions']}",

@@ -145,14 +145,14 @@ def format_steering(doc: dict[str, Any]) -> str:
     for r in doc["rows"]:
         se = r["side_effects"]
         accs = list(se["tasks"].values())
-        d_acc = sum(a["after"] - a["before"] for a in accs) / max(len(accs), 1)
+        d_acc = sum(a["after"] - a["before"] for a in accs) / len(accs) if accs else None
         ho = se.get("heldout_loss")
         ho_s = f"{ho['before']:.3f}->{ho['after']:.3f}" if ho else "-"
         rnd = f"{r['random']['flip_mean']:.0%}/{r['random']['flip_max']:.0%}"
         lines.append(f"{r['scale']:>6g}{r['delta_norm']:>8.2f}{r['bridged']['flip']:>9.0%}"
                      f"{rnd:>13}{r['dense_class_mean']['flip']:>11.0%}"
                      f"{r['sparse']['flip']:>8.0%}{r['bridged']['dlogit']:>+10.2f}"
-                     f"{d_acc:>+13.1%}{ho_s:>16}")  # fmt: skip
+                     f"{'-' if d_acc is None else f'{d_acc:+.1%}':>13}{ho_s:>16}")  # fmt: skip
     lines.append("flip: share of held-out prompts choosing the from-answer that switch; random: "
                  "mean/max over seeds; other tasks: mean accuracy change")  # fmt: skip
     return "\n".join(lines)
